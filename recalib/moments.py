@@ -1,0 +1,115 @@
+"""Per-channel sufficient statistics with an exact, order-independent merge.
+
+:class:`ChannelMoments` holds, per channel, the sample count ``n``, the mean and ``m2``
+(the sum of squared deviations from the mean), all in float64. Two sets of moments merge
+exactly with Chan et al.'s parallel update (the batched form of Welford's algorithm)::
+
+    n = n_a + n_b,   d = mean_b - mean_a
+    mean = mean_a + d * n_b / n
+    m2   = m2_a + m2_b + d**2 * n_a * n_b / n
+
+so the population mean and variance of a layer's input do not depend on how the data was
+split into batches. A batch is reduced once with :func:`torch.var_mean` (a numerically
+stable single pass) in float32, or float64 when the input is float64; fp16/bf16 inputs
+are upcast first. Everything across batches is float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["ChannelMoments", "reduce_dims"]
+
+
+def reduce_dims(ndim: int, channel_dim: int = 1) -> tuple[int, ...]:
+    """The axes BN reduces over: every axis but the channel axis (batch and spatial)."""
+    return tuple(d for d in range(ndim) if d != channel_dim)
+
+
+@dataclass
+class ChannelMoments:
+    """Count, mean and sum of squared deviations of each channel (float64).
+
+    Args:
+        count: samples per channel (batch times spatial positions), a float64 scalar tensor.
+        mean: per-channel mean, shape ``(C,)``.
+        m2: per-channel sum of squared deviations from ``mean``, shape ``(C,)``.
+    """
+
+    count: Tensor
+    mean: Tensor
+    m2: Tensor
+
+    @classmethod
+    def empty(cls, num_channels: int, device: torch.device | str | None = None) -> ChannelMoments:
+        z = torch.zeros(num_channels, dtype=torch.float64, device=device)
+        return cls(torch.zeros((), dtype=torch.float64, device=device), z, z.clone())
+
+    @classmethod
+    def of(cls, x: Tensor, channel_dim: int = 1) -> ChannelMoments:
+        """Moments of one batch ``x`` of shape ``(N, C, *)`` over every axis but ``C``."""
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+        dims = reduce_dims(x.dim(), channel_dim)
+        n = x.numel() // x.shape[channel_dim]
+        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        var, mean = torch.var_mean(work, dim=dims, correction=0)
+        f64 = torch.float64
+        return cls(
+            torch.tensor(float(n), dtype=f64, device=x.device),
+            mean.to(f64),
+            var.to(f64) * n,
+        )
+
+    @classmethod
+    def from_sums(cls, count: Tensor, total: Tensor, total_sq: Tensor) -> ChannelMoments:
+        """Build from count, per-channel sum and sum of squares (float64)."""
+        count = count.to(torch.float64)
+        safe = torch.clamp(count, min=1.0)
+        mean = total.to(torch.float64) / safe
+        m2 = torch.clamp(total_sq.to(torch.float64) - mean * total.to(torch.float64), min=0.0)
+        return cls(count, mean, m2)
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.mean.numel())
+
+    def merge(self, other: ChannelMoments) -> ChannelMoments:
+        """Exact union of two sets of moments (Chan's parallel update)."""
+        n = self.count + other.count
+        if float(n) == 0.0:
+            return ChannelMoments(n, self.mean.clone(), self.m2.clone())
+        d = other.mean - self.mean
+        mean = self.mean + d * (other.count / n)
+        m2 = self.m2 + other.m2 + d * d * (self.count * other.count / n)
+        return ChannelMoments(n, mean, m2)
+
+    @staticmethod
+    def merge_all(parts: Sequence[ChannelMoments]) -> ChannelMoments:
+        if not parts:
+            raise ValueError("expected at least one set of moments (got none)")
+        acc = parts[0]
+        for p in parts[1:]:
+            acc = acc.merge(p)
+        return acc
+
+    def var(self, *, unbiased: bool = False) -> Tensor:
+        """Population variance, or the unbiased one (``n - 1``) that PyTorch BN stores."""
+        denom = self.count - 1.0 if unbiased else self.count
+        return self.m2 / torch.clamp(denom, min=1.0)
+
+    def to(self, device: torch.device | str) -> ChannelMoments:
+        return ChannelMoments(self.count.to(device), self.mean.to(device), self.m2.to(device))
+
+    def pack(self) -> Tensor:
+        """One float64 vector ``[count, mean..., m2...]`` (for collectives and storage)."""
+        return torch.cat([self.count.reshape(1), self.mean, self.m2])
+
+    @classmethod
+    def unpack(cls, packed: Tensor) -> ChannelMoments:
+        c = (packed.numel() - 1) // 2
+        return cls(packed[0].clone(), packed[1 : 1 + c].clone(), packed[1 + c :].clone())
