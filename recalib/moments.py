@@ -58,11 +58,14 @@ class ChannelMoments:
         n = x.numel() // x.shape[channel_dim]
         work = x if x.dtype in (torch.float32, torch.float64) else x.float()
         var, mean = torch.var_mean(work, dim=dims, correction=0)
+        return cls.from_var_mean(var, mean, n)
+
+    @classmethod
+    def from_var_mean(cls, var: Tensor, mean: Tensor, n: int) -> ChannelMoments:
+        """From a batch's population variance and mean over ``n`` values per channel."""
         f64 = torch.float64
         return cls(
-            torch.tensor(float(n), dtype=f64, device=x.device),
-            mean.to(f64),
-            var.to(f64) * n,
+            torch.tensor(float(n), dtype=f64, device=mean.device), mean.to(f64), var.to(f64) * n
         )
 
     @classmethod

@@ -1,0 +1,118 @@
+"""Finding the normalization layers whose running statistics recalib re-estimates.
+
+A layer qualifies when it is a :class:`torch.nn.modules.batchnorm._BatchNorm` (BatchNorm1d/2d/3d,
+SyncBatchNorm, the lazy variants, recalib's BatchRenorm1d/2d/3d, and any user subclass) that
+tracks running statistics. Layers that do not track them are reported and skipped.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import UninitializedBuffer
+
+from .errors import NoBatchNormError
+
+__all__ = ["NormLayer", "find_norm_layers", "layer_signature"]
+
+
+@dataclass(frozen=True)
+class NormLayer:
+    """One normalization layer found in a model.
+
+    Args:
+        name: the module's qualified name in the model (``"layer1.0.bn1"``).
+        module: the layer itself.
+    """
+
+    name: str
+    module: _BatchNorm
+
+    @property
+    def kind(self) -> str:
+        return type(self.module).__name__
+
+    @property
+    def num_features(self) -> int:
+        rm = self.module.running_mean
+        if rm is None or isinstance(rm, UninitializedBuffer):
+            return 0
+        return int(rm.numel())
+
+
+def _has_running_stats(m: _BatchNorm) -> bool:
+    return bool(m.track_running_stats) and m.running_mean is not None
+
+
+def _select(found: list[NormLayer], patterns: Sequence[str]) -> list[NormLayer]:
+    chosen: list[NormLayer] = []
+    for pattern in patterns:
+        hits = [
+            lay for lay in found if lay.name == pattern or fnmatch.fnmatchcase(lay.name, pattern)
+        ]
+        if not hits:
+            names = ", ".join(lay.name for lay in found)
+            raise NoBatchNormError(
+                f"layers pattern {pattern!r} matched no normalization layer; expected one of: "
+                f"{names}"
+            )
+        chosen.extend(h for h in hits if h not in chosen)
+    order = {lay.name: i for i, lay in enumerate(found)}
+    return sorted(chosen, key=lambda lay: order[lay.name])
+
+
+def find_norm_layers(
+    model: nn.Module, layers: str | Sequence[str] | None = None
+) -> tuple[list[NormLayer], list[tuple[str, str]]]:
+    """Find the layers to recalibrate.
+
+    Args:
+        model: the network.
+        layers: optional selection: layer names or ``fnmatch`` globs (``"layer4.*"``).
+
+    Returns:
+        ``(selected, skipped)``: the layers in module order, and ``(name, reason)`` for
+        normalization layers that have no running statistics.
+
+    Raises:
+        NoBatchNormError: the model has no such layer, or a pattern matched none.
+    """
+    found: list[NormLayer] = []
+    skipped: list[tuple[str, str]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, _BatchNorm):
+            continue
+        if _has_running_stats(module):
+            found.append(NormLayer(name, module))
+        else:
+            skipped.append((name, "track_running_stats=False: no running statistics"))
+    if not found:
+        extra = f" ({len(skipped)} without running statistics)" if skipped else ""
+        raise NoBatchNormError(
+            "expected a model with BatchNorm/BatchRenorm layers that track running statistics "
+            f"(got {type(model).__name__} with none{extra})"
+        )
+    if layers is not None:
+        found = _select(found, [layers] if isinstance(layers, str) else list(layers))
+    return found, skipped
+
+
+def layer_signature(layers: Sequence[tuple[str, int]]) -> str:
+    """A short digest of ``(name, channels)`` pairs: a bank fits a model with the same one."""
+    payload = json.dumps([[n, int(c)] for n, c in layers]).encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def current_stats(layer: NormLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's running mean and (unbiased) variance as float64 copies."""
+    m = layer.module
+    if m.running_mean is None or m.running_var is None:
+        raise NoBatchNormError(f"layer {layer.name!r} has no running statistics")
+    return m.running_mean.detach().double().clone(), m.running_var.detach().double().clone()
