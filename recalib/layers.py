@@ -20,7 +20,7 @@ from torch.nn.parameter import UninitializedBuffer
 
 from .errors import NoBatchNormError
 
-__all__ = ["NormLayer", "find_norm_layers", "layer_signature"]
+__all__ = ["NormLayer", "find_norm_layers", "layer_signature", "norm_layers_of"]
 
 
 @dataclass(frozen=True)
@@ -116,3 +116,17 @@ def current_stats(layer: NormLayer) -> tuple[torch.Tensor, torch.Tensor]:
     if m.running_mean is None or m.running_var is None:
         raise NoBatchNormError(f"layer {layer.name!r} has no running statistics")
     return m.running_mean.detach().double().clone(), m.running_var.detach().double().clone()
+
+
+def norm_layers_of(model: object) -> list[NormLayer]:
+    """Every stat-tracking layer of an ``nn.Module`` or ``ExportedProgram``, in order."""
+    if isinstance(model, torch.export.ExportedProgram):
+        from .exported import module_with_norm_layers
+
+        wrapped = module_with_norm_layers(model)
+        return [NormLayer(n, m) for n, m in wrapped.named_norm_layers()]  # type: ignore[operator]
+    if not isinstance(model, nn.Module):
+        raise NoBatchNormError(
+            f"expected an nn.Module or torch.export.ExportedProgram (got {type(model).__name__})"
+        )
+    return find_norm_layers(model)[0]

@@ -115,7 +115,9 @@ def _installed(taps: Sequence[_Tap]) -> Any:
 @contextmanager
 def _eval_everything(model: nn.Module) -> Any:
     flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    for m, _ in flags:
+        # Set the flag directly: unlifted ExportedProgram modules refuse .eval().
+        m.training = False
     try:
         yield
     finally:

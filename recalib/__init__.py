@@ -1,0 +1,47 @@
+"""recalib: re-estimate BatchNorm / Batch Renormalization statistics for a new domain.
+
+The public API::
+
+    report = recalib.recalibrate(model, data, method="exact", mode="train")
+    recalib.save_stat_bank(model, "domain_b.safetensors")
+"""
+
+from .errors import (
+    DataError,
+    LayerMismatchError,
+    NoBatchNormError,
+    NonFiniteError,
+    RecalibError,
+    StatBankMismatchError,
+)
+from .layers import NormLayer, find_norm_layers
+from .moments import ChannelMoments
+from .recalibrate import recalibrate
+from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from .report import LayerReport, RecalibrationReport
+from .statbank import StatBank, apply_stat_bank, load_stat_bank, save_stat_bank
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "ChannelMoments",
+    "DataError",
+    "LayerMismatchError",
+    "LayerReport",
+    "NoBatchNormError",
+    "NonFiniteError",
+    "NormLayer",
+    "RecalibError",
+    "RecalibrationReport",
+    "StatBank",
+    "StatBankMismatchError",
+    "__version__",
+    "apply_stat_bank",
+    "find_norm_layers",
+    "load_stat_bank",
+    "recalibrate",
+    "save_stat_bank",
+]

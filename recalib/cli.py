@@ -1,0 +1,213 @@
+"""The ``recalib`` command line.
+
+    recalib demo                                   # bundled model + shifted data, before/after
+    recalib recalibrate --model in.pt2 --data cal.npz --out out.pt2 [--report r.json]
+    recalib export --model in.pt2 --out model.onnx --example data.npz
+    recalib serve [--host 127.0.0.1] [--port 8000] [--home DIR]
+
+Errors in the input end the program with exit code 2 and a one-line reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import RecalibError
+
+__all__ = ["main"]
+
+log = logging.getLogger("recalib")
+
+
+class CliError(Exception):
+    """A bad command line or input file: reported in one line, exit code 2."""
+
+
+def _load_model(path: Path) -> Any:
+    if not path.is_file():
+        raise CliError(f"model file {str(path)!r} does not exist")
+    if path.suffix != ".pt2":
+        raise CliError(f"expected a .pt2 ExportedProgram (torch.export.save) (got {path.name!r})")
+    try:
+        return torch.export.load(str(path))
+    except (RuntimeError, ValueError, OSError, KeyError) as exc:
+        raise CliError(f"could not load {path.name} with torch.export.load: {exc}") from exc
+
+
+def _model_dtype(program: Any) -> torch.dtype:
+    for t in program.state_dict.values():
+        if t.is_floating_point():
+            return t.dtype  # type: ignore[no-any-return]
+    return torch.float32
+
+
+def _load_data(path: Path, key: str | None, dtype: torch.dtype) -> torch.Tensor:
+    from .datafiles import load_input_array
+
+    x = load_input_array(path, key)
+    # Data files often hold float64 (NumPy's default) or float16: run the model in its dtype.
+    return torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
+
+
+def _write_model(
+    program: Any, out: Path, example: torch.Tensor, args: argparse.Namespace
+) -> dict[str, Any]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".pt2":
+        torch.export.save(program, str(out))
+        return {"path": str(out)}
+    if out.suffix == ".onnx":
+        from .export import export_onnx
+
+        rep = export_onnx(program, example[: max(2, min(len(example), 8))], out, opset=args.opset)
+        return rep.to_dict()
+    raise CliError(f"expected --out ending in .pt2 or .onnx (got {out.name!r})")
+
+
+def _cmd_recalibrate(args: argparse.Namespace) -> int:
+    from .recalibrate import recalibrate
+
+    program = _load_model(Path(args.model))
+    x = _load_data(Path(args.data), args.key, _model_dtype(program))
+    report = recalibrate(
+        program,
+        x,
+        method=args.method,
+        mode=args.mode,
+        prior_strength=args.prior_strength,
+        momentum=args.momentum,
+        max_passes=args.max_passes,
+        tol=args.tol,
+        max_samples=args.max_samples,
+        batch_size=args.batch_size,
+        layers=args.layers,
+        progress=not args.quiet,
+    )
+    written = _write_model(program, Path(args.out), x, args)
+    if args.report:
+        payload = report.to_dict() | {"output": written}
+        Path(args.report).write_text(json.dumps(payload, indent=2))
+    print(
+        f"recalibrated {len(report.layers)} layers on {report.samples} samples "
+        f"({report.method}/{report.mode}, {report.passes} pass(es), {report.seconds:.2f} s, "
+        f"mean symmetric KL old->new {report.mean_sym_kl:.4f}) -> {args.out}"
+    )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    program = _load_model(Path(args.model))
+    x = _load_data(Path(args.example), args.key, _model_dtype(program))
+    written = _write_model(program, Path(args.out), x, args)
+    print(json.dumps(written, indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import ASSETS, accuracy
+    from .recalibrate import recalibrate
+
+    program = _load_model(ASSETS / "demo_model.pt2")
+    test = np.load(ASSETS / "demo_test.npz", allow_pickle=False)
+    cal = np.load(ASSETS / "demo_calibration.npz", allow_pickle=False)["x"].astype(np.float32)
+    xs, ys = test["x_source"].astype(np.float32), test["y_source"]
+    xt, yt = test["x"].astype(np.float32), test["y"]
+    before = (accuracy(program, xs, ys), accuracy(program, xt, yt))
+    report = recalibrate(program, cal, method=args.method, mode=args.mode, progress=False)
+    after = (accuracy(program, xs, ys), accuracy(program, xt, yt))
+    print("recalib demo: DemoNet (4 BN layers) trained on the source camera, 512 unlabeled")
+    print(f"images from a new camera for calibration ({args.method}/{args.mode}):\n")
+    print(f"{'':24}{'before':>10}{'after':>10}")
+    print(f"{'accuracy, new camera':24}{before[1]:>10.3f}{after[1]:>10.3f}")
+    print(f"{'accuracy, source camera':24}{before[0]:>10.3f}{after[0]:>10.3f}")
+    print(f"\n{'layer':20}{'mean shift':>12}{'log var':>10}{'sym KL':>10}")
+    for lay in report.layers:
+        print(f"{lay.name:20}{lay.mean_shift:>12.3f}{lay.log_var_ratio:>10.3f}{lay.sym_kl:>10.3f}")
+    print(f"\n{report.passes} pass(es), {report.seconds:.2f} s. The model now fits the new camera;")
+    print("keep the old statistics (a stat bank) for the old one.")
+    if args.out:
+        torch.export.save(program, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from service.main import serve
+    except ImportError as exc:
+        raise CliError(f"the service is not available in this installation: {exc}") from exc
+    serve(host=args.host, port=args.port, home=args.home)
+    return 0
+
+
+def _add_recal_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=["exact", "ema", "prior"], default="exact")
+    p.add_argument("--mode", choices=["train", "eval"], default="train")
+    p.add_argument("--prior-strength", type=float, default=None, help="N for --method prior")
+    p.add_argument("--momentum", type=float, default=0.1, help="EMA momentum (--method ema)")
+    p.add_argument("--max-passes", type=int, default=10)
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--layers", nargs="*", default=None, help="layer names or globs")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recalib", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    rec = sub.add_parser("recalibrate", help="re-estimate BN statistics of a .pt2 model")
+    rec.add_argument("--model", required=True, help=".pt2 ExportedProgram")
+    rec.add_argument("--data", required=True, help=".npz, .npy or .safetensors")
+    rec.add_argument("--key", default=None, help="array name in the data file")
+    rec.add_argument("--out", required=True, help="output .pt2 or .onnx")
+    rec.add_argument("--report", default=None, help="write the JSON report here")
+    rec.add_argument("--opset", type=int, default=17, help="ONNX opset for .onnx output")
+    rec.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_recal_options(rec)
+    rec.set_defaults(func=_cmd_recalibrate)
+
+    exp = sub.add_parser("export", help="export a .pt2 model to ONNX with BN kept")
+    exp.add_argument("--model", required=True)
+    exp.add_argument("--example", required=True, help="data file with example inputs")
+    exp.add_argument("--key", default=None)
+    exp.add_argument("--out", required=True)
+    exp.add_argument("--opset", type=int, default=17)
+    exp.set_defaults(func=_cmd_export)
+
+    demo = sub.add_parser("demo", help="recalibrate the bundled demo model, accuracy before/after")
+    demo.add_argument("--method", choices=["exact", "ema", "prior"], default="exact")
+    demo.add_argument("--mode", choices=["train", "eval"], default="train")
+    demo.add_argument("--out", default=None, help="save the recalibrated .pt2 here")
+    demo.set_defaults(func=_cmd_demo)
+
+    serve = sub.add_parser("serve", help="run the REST service")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--home", default=None, help="state directory (default ./.recalib)")
+    serve.set_defaults(func=_cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        return int(args.func(args))
+    except (CliError, RecalibError) as exc:
+        print(f"recalib: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
