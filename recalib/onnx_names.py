@@ -16,7 +16,8 @@ place, keeping the stored dtype (an fp16 model stays fp16).
 
 Where the statistics may live:
 
-- an initializer: read and written in place;
+- an initializer: read and written in place (one also listed as a graph input, as old
+  exporters write them, is the default value a feed may override);
 - the output of a ``Constant`` node: read and written in its ``value`` tensor;
 - behind ``Identity`` nodes (exporters deduplicate equal initializers that way): read
   through; written only after :func:`untie_bn_stats` gave the node its own initializer;
@@ -25,7 +26,7 @@ Where the statistics may live:
 An initializer shared by several BN nodes can be written only with equal values for all of
 them (anything else would silently change the other nodes); :func:`untie_bn_stats` gives
 every node its own copy. Only the main graph is searched (not ``If``/``Loop`` bodies or
-model-local functions).
+model-local functions), and initializers must be loaded (``onnx.load`` with external data).
 """
 
 from __future__ import annotations
