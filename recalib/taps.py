@@ -1,0 +1,573 @@
+"""In-graph drift taps: per-channel moments of every BatchNormalization input as ONNX outputs.
+
+:func:`add_drift_taps` returns a copy of an ONNX model with, for each
+``BatchNormalization`` node, three extra graph outputs (after the original ones, which are
+left untouched) from which :func:`tap_moments` recovers the moments of the node's input
+``X`` of shape ``(N, C, *)``:
+
+* ``recalib_tap::<layer>::count`` - int64 scalar ``L``, spatial positions per row
+  (``numel(X) / (N * C)``; 1 for ``(N, C)`` inputs);
+* ``recalib_tap::<layer>::sum``   - ``(N, C)``, ``sum over space of (v - c)``;
+* ``recalib_tap::<layer>::sumsq`` - ``(N, C)``, ``sum over space of (v - c)**2``.
+
+``v`` is the tapped tensor and ``c`` a per-channel centre (see below). Rows are reduced
+over space only: the kernel is faster than a reduction over ``(N, *spatial)`` and the
+float32 sums are shorter; :func:`tap_moments` combines the ``N`` rows exactly in float64
+(Chan's merge). The tap names, where each tap reads and the BN inputs it needs are stored
+as JSON in ``metadata_props["recalib.drift_taps"]``; :func:`read_taps` reads them back and
+resolves the per-channel constants from the model's initializers.
+
+Where a tap reads (``source``):
+
+* ``"input"``: ``v = X``. When ``X`` comes from a ``Conv``, the tap is a second consumer
+  of the Conv output, and ONNX Runtime's Conv+BN fusion (which needs a single consumer)
+  no longer applies: the BN runs as its own pass.
+* ``"output"``: ``v = Y = s * (X - m) / sqrt(var + eps) + B``, mapped back exactly per
+  channel: with ``a = sqrt(var + eps) / s``, ``X = m + a * (Y - B)``, so the moments of a
+  row map as ``mean_X = m + a * (mean_Y - B)`` and ``m2_X = a**2 * m2_Y``. The Conv output
+  keeps its single consumer and the Conv+BN fusion survives (the tap still reads the
+  fused output, so a following activation is no longer fused into the Conv). Valid only
+  for inference BN (``training_mode=0``) whose scale, bias, mean and variance are
+  constants with every scale non-zero. ``Y`` carries float rounding relative to ``|Y|``,
+  which maps back to ``X`` magnified by about ``(|B / s| + k) * sigma_ref / sigma_live``
+  (in units of the live standard deviation, ``k`` a few), so channels with
+  ``|B / s| > 1e3`` rule it out. Under a strong drift to a much narrower input the
+  recovered variance loses digits accordingly (1e-4 relative at ``sigma_live`` =
+  ``sigma_ref / 100`` in float32): the drift score is then large and unaffected.
+* ``"auto"`` (default): ``"output"`` where it keeps a fusion (``X`` is the output of a
+  ``Conv`` read only by the BN) and is valid, else ``"input"``.
+
+Centring (``center``): the variance of a row is ``(S2 - S1**2 / L) / L``, which cancels
+when ``|mean(v) - c|`` is large against ``v``'s standard deviation: the float32 sums lose
+about ``log10(kappa)`` digits, ``kappa = 1 + (mean - c)**2 / var``. Subtracting a centre
+in-graph costs a full extra pass over the activation, so by default (``center=None``) a
+layer is centred only when its stored statistics predict ``kappa > 1e3`` for ``c = 0``
+(input: ``c = m``, ``kappa = 1 + m**2 / var``; output: ``c = B``, ``kappa = 1 + (B/s)**2``):
+the relative error of the variance then stays below about ``1e-3`` (the symmetric KL, being
+quadratic in it, moves by ~``1e-6``). ``center=True`` / ``False`` forces it.
+
+Reductions run in float32 (other float inputs are cast first), or in float64 with
+``dtype="float64"`` (ONNX Runtime's CPU ReduceSum / ReduceSumSquare support double; never
+centred, at the price of a cast pass). The tapped tensor is reshaped to ``(N, C, L)`` so
+2D inputs (``BatchNorm1d`` after ``Linear``) and dynamic batch sizes work alike.
+``ReduceSum`` takes ``axes`` as an input from opset 13, ``ReduceSumSquare`` from opset 18;
+both forms are emitted as needed. Only the main graph is tapped (not ``If``/``Loop``
+subgraphs or model-local functions).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .drift import MomentWindow
+from .errors import NoBatchNormError
+
+__all__ = [
+    "TAP_METADATA_KEY",
+    "TAP_PREFIX",
+    "BnTap",
+    "TapDtype",
+    "TapSource",
+    "add_drift_taps",
+    "read_taps",
+    "reference_stats",
+    "tap_moments",
+    "tap_output_names",
+]
+
+TAP_METADATA_KEY = "recalib.drift_taps"
+TAP_PREFIX = "recalib_tap"
+_FORMAT = 1
+_MAX_OFFSET_RATIO = 1e3
+_MAX_KAPPA = 1e3
+_FUSING_PRODUCERS = frozenset({"Conv"})
+
+TapSource = Literal["auto", "input", "output"]
+TapDtype = Literal["float32", "float64"]
+
+_DTYPES: dict[str, int] = {"float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE}
+
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, eq=False)
+class BnTap:
+    """One tapped BatchNormalization node and how to map its tap outputs back to ``X``.
+
+    Attributes:
+        layer: the node's name (its output's name when the node has none).
+        source: ``"input"`` or ``"output"``, where the statistics are read.
+        mean, var: names of the node's ``input_mean`` / ``input_var`` inputs.
+        count, sum, sumsq: names of the tap outputs (see the module docstring).
+        center: per-channel ``c`` subtracted in-graph before reducing (zeros if none).
+        gain, offset, base: per-channel ``a``, ``b``, ``m`` with ``X = m + a * (v - b)``
+            for the tapped tensor ``v`` (``1, 0, 0`` for input taps).
+    """
+
+    layer: str
+    source: Literal["input", "output"]
+    mean: str
+    var: str
+    count: str
+    sum: str
+    sumsq: str
+    center: FloatArray
+    gain: FloatArray
+    offset: FloatArray
+    base: FloatArray
+
+    @property
+    def outputs(self) -> tuple[str, str, str]:
+        return self.count, self.sum, self.sumsq
+
+
+class _Index:
+    """Look-ups over the main graph: producers, consumer counts, constants, element types."""
+
+    def __init__(self, model: onnx.ModelProto, *, infer_types: bool = True) -> None:
+        graph = model.graph
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.graph_inputs = {v.name for v in graph.input}
+        self.graph_outputs = {v.name for v in graph.output}
+        self.producers = {out: node for node in graph.node for out in node.output if out}
+        self.consumers = Counter(name for node in graph.node for name in node.input if name)
+        self.names = (
+            set(self.initializers) | self.graph_inputs | self.graph_outputs | set(self.producers)
+        )
+        self.elem_types: dict[str, int] = {t.name: t.data_type for t in graph.initializer}
+        if not infer_types:
+            return
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+        for info in (*inferred.input, *inferred.output, *inferred.value_info):
+            if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
+                self.elem_types[info.name] = info.type.tensor_type.elem_type
+
+    def constant(self, name: str) -> FloatArray | None:
+        """Float64 value of ``name`` if constant (initializer, Constant, Identity chain)."""
+        while name not in self.graph_inputs:
+            if name in self.initializers:
+                return numpy_helper.to_array(self.initializers[name]).astype(np.float64)
+            node = self.producers.get(name)
+            if node is None:
+                return None
+            if node.op_type == "Identity":
+                name = node.input[0]
+            elif node.op_type == "Constant":
+                attr = next((a for a in node.attribute if a.name == "value"), None)
+                return None if attr is None else numpy_helper.to_array(attr.t).astype(np.float64)
+            else:
+                return None
+        return None
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    raise ValueError("expected a default-domain (ai.onnx) opset import (got none)")
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _layer_names(nodes: list[onnx.NodeProto]) -> list[str]:
+    names = [node.name or node.output[0] for node in nodes]
+    dupes = sorted(n for n, k in Counter(names).items() if k > 1)
+    if dupes:
+        raise ValueError(f"expected unique BatchNormalization node names (got duplicates {dupes})")
+    return names
+
+
+@dataclass(frozen=True, eq=False)
+class _Affine:
+    """The constants of one BN node that the taps need (float64, ``None`` if not constant)."""
+
+    scale: FloatArray | None
+    bias: FloatArray | None
+    mean: FloatArray | None
+    var: FloatArray | None
+    eps: float
+
+    @classmethod
+    def of(cls, index: _Index, node: onnx.NodeProto) -> _Affine:
+        scale, bias, mean, var = (index.constant(node.input[i]) for i in (1, 2, 3, 4))
+        return cls(scale, bias, mean, var, float(_attr(node, "epsilon", 1e-5)))
+
+
+def _output_tap_problem(node: onnx.NodeProto, k: _Affine) -> str | None:
+    """Why the BN output cannot be mapped back to its input exactly (``None`` if it can)."""
+    if _attr(node, "training_mode", 0):
+        return "training_mode=1 normalizes with batch statistics"
+    if k.scale is None or k.bias is None or k.mean is None or k.var is None:
+        return "scale, bias, mean and variance must be constant initializers"
+    if not (np.all(np.isfinite(k.scale)) and np.all(np.isfinite(k.bias))):
+        return "scale and bias must be finite"
+    if np.any(k.scale == 0.0):
+        return f"scale is zero in channels {np.flatnonzero(k.scale == 0.0).tolist()[:8]}"
+    ratio = float(np.max(np.abs(k.bias) / np.abs(k.scale)))
+    if ratio > _MAX_OFFSET_RATIO:
+        return f"|bias / scale| reaches {ratio:.3g} (> {_MAX_OFFSET_RATIO:g}): too much rounding"
+    return None
+
+
+def _keeps_fusion(index: _Index, node: onnx.NodeProto) -> bool:
+    """True when X is a Conv output that only this BN reads (what ORT's fusion needs)."""
+    x = node.input[0]
+    producer = index.producers.get(x)
+    return (
+        producer is not None
+        and producer.op_type in _FUSING_PRODUCERS
+        and index.consumers[x] == 1
+        and x not in index.graph_outputs
+    )
+
+
+def _choose_source(
+    index: _Index, node: onnx.NodeProto, k: _Affine, layer: str, source: TapSource
+) -> Literal["input", "output"]:
+    if source == "input":
+        return "input"
+    problem = _output_tap_problem(node, k)
+    if source == "output":
+        if problem is not None:
+            raise ValueError(f"cannot tap the output of BatchNormalization {layer!r}: {problem}")
+        return "output"
+    return "output" if problem is None and _keeps_fusion(index, node) else "input"
+
+
+def _centre_value(source: str, k: _Affine) -> FloatArray | None:
+    """The natural centre of the tapped tensor (``m`` or ``B``), ``None`` if not constant."""
+    return k.bias if source == "output" else k.mean
+
+
+def _wants_centre(source: str, k: _Affine, center: bool | None, dtype: str) -> bool:
+    c = _centre_value(source, k)
+    if center is not None:
+        if center and c is None:
+            raise ValueError("cannot centre a tap whose running mean is not a constant")
+        return center
+    if dtype == "float64" or c is None:
+        return False
+    spread = k.scale if source == "output" else None
+    if spread is None:
+        if k.var is None:
+            return False
+        var = k.var + k.eps
+    else:
+        var = spread * spread
+    return bool(np.max(1.0 + c * c / var) > _MAX_KAPPA)
+
+
+class _Builder:
+    """Appends tap nodes, constants and outputs to a graph, with deterministic names."""
+
+    def __init__(self, graph: onnx.GraphProto, index: _Index, opset: int, dtype: int) -> None:
+        self.graph = graph
+        self.index = index
+        self.opset = opset
+        self.dtype = dtype
+        self.shared: dict[str, str] = {}
+        self.count = 0
+
+    def node(self, op: str, inputs: list[str], output: str, **attrs: Any) -> str:
+        self.count += 1
+        name = f"{TAP_PREFIX}::{op}_{self.count}"
+        self.graph.node.append(helper.make_node(op, inputs, [output], name=name, **attrs))
+        return output
+
+    def shared_const(self, key: str, value: npt.NDArray[Any]) -> str:
+        if key not in self.shared:
+            name = f"{TAP_PREFIX}::{key}"
+            self.graph.initializer.append(numpy_helper.from_array(value, name))
+            self.shared[key] = name
+        return self.shared[key]
+
+    def cast(self, name: str, output: str) -> str:
+        if self.index.elem_types.get(name) == self.dtype:
+            return name
+        return self.node("Cast", [name], output, to=self.dtype)
+
+    def reduce(self, op: str, x: str, output: str) -> str:
+        axes_input_since = {"ReduceSum": 13, "ReduceSumSquare": 18}[op]
+        if self.opset >= axes_input_since:
+            axes = self.shared_const("axes", np.array([2], dtype=np.int64))
+            return self.node(op, [x, axes], output, keepdims=0)
+        return self.node(op, [x], output, axes=[2], keepdims=0)
+
+    def sums(self, value: str, centre: str | None, tap: BnTap) -> None:
+        """Rows ``sum(value - centre)`` and ``sum((value - centre)**2)`` over space."""
+        prefix = f"{TAP_PREFIX}::{tap.layer}::_"
+        ncl = self.shared_const("shape_ncl", np.array([0, 0, -1], dtype=np.int64))
+        flat = self.node("Reshape", [value, ncl], prefix + "flat")
+        flat = self.cast(flat, prefix + "flat_cast")
+        if centre is not None:
+            c1 = self.shared_const("shape_c1", np.array([-1, 1], dtype=np.int64))
+            c = self.node("Reshape", [self.cast(centre, prefix + "centre_cast"), c1], prefix + "c")
+            flat = self.node("Sub", [flat, c], prefix + "centred")
+        self.reduce("ReduceSum", flat, tap.sum)
+        self.reduce("ReduceSumSquare", flat, tap.sumsq)
+        size = self.node("Size", [value], prefix + "numel")
+        self.node("Div", [size, self.node("Size", [tap.sum], prefix + "rows")], tap.count)
+
+
+def _make_tap(
+    node: onnx.NodeProto, layer: str, source: Literal["input", "output"], k: _Affine, centred: bool
+) -> BnTap:
+    base = f"{TAP_PREFIX}::{layer}::"
+    centre = _centre_value(source, k)
+    one, zero = np.ones(()), np.zeros(())
+    if source == "output":
+        if k.scale is None or k.bias is None or k.mean is None or k.var is None:
+            raise ValueError(f"expected constant BN parameters for output tap {layer!r}")
+        gain, offset, mean = np.sqrt(k.var + k.eps) / k.scale, k.bias, k.mean
+    else:
+        gain, offset, mean = one, zero, zero
+    return BnTap(
+        layer=layer,
+        source=source,
+        mean=node.input[3],
+        var=node.input[4],
+        count=base + "count",
+        sum=base + "sum",
+        sumsq=base + "sumsq",
+        center=centre if centred and centre is not None else zero,
+        gain=gain,
+        offset=offset,
+        base=mean,
+    )
+
+
+def _tap_json(node: onnx.NodeProto, tap: BnTap, centred: bool) -> dict[str, Any]:
+    return {
+        "source": tap.source,
+        "centered": centred,
+        "scale": node.input[1],
+        "bias": node.input[2],
+        "mean": tap.mean,
+        "var": tap.var,
+        "epsilon": float(_attr(node, "epsilon", 1e-5)),
+        "outputs": {"count": tap.count, "sum": tap.sum, "sumsq": tap.sumsq},
+    }
+
+
+def _add_outputs(graph: onnx.GraphProto, tap: BnTap, dtype: int, channels: int | None) -> None:
+    graph.output.append(helper.make_tensor_value_info(tap.count, TensorProto.INT64, []))
+    for name in (tap.sum, tap.sumsq):
+        graph.output.append(helper.make_tensor_value_info(name, dtype, [None, channels]))
+
+
+def add_drift_taps(
+    onnx_model: onnx.ModelProto,
+    *,
+    layers: Iterable[str] | None = None,
+    source: TapSource = "auto",
+    center: bool | None = None,
+    dtype: TapDtype = "float32",
+) -> onnx.ModelProto:
+    """Copy of ``onnx_model`` with per-channel moment outputs for its BN inputs.
+
+    Args:
+        onnx_model: a model with ``BatchNormalization`` nodes in its main graph (not
+            modified).
+        layers: node names to tap (a node without a name goes by its output's name); all
+            BatchNormalization nodes when ``None``.
+        source: ``"input"``, ``"output"`` or ``"auto"``; see the module docstring.
+        center: subtract the running mean (input) or BN bias (output) in-graph before
+            reducing; ``None`` decides per layer from the predicted conditioning.
+        dtype: reduction precision, ``"float32"`` or ``"float64"``.
+
+    Returns:
+        The tapped model: original outputs first and unchanged, then three outputs per
+        tapped node, and the mapping in ``metadata_props[TAP_METADATA_KEY]``.
+
+    Examples::
+
+        >>> tapped = add_drift_taps(model)
+        >>> taps = read_taps(tapped)
+        >>> names = tap_output_names(taps)
+        >>> windows = tap_moments(dict(zip(names, session.run(names, feed))), taps)
+    """
+    if source not in ("auto", "input", "output"):
+        raise ValueError(f"expected source 'auto', 'input' or 'output' (got {source!r})")
+    if dtype not in _DTYPES:
+        raise ValueError(f"expected dtype 'float32' or 'float64' (got {dtype!r})")
+    if any(p.key == TAP_METADATA_KEY for p in onnx_model.metadata_props):
+        raise ValueError("expected a model without drift taps (it already has them)")
+    model = onnx.ModelProto()
+    model.CopyFrom(onnx_model)
+    opset = _opset(model)
+    if opset < 7:
+        raise ValueError(f"expected opset >= 7 (got {opset})")
+    bn_nodes = [n for n in model.graph.node if n.op_type == "BatchNormalization" and not n.domain]
+    if not bn_nodes:
+        raise NoBatchNormError("expected BatchNormalization nodes in the main graph (got none)")
+    names = _layer_names(bn_nodes)
+    selected = _select(names, layers)
+    index = _Index(model)
+    builder = _Builder(model.graph, index, opset, _DTYPES[dtype])
+    entries: dict[str, dict[str, Any]] = {}
+    for node, layer in zip(bn_nodes, names, strict=True):
+        if layer not in selected:
+            continue
+        if _attr(node, "spatial", 1) != 1:
+            raise ValueError(f"expected spatial=1 BatchNormalization (got spatial=0 in {layer!r})")
+        k = _Affine.of(index, node)
+        src = _choose_source(index, node, k, layer, source)
+        centred = _wants_centre(src, k, center, dtype)
+        tap = _make_tap(node, layer, src, k, centred)
+        clash = sorted(set(tap.outputs) & index.names)
+        if clash:
+            raise ValueError(f"expected tap output names to be free (already used: {clash})")
+        tapped = node.output[0] if src == "output" else node.input[0]
+        centre_name = (node.input[2] if src == "output" else node.input[3]) if centred else None
+        builder.sums(tapped, centre_name, tap)
+        _add_outputs(model.graph, tap, _DTYPES[dtype], None if k.mean is None else k.mean.size)
+        entries[layer] = _tap_json(node, tap, centred)
+    payload = {"format": _FORMAT, "layers": entries}
+    props = {p.key: p.value for p in model.metadata_props}
+    helper.set_model_props(model, {**props, TAP_METADATA_KEY: json.dumps(payload)})
+    return model
+
+
+def _select(names: list[str], layers: Iterable[str] | None) -> set[str]:
+    if layers is None:
+        return set(names)
+    wanted = list(layers)
+    unknown = [name for name in wanted if name not in names]
+    if unknown or not wanted:
+        raise NoBatchNormError(
+            f"expected BatchNormalization node names from {names} (got {wanted})"
+        )
+    return set(wanted)
+
+
+def _tap_from_json(index: _Index, layer: str, entry: Mapping[str, Any]) -> BnTap:
+    names = {key: entry[key] for key in ("scale", "bias", "mean", "var")}
+    consts = {key: index.constant(name) for key, name in names.items()}
+    k = _Affine(consts["scale"], consts["bias"], consts["mean"], consts["var"], entry["epsilon"])
+    source = entry["source"]
+    if source not in ("input", "output"):
+        raise ValueError(f"expected tap source 'input' or 'output' (got {source!r})")
+    needed: tuple[str, ...] = ("scale", "bias", "mean", "var") if source == "output" else ()
+    if entry["centered"]:
+        needed += ("bias",) if source == "output" else ("mean",)
+    missing = [names[key] for key in needed if consts[key] is None]
+    if missing:
+        raise ValueError(f"expected constant initializers {missing} for tap {layer!r}")
+    tap = _make_tap(_bn_stub(names), layer, source, k, bool(entry["centered"]))
+    outputs = entry["outputs"]
+    if (tap.count, tap.sum, tap.sumsq) != (outputs["count"], outputs["sum"], outputs["sumsq"]):
+        raise ValueError(f"expected tap output names {tap.outputs} (got {outputs})")
+    return tap
+
+
+def _bn_stub(names: Mapping[str, str]) -> onnx.NodeProto:
+    inputs = ["", names["scale"], names["bias"], names["mean"], names["var"]]
+    return helper.make_node("BatchNormalization", inputs, [""])
+
+
+def read_taps(onnx_model: onnx.ModelProto) -> dict[str, BnTap]:
+    """The taps written by :func:`add_drift_taps`, layer name to :class:`BnTap`.
+
+    The per-channel constants (:attr:`BnTap.gain` ...) are read from the model's
+    initializers, so the mapping always matches the statistics the model holds.
+    """
+    raw = next((p.value for p in onnx_model.metadata_props if p.key == TAP_METADATA_KEY), None)
+    if raw is None:
+        raise ValueError(
+            f"expected metadata {TAP_METADATA_KEY!r} (got a model without drift taps; "
+            "build one with add_drift_taps)"
+        )
+    payload = json.loads(raw)
+    if payload.get("format") != _FORMAT:
+        raise ValueError(f"expected drift-tap format {_FORMAT} (got {payload.get('format')!r})")
+    index = _Index(onnx_model, infer_types=False)
+    return {
+        layer: _tap_from_json(index, layer, entry) for layer, entry in payload["layers"].items()
+    }
+
+
+def tap_output_names(mapping: Mapping[str, BnTap]) -> list[str]:
+    """Every tap output name, layer by layer (to pass as ``output_names`` to ORT)."""
+    return [name for tap in mapping.values() for name in tap.outputs]
+
+
+def _rows_to_window(tap: BnTap, count: float, s1: FloatArray, s2: FloatArray) -> MomentWindow:
+    if s1.ndim != 2 or s2.shape != s1.shape:
+        raise ValueError(
+            f"expected (N, C) sums for tap {tap.layer!r} (got {s1.shape} and {s2.shape})"
+        )
+    if count <= 0.0:
+        return MomentWindow.empty(s1.shape[1])
+    d = s1 / count  # row mean of v - centre
+    m2_v = np.maximum(s2 - s1 * d, 0.0)
+    mean_x = tap.base + tap.gain * ((tap.center - tap.offset) + d)
+    m2_x = tap.gain * tap.gain * m2_v
+    mean = mean_x.mean(axis=0)
+    m2 = m2_x.sum(axis=0) + count * ((mean_x - mean) ** 2).sum(axis=0)
+    return MomentWindow(np.asarray(count * s1.shape[0]), mean, m2)
+
+
+def tap_moments(
+    tap_outputs: Mapping[str, npt.ArrayLike], mapping: Mapping[str, BnTap]
+) -> dict[str, MomentWindow]:
+    """Per-layer windows of ``X`` for one run, from its tap outputs (by output name).
+
+    The ``N`` rows are merged exactly in float64 (all rows have the same count ``L``):
+    ``mean = mean_n(mean_n)``, ``m2 = sum_n(m2_n) + L * sum_n((mean_n - mean)**2)``.
+
+    Args:
+        tap_outputs: output name to array, e.g. ``dict(zip(names, session.run(names, feed)))``.
+        mapping: from :func:`read_taps`; every layer in it is converted.
+    """
+    missing = [n for n in tap_output_names(mapping) if n not in tap_outputs]
+    if missing:
+        raise ValueError(f"expected every tap output (missing {missing[:4]})")
+    return {
+        layer: _rows_to_window(
+            tap,
+            float(np.asarray(tap_outputs[tap.count])),
+            np.asarray(tap_outputs[tap.sum], dtype=np.float64),
+            np.asarray(tap_outputs[tap.sumsq], dtype=np.float64),
+        )
+        for layer, tap in mapping.items()
+    }
+
+
+def reference_stats(
+    onnx_model: onnx.ModelProto, mapping: Mapping[str, BnTap] | None = None
+) -> dict[str, tuple[FloatArray, FloatArray]]:
+    """Each tapped layer's stored ``(running_mean, running_var)`` in float64.
+
+    The reference for :func:`recalib.drift.score_model`. ``running_var`` is what the model
+    holds: PyTorch exports store the unbiased variance.
+
+    Args:
+        onnx_model: the tapped model (or the model it was tapped from).
+        mapping: the taps; read from ``onnx_model`` when ``None``.
+    """
+    taps = read_taps(onnx_model) if mapping is None else mapping
+    index = _Index(onnx_model, infer_types=False)
+    out: dict[str, tuple[FloatArray, FloatArray]] = {}
+    for layer, tap in taps.items():
+        mean, var = index.constant(tap.mean), index.constant(tap.var)
+        if mean is None or var is None:
+            raise ValueError(
+                f"expected constant running statistics for layer {layer!r} "
+                f"(got {tap.mean!r} / {tap.var!r} computed or fed at run time)"
+            )
+        out[layer] = (mean, var)
+    return out
