@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,6 +281,25 @@ class MomentWindow:
         m2 = self.m2 + other.m2 + d * d * (self.count * w)
         return MomentWindow(n, mean, m2)
 
+    @staticmethod
+    def merge_all(windows: Sequence[MomentWindow]) -> MomentWindow:
+        """Exact union of many windows in one vectorised step (same result as folding
+        :meth:`merge`): ``n = sum n_i``, ``mean = sum n_i mean_i / n``,
+        ``m2 = sum m2_i + sum n_i (mean_i - mean)**2``."""
+        if not windows:
+            raise ValueError("expected at least one window (got none)")
+        c = windows[0].num_channels
+        if any(w.num_channels != c for w in windows):
+            got = sorted({w.num_channels for w in windows})
+            raise ValueError(f"expected windows with {c} channels (got {got})")
+        counts = np.stack([np.broadcast_to(w.count, (c,)) for w in windows])
+        means = np.stack([w.mean for w in windows])
+        n = counts.sum(axis=0)
+        mean = np.divide((counts * means).sum(axis=0), n, out=np.zeros(c), where=n > 0.0)
+        m2 = sum(w.m2 for w in windows) + (counts * (means - mean) ** 2).sum(axis=0)
+        scalar = all(w.count.ndim == 0 for w in windows)
+        return MomentWindow(n[0] if scalar else n, mean, np.asarray(m2))
+
     def add(
         self,
         count: ArrayLike,
@@ -384,12 +403,11 @@ class RollingWindow:
     def total(self, now: float) -> dict[str, MomentWindow]:
         """Per-layer windows of everything still in the window at ``now``."""
         self._expire(now)
-        out: dict[str, MomentWindow] = {}
+        parts: dict[str, list[MomentWindow]] = {}
         for bucket in self._buckets:
             for name, window in bucket.moments.items():
-                held = out.get(name)
-                out[name] = window.copy() if held is None else held.merge(window)
-        return out
+                parts.setdefault(name, []).append(window)
+        return {name: MomentWindow.merge_all(windows) for name, windows in parts.items()}
 
     def samples(self, now: float) -> int:
         """Items (batch rows) in the window at ``now``."""

@@ -261,14 +261,14 @@ def _wants_centre(source: str, k: _Affine, center: bool | None, dtype: str) -> b
         return center
     if dtype == "float64" or c is None:
         return False
-    spread = k.scale if source == "output" else None
-    if spread is None:
-        if k.var is None:
-            return False
-        var = k.var + k.eps
+    # Predicted variance of the tapped tensor: var + eps for X, s**2 for Y.
+    if source == "output" and k.scale is not None:
+        spread2 = k.scale * k.scale
+    elif source == "input" and k.var is not None:
+        spread2 = k.var + k.eps
     else:
-        var = spread * spread
-    return bool(np.max(1.0 + c * c / var) > _MAX_KAPPA)
+        return False
+    return bool(np.max(1.0 + c * c / spread2) > _MAX_KAPPA)
 
 
 class _Builder:
@@ -324,8 +324,13 @@ class _Builder:
 
 
 def _make_tap(
-    node: onnx.NodeProto, layer: str, source: Literal["input", "output"], k: _Affine, centred: bool
+    layer: str,
+    source: Literal["input", "output"],
+    k: _Affine,
+    centred: bool,
+    stats: tuple[str, str],
 ) -> BnTap:
+    """The tap of ``layer``; ``stats`` names the node's running mean and variance inputs."""
     base = f"{TAP_PREFIX}::{layer}::"
     centre = _centre_value(source, k)
     one, zero = np.ones(()), np.zeros(())
@@ -338,8 +343,8 @@ def _make_tap(
     return BnTap(
         layer=layer,
         source=source,
-        mean=node.input[3],
-        var=node.input[4],
+        mean=stats[0],
+        var=stats[1],
         count=base + "count",
         sum=base + "sum",
         sumsq=base + "sumsq",
@@ -417,6 +422,9 @@ def add_drift_taps(
     names = _layer_names(bn_nodes)
     selected = _select(names, layers)
     index = _Index(model)
+    taken = sorted(n for n in index.names if n.startswith(f"{TAP_PREFIX}::"))
+    if taken:
+        raise ValueError(f"expected no names starting with {TAP_PREFIX}:: (got {taken[:4]})")
     builder = _Builder(model.graph, index, opset, _DTYPES[dtype])
     entries: dict[str, dict[str, Any]] = {}
     for node, layer in zip(bn_nodes, names, strict=True):
@@ -427,10 +435,7 @@ def add_drift_taps(
         k = _Affine.of(index, node)
         src = _choose_source(index, node, k, layer, source)
         centred = _wants_centre(src, k, center, dtype)
-        tap = _make_tap(node, layer, src, k, centred)
-        clash = sorted(set(tap.outputs) & index.names)
-        if clash:
-            raise ValueError(f"expected tap output names to be free (already used: {clash})")
+        tap = _make_tap(layer, src, k, centred, (node.input[3], node.input[4]))
         tapped = node.output[0] if src == "output" else node.input[0]
         centre_name = (node.input[2] if src == "output" else node.input[3]) if centred else None
         builder.sums(tapped, centre_name, tap)
@@ -467,16 +472,12 @@ def _tap_from_json(index: _Index, layer: str, entry: Mapping[str, Any]) -> BnTap
     missing = [names[key] for key in needed if consts[key] is None]
     if missing:
         raise ValueError(f"expected constant initializers {missing} for tap {layer!r}")
-    tap = _make_tap(_bn_stub(names), layer, source, k, bool(entry["centered"]))
+    stats = (names["mean"], names["var"])
+    tap = _make_tap(layer, source, k, bool(entry["centered"]), stats)
     outputs = entry["outputs"]
     if (tap.count, tap.sum, tap.sumsq) != (outputs["count"], outputs["sum"], outputs["sumsq"]):
         raise ValueError(f"expected tap output names {tap.outputs} (got {outputs})")
     return tap
-
-
-def _bn_stub(names: Mapping[str, str]) -> onnx.NodeProto:
-    inputs = ["", names["scale"], names["bias"], names["mean"], names["var"]]
-    return helper.make_node("BatchNormalization", inputs, [""])
 
 
 def read_taps(onnx_model: onnx.ModelProto) -> dict[str, BnTap]:

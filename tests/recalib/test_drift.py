@@ -152,6 +152,24 @@ def test_merge_is_invariant_to_batch_split(n: int, cuts: list[int], seed: int) -
     np.testing.assert_allclose(merged.m2, whole.m2, rtol=1e-10)
 
 
+def test_merge_all_equals_pairwise_merges() -> None:
+    rng = np.random.default_rng(8)
+    parts = [MomentWindow.from_samples(rng.normal(i, 1.0 + i, size=(3 + i, 4))) for i in range(5)]
+    parts.append(MomentWindow.empty(4))
+    folded = parts[0]
+    for part in parts[1:]:
+        folded = folded.merge(part)
+    merged = MomentWindow.merge_all(parts)
+    assert merged.count.shape == ()
+    assert float(merged.count) == float(folded.count)
+    np.testing.assert_allclose(merged.mean, folded.mean, rtol=1e-13)
+    np.testing.assert_allclose(merged.m2, folded.m2, rtol=1e-12)
+    per_channel = MomentWindow(np.array([1.0, 2.0, 3.0, 4.0]), np.ones(4), np.zeros(4))
+    assert MomentWindow.merge_all([parts[0], per_channel]).count.shape == (4,)
+    with pytest.raises(ValueError, match="at least one"):
+        MomentWindow.merge_all([])
+
+
 def test_add_with_shift_equals_from_samples() -> None:
     x = np.random.default_rng(3).normal(10.0, 2.0, size=(8, 3, 5))
     shift = np.array([9.0, 10.0, 11.0])
