@@ -35,7 +35,8 @@ Where a tap reads (``source``):
   recovered variance loses digits accordingly (1e-4 relative at ``sigma_live`` =
   ``sigma_ref / 100`` in float32): the drift score is then large and unaffected.
 * ``"auto"`` (default): ``"output"`` where it keeps a fusion (``X`` is the output of a
-  ``Conv`` read only by the BN) and is valid, else ``"input"``.
+  ``Conv`` or ``MatMul`` read only by the BN; ORT does not fuse ``Gemm`` + BN) and is
+  valid, else ``"input"``.
 
 Centring (``center``): the variance of a row is ``(S2 - S1**2 / L) / L``, which cancels
 when ``|mean(v) - c|`` is large against ``v``'s standard deviation: the float32 sums lose
@@ -89,7 +90,7 @@ TAP_PREFIX = "recalib_tap"
 _FORMAT = 1
 _MAX_OFFSET_RATIO = 1e3
 _MAX_KAPPA = 1e3
-_FUSING_PRODUCERS = frozenset({"Conv"})
+_FUSING_PRODUCERS = frozenset({"Conv", "MatMul"})  # ORT fuses these with a following BN
 
 TapSource = Literal["auto", "input", "output"]
 TapDtype = Literal["float32", "float64"]
@@ -224,7 +225,7 @@ def _output_tap_problem(node: onnx.NodeProto, k: _Affine) -> str | None:
 
 
 def _keeps_fusion(index: _Index, node: onnx.NodeProto) -> bool:
-    """True when X is a Conv output that only this BN reads (what ORT's fusion needs)."""
+    """True when X is a Conv/MatMul output that only this BN reads (what ORT's fusion needs)."""
     x = node.input[0]
     producer = index.producers.get(x)
     return (

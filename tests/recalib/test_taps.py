@@ -284,6 +284,34 @@ def test_output_taps_keep_ort_conv_bn_fusion(tmp_path: Path) -> None:
     assert _bn_left_after_fusion(add_drift_taps(base, source="input"), tmp_path) == 2
 
 
+def test_output_taps_keep_ort_matmul_bn_fusion(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.normal(size=(6, 4)).astype(np.float32), "w")]
+    inits += [
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), name)
+        for name in ("s", "b", "m", "v")
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["z"]),
+        helper.make_node("BatchNormalization", ["z", "s", "b", "m", "v"], ["y"], name="bn"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "matmul_bn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    assert _bn_left_after_fusion(model, tmp_path) == 0
+    tapped = add_drift_taps(model)
+    assert read_taps(tapped)["bn"].source == "output"
+    assert _bn_left_after_fusion(tapped, tmp_path) == 0
+    x = rng.normal(size=(7, 6)).astype(np.float32)
+    windows = tap_moments(_run(tapped, x), read_taps(tapped))
+    _assert_moments(windows, _bn_inputs(model, x))
+
+
 @pytest.mark.parametrize("opset", [9, 11, 13, 15, 17, 18])
 def test_opsets_with_attribute_and_input_axes(opset: int) -> None:
     model = _bn_graph(opset)
