@@ -38,7 +38,7 @@ from .errors import DataError, LayerMismatchError, NonFiniteError, RecalibError
 from .estimators import METHODS, ExactEstimator, make_estimator
 from .exported import module_with_norm_layers
 from .layers import NormLayer, find_norm_layers
-from .moments import ChannelMoments, reduce_dims
+from .moments import ChannelMoments, batch_moments
 from .report import LayerReport, RecalibrationReport, compare_stats
 
 __all__ = ["recalibrate"]
@@ -72,9 +72,7 @@ class _Tap:
                 f"layer {self.layer.name!r} expected input (N, {rm.numel()}, *) with "
                 f"{rm.numel()} channels (got shape {got})"
             )
-        work = input if input.dtype in (torch.float32, torch.float64) else input.float()
-        var, mean = torch.var_mean(work, dim=reduce_dims(input.dim()), correction=0)
-        n = input.numel() // input.shape[1]
+        var, mean, n = batch_moments(input)
         moments = ChannelMoments.from_var_mean(var, mean, n)
         if not bool(torch.isfinite(moments.m2).all() and torch.isfinite(moments.mean).all()):
             raise NonFiniteError(batch=self.batch_index, layer=self.layer.name)
@@ -164,7 +162,20 @@ def _resolve_model(model: Any) -> tuple[nn.Module, list[NormLayer] | None]:
     return model, None
 
 
-def _check_args(method: str, mode: str, max_passes: int, tol: float) -> None:
+def _check_args(
+    method: str,
+    mode: str,
+    max_passes: int,
+    tol: float,
+    momentum: float | None,
+    prior_strength: float | None,
+) -> None:
+    if method == "ema" and momentum is not None and not 0.0 < momentum <= 1.0:
+        raise ValueError(f"expected momentum in (0, 1] or None (got {momentum})")
+    if method == "prior" and prior_strength is None:
+        raise ValueError("method='prior' needs prior_strength, the source's pseudo sample size")
+    if method == "prior" and not (prior_strength is not None and prior_strength >= 0.0):
+        raise ValueError(f"expected prior_strength >= 0 (got {prior_strength})")
     if method not in METHODS:
         raise ValueError(f"expected method in {METHODS} (got {method!r})")
     if mode not in MODES:
@@ -205,7 +216,8 @@ def _run_pass(
                 batch.run(model, forward)
             except RecalibError:
                 raise
-            except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as exc:
+                # AssertionError: an ExportedProgram's shape guard rejecting this batch.
                 raise DataError(
                     f"the model's forward failed on batch {batch.index}: {exc}"
                 ) from exc
@@ -293,7 +305,7 @@ def recalibrate(
         >>> report = recalibrate(model, loader, method="exact", mode="eval")
         >>> report.layers[0].sym_kl
     """
-    _check_args(method, mode, max_passes, tol)
+    _check_args(method, mode, max_passes, tol, momentum, prior_strength)
     start = time.perf_counter()
     net, pre = _resolve_model(model)
     if pre is None:
@@ -325,6 +337,11 @@ def recalibrate(
         )
 
     passes = max_passes if mode == "eval" else 1
+    if passes > 1 and iter(data) is data:
+        raise DataError(
+            "mode='eval' makes several passes over the data; expected a re-iterable "
+            f"(tensor, list, DataLoader) (got a one-shot {type(data).__name__})"
+        )
     converged = mode == "train"
     residual: float | None = None
     items = batches = 0

@@ -586,13 +586,6 @@ def test_exported_program_with_dynamic_batch_takes_any_split(
             )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: a batch whose size breaks the ExportedProgram's shape guard raises torch's "
-    "raw AssertionError('Guard failed: x.size()[0] == 16'); _run_pass does not wrap "
-    "AssertionError into DataError naming the batch",
-)
 def test_exported_program_shape_guard_is_a_data_error(make_cnn: Any, images: Tensor) -> None:
     program = torch.export.export(make_cnn(0).eval(), (images[:16],))
     before = {k: v.clone() for k, v in program.state_dict.items()}

@@ -203,12 +203,6 @@ def test_bad_estimator_arguments_raise_value_error(
     assert_unchanged(cnn, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: estimator arguments are validated lazily inside the first layer's forward "
-    "(recalibrate.make -> make_estimator), so they surface as DataError 'the model's "
-    "forward failed on batch 0: ...' instead of an argument error before any data is read",
-)
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -234,12 +228,9 @@ def test_bad_estimator_arguments_are_not_blamed_on_the_data(cnn: nn.Module, kwar
 def test_one_shot_generator_in_eval_mode_raises_and_restores(
     cnn: nn.Module, images: Tensor, state_of: Any, assert_unchanged: Any
 ) -> None:
-    """mode='eval' makes several passes; a generator is empty on the second one.
-
-    The first pass has already written statistics at that point: they must be rolled back.
-    """
+    """mode='eval' makes several passes; a one-shot generator is refused before any work."""
     before = state_of(cnn)
-    with pytest.raises(DataError, match="at least one batch"):
+    with pytest.raises(DataError, match="expected a re-iterable"):
         recalibrate(cnn, (b for b in torch.split(images, 10)), mode="eval")
     assert_unchanged(cnn, before)
 
