@@ -56,6 +56,7 @@ class _Tap:
     layer: NormLayer
     use_batch_stats: bool
     make: Callable[[NormLayer], ExactEstimator]
+    strict_batch_stats: bool = True
     batch_index: int = 0
     estimator: ExactEstimator | None = None
     batches: int = field(default=0)
@@ -76,7 +77,8 @@ class _Tap:
         moments = ChannelMoments.from_var_mean(var, mean, n)
         if not bool(torch.isfinite(moments.m2).all() and torch.isfinite(moments.mean).all()):
             raise NonFiniteError(batch=self.batch_index, layer=self.layer.name)
-        if self.use_batch_stats and n < 2:
+        batch_stats = self.use_batch_stats and (n >= 2 or self.strict_batch_stats)
+        if batch_stats and n < 2:
             raise DataError(
                 f"mode='train' needs more than 1 value per channel in layer "
                 f"{self.layer.name!r} (got input size {list(input.shape)}); use mode='eval', "
@@ -86,7 +88,7 @@ class _Tap:
             self.estimator = self.make(self.layer)
         self.estimator.update(moments, int(input.shape[0]))
         self.batches += 1
-        if self.use_batch_stats:
+        if batch_stats:
             mean_n, var_n = mean.to(rm.dtype), var.to(rv.dtype)
         else:
             mean_n, var_n = rm, rv
@@ -169,6 +171,7 @@ def _check_args(
     tol: float,
     momentum: float | None,
     prior_strength: float | None,
+    init: str,
 ) -> None:
     if method == "ema" and momentum is not None and not 0.0 < momentum <= 1.0:
         raise ValueError(f"expected momentum in (0, 1] or None (got {momentum})")
@@ -178,6 +181,8 @@ def _check_args(
         raise ValueError(f"expected prior_strength >= 0 (got {prior_strength})")
     if method not in METHODS:
         raise ValueError(f"expected method in {METHODS} (got {method!r})")
+    if init not in ("batch", "source"):
+        raise ValueError(f"expected init in ('batch', 'source') (got {init!r})")
     if mode not in MODES:
         raise ValueError(f"expected mode in {MODES} (got {mode!r})")
     if max_passes < 1:
@@ -263,6 +268,7 @@ def recalibrate(
     forward: ForwardFn | None = None,
     progress: bool = False,
     distributed: bool | None = None,
+    init: str = "batch",
 ) -> RecalibrationReport:
     """Re-estimate the running statistics of a model's BN / Batch Renorm layers in place.
 
@@ -289,6 +295,9 @@ def recalibrate(
         device: move the model's inputs to this device (the model must already be there).
         forward: ``forward(model, batch)`` for batches of any other shape.
         progress: show a progress bar on stderr.
+        init: where ``mode="eval"`` starts: ``"batch"`` (first pass normalises by batch
+            statistics, AdaBN-style, wherever a batch has more than one value per
+            channel) or ``"source"`` (the model's current statistics).
         distributed: all-gather the sufficient statistics over ``torch.distributed``;
             default: when a process group of more than one rank is initialised.
 
@@ -305,7 +314,7 @@ def recalibrate(
         >>> report = recalibrate(model, loader, method="exact", mode="eval")
         >>> report.layers[0].sym_kl
     """
-    _check_args(method, mode, max_passes, tol, momentum, prior_strength)
+    _check_args(method, mode, max_passes, tol, momentum, prior_strength, init)
     start = time.perf_counter()
     net, pre = _resolve_model(model)
     if pre is None:
@@ -350,7 +359,15 @@ def recalibrate(
     try:
         with torch.no_grad(), _eval_everything(net):
             for p in range(passes):
-                taps = [_Tap(lay, mode == "train", make) for lay in selected]
+                # eval mode's first pass normalises by batch statistics where a batch has
+                # more than one value per channel (an AdaBN start), later passes by the
+                # running estimates; starting there instead of at the source statistics
+                # cuts the passes needed on deep networks.
+                warm = mode == "eval" and p == 0 and init == "batch"
+                taps = [
+                    _Tap(lay, mode == "train" or warm, make, strict_batch_stats=mode == "train")
+                    for lay in selected
+                ]
                 items, batches = _run_pass(
                     net,
                     data,
@@ -409,6 +426,7 @@ def recalibrate(
             "momentum": momentum,
             "tol": tol,
             "max_passes": max_passes,
+            "init": init,
             "max_samples": max_samples,
             "layers": layers,
             "distributed": dist_on,
