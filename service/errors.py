@@ -1,0 +1,106 @@
+"""The service's error hierarchy and its one mapping to HTTP.
+
+Domain code raises :class:`ServiceError` subclasses (or the core's
+:class:`recalib.errors.RecalibError`); :func:`install_error_handlers` maps each to a status
+code and the Open Inference Protocol's error body ``{"error": "<message>"}``. Routes never
+build error responses themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from recalib.errors import RecalibError
+
+__all__ = [
+    "Conflict",
+    "InvalidInput",
+    "NotFound",
+    "NotReady",
+    "PayloadTooLarge",
+    "ServiceError",
+    "Unauthorized",
+    "install_error_handlers",
+]
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """Base of every error the service reports; ``status`` is its HTTP status."""
+
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(ServiceError):
+    """The request is malformed or does not match what was expected (400)."""
+
+    status = 400
+
+
+class Unauthorized(ServiceError):
+    """Missing or wrong bearer token (401)."""
+
+    status = 401
+
+
+class NotFound(ServiceError):
+    """Unknown model, version, alias, dataset or job (404)."""
+
+    status = 404
+
+
+class Conflict(ServiceError):
+    """The resource exists already, or the transition is not allowed now (409)."""
+
+    status = 409
+
+
+class PayloadTooLarge(ServiceError):
+    """Upload or request body above the configured limit (413)."""
+
+    status = 413
+
+
+class NotReady(ServiceError):
+    """The model version exists but cannot serve yet (503)."""
+
+    status = 503
+
+
+def _body(message: str) -> dict[str, str]:
+    return {"error": message}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the exception -> HTTP table on ``app`` (the only place it lives)."""
+
+    @app.exception_handler(ServiceError)
+    async def _service(_: Request, exc: ServiceError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(_body(exc.message), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RecalibError)
+    async def _core(_: Request, exc: RecalibError) -> JSONResponse:
+        return JSONResponse(_body(str(exc)), status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()))
+            parts.append(f"{where}: {err.get('msg')}")
+        return JSONResponse(_body("invalid request: " + "; ".join(parts)), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(_body(str(exc.detail)), status_code=exc.status_code)

@@ -1,0 +1,98 @@
+"""All service settings, in one pydantic-settings class (environment prefix ``RECALIB_``).
+
+Nothing else in the service reads the environment: ``create_app(settings)`` receives one
+:class:`Settings` and passes the parts each component needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """recalib service configuration. Every field can be set as ``RECALIB_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="RECALIB_", extra="ignore")
+
+    home: Path = Field(default=Path(".recalib"))
+    """State directory: artifacts/, datasets/ and the SQLite database live here."""
+
+    host: str = "127.0.0.1"
+    """Interface ``recalib serve`` binds to."""
+
+    port: int = Field(default=8000, ge=0, le=65535)
+    """TCP port ``recalib serve`` listens on."""
+
+    api_token: SecretStr | None = None
+    """Bearer token required on every /v1 and /v2 inference call when set."""
+
+    protect_health: bool = False
+    """Also require the token on /v2/health/* and server metadata."""
+
+    protect_metrics: bool = False
+    """Also require the token on /metrics."""
+
+    max_upload_bytes: int = Field(default=1 << 30, gt=0)
+    """Largest model or dataset upload (413 above)."""
+
+    max_request_bytes: int = Field(default=64 << 20, gt=0)
+    """Largest inference request body (413 above)."""
+
+    execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
+    """ONNX Runtime provider: ``auto`` uses CUDA when available, else CPU."""
+
+    provider_fallback: Literal["fail", "warn"] = "warn"
+    """When CUDA was requested but is not in use: refuse to load, or fall back to CPU with a
+    warning (always logged and exposed as a metric)."""
+
+    intra_op_threads: int = Field(default=0, ge=0)
+    """ORT intra-op threads per session (0: ORT's default, all physical cores)."""
+
+    max_batch_size: int = Field(default=32, ge=1)
+    """Dynamic batching: most rows gathered into one session run."""
+
+    max_queue_delay_ms: float = Field(default=2.0, ge=0.0)
+    """Dynamic batching: longest a request waits for others to join its batch."""
+
+    dynamic_batching: bool = True
+    """Gather concurrent requests into batches (off: one session run per request)."""
+
+    warmup_batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32])
+    """Batch sizes run once before a version reports ready (clipped to max_batch_size)."""
+
+    drift_sample_fraction: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Fraction of batches run through the drift-tapped session (0 disables drift)."""
+
+    drift_window_seconds: float = Field(default=3600.0, gt=0)
+    """Rolling drift window length."""
+
+    drift_threshold: float = Field(default=1.0, ge=0.0)
+    """Model drift score (mean symmetric KL over layers) above which drift is flagged."""
+
+    drift_per_layer_metrics: bool = False
+    """Export a per-layer drift gauge (one series per BN layer: mind cardinality)."""
+
+    job_workers: int = Field(default=1, ge=1)
+    """Recalibration jobs run at once (each in its own worker process)."""
+
+    job_timeout_seconds: float = Field(default=3600.0, gt=0)
+    """A job running longer is stopped and marked failed."""
+
+    allow_open: bool = False
+    """Allow a non-loopback host without a token (only behind an authenticating proxy)."""
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        public = self.host not in ("127.0.0.1", "localhost", "::1")
+        if public and self.api_token is None and not self.allow_open:
+            raise ValueError(
+                "refusing to serve on a non-loopback host without RECALIB_API_TOKEN; "
+                "set a token (or RECALIB_ALLOW_OPEN=1 behind an authenticating proxy)"
+            )
+        return self
