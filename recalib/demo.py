@@ -84,7 +84,8 @@ class DemoNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.features(x)))
+        out: torch.Tensor = self.head(self.pool(self.features(x)))
+        return out
 
 
 def train_demo_model(x: np.ndarray, y: np.ndarray, *, epochs: int = 4, seed: int = 0) -> DemoNet:
@@ -101,7 +102,7 @@ def train_demo_model(x: np.ndarray, y: np.ndarray, *, epochs: int = 4, seed: int
             idx = order[i : i + 64]
             loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
     return model.eval()
 

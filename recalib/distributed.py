@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from .moments import ChannelMoments
 
-__all__ = ["all_gather_moments", "distributed_active"]
+__all__ = ["all_gather_moments", "distributed_active", "global_counts"]
 
 
 def distributed_active() -> bool:
@@ -59,3 +59,12 @@ def all_gather_moments(
         ]
     devices = [mom.mean.device for mom, _ in parts]
     return [(mom.to(d), items) for (mom, items), d in zip(merged, devices, strict=True)]
+
+
+def global_counts(items: int, batches: int) -> tuple[int, int]:
+    """Sum of items and batches over all ranks (for the report)."""
+    t = torch.tensor([float(items), float(batches)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(t)
+    return int(t[0].item()), int(t[1].item())

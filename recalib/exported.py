@@ -54,8 +54,10 @@ class ExportedBatchNorm(_BatchNorm):
         self.affine = weight is not None
         self.running_mean = running_mean
         self.running_var = running_var
-        self.weight = None if weight is None else nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        w = None if weight is None else nn.Parameter(weight, requires_grad=False)
+        b = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.register_parameter("weight", w)
+        self.register_parameter("bias", b)
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from torch.nn.parameter import UninitializedBuffer
 
 from .batches import ForwardFn, iterate_batches
-from .distributed import all_gather_moments, distributed_active
+from .distributed import all_gather_moments, distributed_active, global_counts
 from .errors import DataError, LayerMismatchError, NonFiniteError, RecalibError
 from .estimators import METHODS, ExactEstimator, make_estimator
 from .exported import module_with_norm_layers
@@ -63,7 +63,7 @@ class _Tap:
 
     def __call__(self, input: Tensor) -> Tensor:
         m = self.layer.module
-        m._check_input_dim(input)
+        m._check_input_dim(input)  # type: ignore[no-untyped-call]
         rm, rv = m.running_mean, m.running_var
         if rm is None or rv is None:
             raise LayerMismatchError(f"layer {self.layer.name!r} lost its running statistics")
@@ -407,6 +407,8 @@ def recalibrate(
     finally:
         if bar is not None:
             bar.close()
+    if dist_on:
+        items, batches = global_counts(items, batches)
     return _build_report(
         selected,
         skipped,

@@ -87,7 +87,8 @@ class RecalibrationReport:
             "mean_sym_kl": self.mean_sym_kl,
             "max_sym_kl": self.max_sym_kl,
         }
-        return _finite(d)
+        out: dict[str, Any] = _finite(d)
+        return out
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)

@@ -171,3 +171,11 @@ def test_all_gather_moments_is_the_union(ranks: list[dict[str, Any]]) -> None:
         torch.testing.assert_close(mom.mean, whole.mean, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(mom.m2, whole.m2, rtol=1e-6, atol=1e-6)
     assert torch.equal(ranks[0]["gathered"][0].pack(), ranks[1]["gathered"][0].pack())
+
+
+@pytest.mark.slow
+def test_report_counts_are_global(ranks: list[dict[str, Any]]) -> None:
+    for rank in ranks:
+        report = rank["exact-train"]["report"]
+        assert report["samples"] == sum(SHARD_SIZES)
+        assert report["batches"] == 4 + 3
