@@ -4,6 +4,10 @@ The public API::
 
     report = recalib.recalibrate(model, data, method="exact", mode="train")
     recalib.save_stat_bank(model, "domain_b.safetensors")
+    recalib.export_onnx(model, example, "model.onnx")        # BN kept, parity-checked
+    tapped = recalib.add_drift_taps(onnx.load("model.onnx"))  # in-graph BN input moments
+
+``recalib.drift`` holds the drift math (symmetric KL, mergeable/rolling windows).
 """
 
 from .errors import (
@@ -14,12 +18,14 @@ from .errors import (
     RecalibError,
     StatBankMismatchError,
 )
+from .export import ExportReport, export_onnx
 from .layers import NormLayer, find_norm_layers
 from .moments import ChannelMoments
 from .recalibrate import recalibrate
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .report import LayerReport, RecalibrationReport
 from .statbank import StatBank, apply_stat_bank, load_stat_bank, save_stat_bank
+from .taps import add_drift_taps
 
 __version__ = "0.1.0"
 
@@ -29,6 +35,7 @@ __all__ = [
     "BatchRenorm3d",
     "ChannelMoments",
     "DataError",
+    "ExportReport",
     "LayerMismatchError",
     "LayerReport",
     "NoBatchNormError",
@@ -39,7 +46,9 @@ __all__ = [
     "StatBank",
     "StatBankMismatchError",
     "__version__",
+    "add_drift_taps",
     "apply_stat_bank",
+    "export_onnx",
     "find_norm_layers",
     "load_stat_bank",
     "recalibrate",
