@@ -2,6 +2,7 @@
 
     recalib demo                                   # bundled model + shifted data, before/after
     recalib recalibrate --model in.pt2 --data cal.npz --out out.pt2 [--report r.json]
+    recalib recalibrate --model in.onnx --data cal.npz --out out.onnx   # ONNX-native
     recalib export --model in.pt2 --out model.onnx --example data.npz
     recalib serve [--host 127.0.0.1] [--port 8000] [--home DIR]
 
@@ -32,11 +33,23 @@ class CliError(Exception):
     """A bad command line or input file: reported in one line, exit code 2."""
 
 
-def _load_model(path: Path) -> Any:
+def _load_model(path: Path, *, onnx_ok: bool = False) -> Any:
+    """A ``.pt2`` ExportedProgram, or (with ``onnx_ok``) an ``.onnx`` model as a ModelProto."""
     if not path.is_file():
         raise CliError(f"model file {str(path)!r} does not exist")
+    if onnx_ok and path.suffix == ".onnx":
+        import onnx
+        from google.protobuf.message import DecodeError
+
+        try:
+            return onnx.load(str(path))
+        except (DecodeError, OSError, ValueError) as exc:
+            raise CliError(f"could not load {path.name} with onnx.load: {exc}") from exc
     if path.suffix != ".pt2":
-        raise CliError(f"expected a .pt2 ExportedProgram (torch.export.save) (got {path.name!r})")
+        also = " or an .onnx model" if onnx_ok else ""
+        raise CliError(
+            f"expected a .pt2 ExportedProgram (torch.export.save){also} (got {path.name!r})"
+        )
     try:
         return torch.export.load(str(path))
     except (RuntimeError, ValueError, OSError, KeyError) as exc:
@@ -73,26 +86,31 @@ def _write_model(
     raise CliError(f"expected --out ending in .pt2 or .onnx (got {out.name!r})")
 
 
+def _recal_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "method": args.method,
+        "mode": args.mode,
+        "prior_strength": args.prior_strength,
+        "momentum": args.momentum,
+        "max_passes": args.max_passes,
+        "tol": args.tol,
+        "max_samples": args.max_samples,
+        "batch_size": args.batch_size,
+        "layers": args.layers,
+        "progress": not args.quiet,
+    }
+
+
 def _cmd_recalibrate(args: argparse.Namespace) -> int:
     from .recalibrate import recalibrate
 
-    program = _load_model(Path(args.model))
-    x = _load_data(Path(args.data), args.key, _model_dtype(program))
-    report = recalibrate(
-        program,
-        x,
-        method=args.method,
-        mode=args.mode,
-        prior_strength=args.prior_strength,
-        momentum=args.momentum,
-        max_passes=args.max_passes,
-        tol=args.tol,
-        max_samples=args.max_samples,
-        batch_size=args.batch_size,
-        layers=args.layers,
-        progress=not args.quiet,
-    )
-    written = _write_model(program, Path(args.out), x, args)
+    model = _load_model(Path(args.model), onnx_ok=True)
+    if Path(args.model).suffix == ".onnx":
+        report, written = _recalibrate_onnx_file(model, args)
+    else:
+        x = _load_data(Path(args.data), args.key, _model_dtype(model))
+        report = recalibrate(model, x, **_recal_kwargs(args))
+        written = _write_model(model, Path(args.out), x, args)
     if args.report:
         payload = report.to_dict() | {"output": written}
         Path(args.report).write_text(json.dumps(payload, indent=2))
@@ -102,6 +120,32 @@ def _cmd_recalibrate(args: argparse.Namespace) -> int:
         f"mean symmetric KL old->new {report.mean_sym_kl:.4f}) -> {args.out}"
     )
     return 0
+
+
+def _recalibrate_onnx_file(model: Any, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """``--model x.onnx``: ONNX-native recalibration, written to ``--out y.onnx``."""
+    import onnx
+
+    from .datafiles import load_input_array
+    from .onnx_recalibrate import recalibrate_onnx
+
+    out = Path(args.out)
+    if out.suffix != ".onnx":
+        raise CliError(
+            f"an .onnx model is written as .onnx: expected --out y.onnx (got {out.name!r})"
+        )
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        names = [i.name for i in inputs]
+        raise CliError(f"expected an ONNX model with one input for a data file (got {names})")
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(inputs[0].type.tensor_type.elem_type)
+    # Data files often hold float64 or float16: feed the model its input dtype.
+    x = np.ascontiguousarray(load_input_array(Path(args.data), args.key), dtype=dtype)
+    proto, report = recalibrate_onnx(model, x, **_recal_kwargs(args))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(out))
+    return report, {"path": str(out), "layers": len(report.layers)}
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -166,11 +210,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    rec = sub.add_parser("recalibrate", help="re-estimate BN statistics of a .pt2 model")
-    rec.add_argument("--model", required=True, help=".pt2 ExportedProgram")
+    rec = sub.add_parser("recalibrate", help="re-estimate BN statistics of a .pt2/.onnx model")
+    rec.add_argument("--model", required=True, help=".pt2 ExportedProgram or .onnx model")
     rec.add_argument("--data", required=True, help=".npz, .npy or .safetensors")
     rec.add_argument("--key", default=None, help="array name in the data file")
-    rec.add_argument("--out", required=True, help="output .pt2 or .onnx")
+    rec.add_argument("--out", required=True, help="output .pt2 or .onnx (.onnx for .onnx input)")
     rec.add_argument("--report", default=None, help="write the JSON report here")
     rec.add_argument("--opset", type=int, default=17, help="ONNX opset for .onnx output")
     rec.add_argument("--quiet", action="store_true", help="no progress bar")

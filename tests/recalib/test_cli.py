@@ -1,0 +1,155 @@
+"""Tests of the ``recalib`` command line, run in-process through ``main(argv)``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from recalib.cli import main
+from recalib.demo import ASSETS
+from recalib.onnx_names import bn_node_stats
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The bundled demo model, 64 calibration images, and a NaN-poisoned copy of them."""
+    root = tmp_path_factory.mktemp("cli")
+    cal = np.load(ASSETS / "demo_calibration.npz")["x"][:64]  # float16 in the file
+    np.savez(root / "cal.npz", x=cal)
+    bad = cal.astype(np.float32)
+    bad[40, 1, 3, 3] = np.nan
+    np.savez(root / "nan.npz", x=bad)
+    return {"model": ASSETS / "demo_model.pt2", "cal": root / "cal.npz", "nan": root / "nan.npz"}
+
+
+def _stderr_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert err.startswith("recalib: error: ")
+    return err
+
+
+def test_demo_prints_accuracies(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("accuracy, new camera"))
+    before, after = (float(v) for v in row.split()[-2:])
+    assert 0.0 <= before < after <= 1.0
+    assert "accuracy, source camera" in out
+
+
+def test_recalibrate_pt2_to_pt2_with_report(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, rep = tmp_path / "out.pt2", tmp_path / "r.json"
+    argv = ["recalibrate", "--model", str(files["model"]), "--data", str(files["cal"])]
+    assert main([*argv, "--out", str(out), "--report", str(rep), "--quiet"]) == 0
+
+    report = json.loads(rep.read_text())
+    assert report["output"] == {"path": str(out)}
+    assert [lay["name"] for lay in report["layers"]] == [
+        "features.0.1",
+        "features.1.1",
+        "features.2.1",
+        "head.2",
+    ]
+    assert report["samples"] == 64
+    before = torch.export.load(str(files["model"])).state_dict
+    after = torch.export.load(str(out)).state_dict
+    assert not torch.equal(before["features.0.1.running_mean"], after["features.0.1.running_mean"])
+    assert "recalibrated 4 layers on 64 samples" in capsys.readouterr().out
+
+
+def test_recalibrate_pt2_to_onnx_then_onnx_to_onnx(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    argv = ["--data", str(files["cal"]), "--quiet", "--mode", "eval"]
+    rep = tmp_path / "a.json"
+    assert main(["recalibrate", "--model", str(files["model"]), *argv, "--out", str(first),
+                 "--report", str(rep)]) == 0  # fmt: skip
+    exported = json.loads(rep.read_text())["output"]
+    assert exported["bn_nodes"] == 4
+    assert exported["path"] == str(first)
+
+    rep2 = tmp_path / "b.json"
+    assert main(["recalibrate", "--model", str(first), *argv, "--out", str(second),
+                 "--report", str(rep2)]) == 0  # fmt: skip
+    report = json.loads(rep2.read_text())
+    assert report["output"] == {"path": str(second), "layers": 4}
+    assert report["mode"] == "eval"
+    # Recalibrating recalibrated statistics on the same data is (nearly) a fixed point.
+    stats_a, stats_b = bn_node_stats(onnx.load(str(first))), bn_node_stats(onnx.load(str(second)))
+    for key, (mean, var) in stats_a.items():
+        np.testing.assert_allclose(stats_b[key][0], mean, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(stats_b[key][1], var, rtol=1e-3)
+    assert report["totals"]["mean_sym_kl"] < 1e-4
+    assert str(second) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"model": "missing.pt2"}, "does not exist"),
+        ({"model": "model.txt"}, "expected a .pt2 ExportedProgram"),
+        ({"data": "missing.npz"}, "does not exist"),
+        ({"data": "cal.txt"}, "expected a data file ending in .npz, .npy, .safetensors"),
+        ({"data": "nan"}, "NaN/Inf in the input of layer 'features.0.1' at batch 0"),
+        ({"out": "out.txt"}, "expected --out ending in .pt2 or .onnx"),
+    ],
+)
+def test_bad_pt2_input_exits_2_with_one_line(
+    files: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: dict[str, str],
+    reason: str,
+) -> None:
+    (tmp_path / "model.txt").write_text("not a model")
+    (tmp_path / "cal.txt").write_text("not data")
+    paths = {"model": str(files["model"]), "data": str(files["cal"]), "out": "out.pt2"}
+    for key, value in change.items():
+        paths[key] = str(files[value]) if value in files else str(tmp_path / value)
+    argv = ["recalibrate", "--model", paths["model"], "--data", paths["data"]]
+    assert main([*argv, "--out", str(tmp_path / paths["out"]), "--quiet"]) == 2
+    assert reason in _stderr_line(capsys)
+
+
+@pytest.fixture(scope="module")
+def demo_onnx(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("onnx") / "demo.onnx"
+    argv = ["recalibrate", "--model", str(files["model"]), "--data", str(files["cal"])]
+    assert main([*argv, "--out", str(path), "--quiet", "--max-samples", "8"]) == 0
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"data": "nan"}, "NaN/Inf in the input of layer 'features.0.1' at batch 0"),
+        ({"out": "out.pt2"}, "expected --out y.onnx"),
+        ({"model": "junk.onnx"}, "could not load junk.onnx"),
+    ],
+)
+def test_bad_onnx_input_exits_2_with_one_line(
+    files: dict[str, Path],
+    demo_onnx: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: dict[str, str],
+    reason: str,
+) -> None:
+    (tmp_path / "junk.onnx").write_bytes(b"\x08garbage")
+    capsys.readouterr()
+    paths = {"model": str(demo_onnx), "data": str(files["cal"]), "out": "out.onnx"}
+    for key, value in change.items():
+        paths[key] = str(files[value]) if value in files else str(tmp_path / value)
+    argv = ["recalibrate", "--model", paths["model"], "--data", paths["data"]]
+    assert main([*argv, "--out", str(tmp_path / paths["out"]), "--quiet"]) == 2
+    assert reason in _stderr_line(capsys)
+    assert not (tmp_path / paths["out"]).exists()
