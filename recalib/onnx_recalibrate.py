@@ -37,24 +37,27 @@ running statistics when a batch has one value per channel. ``BatchNormalization`
 training by extra outputs) and has no such fallback; the subgraph works on every opset
 from 9 and on any rank (``BatchNorm1d`` on ``(N, C)`` too).
 
-What the output changes, and nothing else: the values of the recalibrated nodes'
-statistics tensors, in their stored dtype (fp16 stays fp16), under their names. Every other
-initializer, node, name, the opset, IR version, producer and metadata are kept byte for
-byte. Two cases change more, both on purpose:
+What the output changes: the values of the recalibrated nodes' statistics tensors, in
+their stored dtype (fp16 stays fp16), under their names. Every other initializer, node and
+name, the opset, IR version, producer and metadata are kept byte for byte, with one
+exception on purpose:
 
 * *shared statistics* (one tensor read by several BN nodes, or reached through
-  ``Identity`` nodes, as the TorchScript exporter deduplicates equal initializers): the
-  values are written in place when every reader is a recalibrated node getting the same
-  values (a layer called twice); otherwise the statistics are untied first
-  (:func:`~recalib.onnx_names.untie_bn_stats`: each node gets its own initializer,
-  ``<node>/input_mean``, the ``Identity`` nodes go) and recalib's node-to-layer map in
-  ``metadata_props`` is rewritten to match. The report's ``params["untied_stats"]`` counts
-  the rewired statistics (0 when nothing was untied).
-* nothing else: statistics fed as *graph inputs* (no stored value, not even an
-  initializer default) are refused (:class:`~recalib.onnx_names.BnGraphError`): the file
-  holds no source statistics for ``ema``/``prior``, the report or the eval start, and
-  turning the input into an initializer would change the model's interface. Exclude those
-  nodes with ``layers=`` or make the statistics initializers first.
+  ``Identity`` nodes, as the TorchScript exporter deduplicates equal initializers) are
+  written in place when every reader is a recalibrated node getting the same values (a
+  layer called twice). Otherwise, and only then, they are untied before writing
+  (:func:`~recalib.onnx_names.untie_bn_stats`: every shared BN statistic gets its own
+  initializer ``<node>/input_mean`` / ``.../input_var``, the ``Identity`` nodes go), and
+  recalib's node-to-layer map in ``metadata_props``, if any, is rewritten to match. The
+  report's ``params["untied_stats"]`` counts the rewired statistics (0: nothing untied).
+
+Statistics that are *graph inputs* (fed at run time, no initializer behind them) are
+refused (:class:`~recalib.onnx_names.BnGraphError`): the file holds no source statistics
+for ``ema``/``prior``, the report or the eval start, and turning the input into an
+initializer would change the model's interface. Exclude such nodes with ``layers=`` (their
+statistics are then fed with the data like any other input), or store the statistics as
+initializers first. An initializer that is also listed as a graph input (old exporters,
+IR < 4) is an ordinary stored statistic.
 
 BN nodes of the same torch layer (recalib's name map gives the layer; a layer called
 twice in the forward exports as two nodes) share one estimator, as the layer does in the
@@ -325,53 +328,47 @@ class _Subgraph:
             return self.op("ReduceMean", [x, axes], output, keepdims=1)
         return self.op("ReduceMean", [x], output, axes=[0, 2], keepdims=1)
 
-    def replace(self, bn: onnx.NodeProto, node: _Node, work: int, x_type: int | None) -> None:
-        """``Y = scale * (X - mu) / sqrt(var + eps) + B`` with batch ``mu``, ``var``."""
+    def per_channel(self, name: str, work: int, output: str) -> str:
+        """A ``(C,)`` tensor cast to the working type and shaped ``(1, C, 1)``."""
+        shape = self.const("shape_1c1", np.array([1, -1, 1], dtype=np.int64))
+        return self.op("Reshape", [self.op("Cast", [name], output + "_w", to=work), shape], output)
+
+    def statistics(self, bn: onnx.NodeProto, node: _Node, flat: str, work: int) -> tuple[str, str]:
+        """Batch mean and (biased) variance ``(1, C, 1)``, or the fed running statistics
+        when the batch has a single value per channel (where torch would refuse)."""
         p = f"{PREFIX}::{node.key}::_"
-        wdt = np.float64 if work == TensorProto.DOUBLE else np.float32
-        ncl = self.const("shape_ncl", np.array([0, 0, -1], dtype=np.int64))
-        c11 = self.const("shape_1c1", np.array([1, -1, 1], dtype=np.int64))
-        flat = self.op(
-            "Cast", [self.op("Reshape", [bn.input[0], ncl], p + "flat")], p + "w", to=work
-        )
         bmean = self.mean_02(flat, p + "batch_mean")
         dev = self.op("Sub", [flat, bmean], p + "dev")
         bvar = self.mean_02(self.op("Mul", [dev, dev], p + "dev2"), p + "batch_var")
-        # Fewer than 2 values per channel: fall back to the fed running statistics.
-        n = self.op(
-            "Div",
-            [
-                self.op("Size", [bn.input[0]], p + "numel"),
-                self.op("Size", [node.fed_mean], p + "channels"),
-            ],
-            p + "n",
-        )
+        numel = self.op("Size", [bn.input[0]], p + "numel")
+        n = self.op("Div", [numel, self.op("Size", [node.fed_mean], p + "channels")], p + "n")
         ok = self.op("Greater", [n, self.const("one_i64", np.array(1, dtype=np.int64))], p + "ok")
+        rmean = self.per_channel(node.fed_mean, work, p + "rmean")
+        rvar = self.per_channel(node.fed_var, work, p + "rvar")
+        return (
+            self.op("Where", [ok, bmean, rmean], p + "mean"),
+            self.op("Where", [ok, bvar, rvar], p + "var"),
+        )
 
-        def per_channel(name: str, tag: str) -> str:
-            return self.op(
-                "Reshape", [self.op("Cast", [name], p + tag + "_w", to=work), c11], p + tag
-            )
+    def replace(self, bn: onnx.NodeProto, node: _Node, work: int, x_type: int) -> None:
+        """``Y = scale * (X - mu) / sqrt(var + eps) + B`` with the batch's ``mu``, ``var``.
 
-        mean = self.op("Where", [ok, bmean, per_channel(node.fed_mean, "rmean")], p + "mean")
-        var = self.op("Where", [ok, bvar, per_channel(node.fed_var, "rvar")], p + "var")
+        ``X`` is computed on as ``(N, C, L)`` in the ``work`` type (float32, or float64 for
+        float64 models) and ``Y`` cast back to ``x_type`` and shape of ``X``.
+        """
+        p = f"{PREFIX}::{node.key}::_"
+        ncl = self.const("shape_ncl", np.array([0, 0, -1], dtype=np.int64))
+        flat = self.op("Reshape", [bn.input[0], ncl], p + "flat")
+        flat = self.op("Cast", [flat], p + "w", to=work)
+        mean, var = self.statistics(bn, node, flat, work)
+        wdt = np.float64 if work == TensorProto.DOUBLE else np.float32
         eps = self.const(f"{node.key}::eps", np.array(node.info.epsilon, dtype=wdt))
-        inv = self.op(
-            "Reciprocal",
-            [self.op("Sqrt", [self.op("Add", [var, eps], p + "ve")], p + "sd")],
-            p + "inv",
-        )
-        xhat = self.op("Mul", [self.op("Sub", [flat, mean], p + "centred"), inv], p + "xhat")
-        y = self.op(
-            "Add",
-            [
-                self.op("Mul", [xhat, per_channel(bn.input[1], "scale")], p + "ys"),
-                per_channel(bn.input[2], "bias"),
-            ],
-            p + "y",
-        )
+        sd = self.op("Sqrt", [self.op("Add", [var, eps], p + "var_eps")], p + "sd")
+        xhat = self.op("Div", [self.op("Sub", [flat, mean], p + "centred"), sd], p + "xhat")
+        scaled = self.op("Mul", [xhat, self.per_channel(bn.input[1], work, p + "scale")], p + "ys")
+        y = self.op("Add", [scaled, self.per_channel(bn.input[2], work, p + "bias")], p + "y")
         if x_type != work:
-            y = self.op("Cast", [y], p + "y_cast", to=x_type if x_type else TensorProto.FLOAT)
+            y = self.op("Cast", [y], p + "y_cast", to=x_type)
         self.op("Reshape", [y, self.op("Shape", [bn.input[0]], p + "shape")], bn.output[0])
 
 
@@ -403,7 +400,8 @@ def _working_model(
             if node is None:
                 new_nodes.append(bn)
                 continue
-            x_type = index.elem_types.get(bn.input[0])
+            # X's type: from shape inference, else the statistics' (equal before opset 15)
+            x_type = index.elem_types.get(bn.input[0], helper.np_dtype_to_tensor_dtype(node.dtype))
             work_type = TensorProto.DOUBLE if x_type == TensorProto.DOUBLE else TensorProto.FLOAT
             sub.replace(bn, node, work_type, x_type)
         del graph.node[:]

@@ -250,6 +250,19 @@ def test_matches_float64_reference(opset: int, mode: str) -> None:
     assert report.layers[0].items == len(x)
 
 
+def test_initializers_listed_as_graph_inputs_are_stored_statistics() -> None:
+    model, x = _chain(9), _data()
+    model.ir_version = 3  # old exporters: every initializer is also a graph input
+    for t in model.graph.initializer:
+        model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, t.dims))
+
+    got, _ = recalibrate_onnx(model, x, mode="train", batch_size=8)
+
+    want = _chain_reference(model, [x[i : i + 8] for i in range(0, len(x), 8)], "train")
+    for key in ("a", "b"):
+        np.testing.assert_allclose(bn_node_stats(got)[key][1], want[key][1], rtol=1e-5)
+
+
 def test_fp16_model_accumulates_in_float64_and_stays_fp16() -> None:
     model, x = _chain(15, np.float16), _data(64, np.float16)
 
