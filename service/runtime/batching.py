@@ -1,0 +1,263 @@
+"""Dynamic batching: concurrent requests to one model version share a session run.
+
+A :class:`Batcher` holds one queue and one consumer task per model version. The consumer
+takes the oldest request, adds queued requests that can share its run (the same input
+dtypes and non-batch shapes) up to ``max_batch_size`` rows, waiting at most ``max_delay``
+seconds after the first request arrived, concatenates the inputs along axis 0, runs the
+session in a worker thread (never on the event loop) and splits the outputs back by row
+ranges. Requests that cannot join a batch keep their place in line for the next one.
+
+Waiting only pays when other requests are coming: the consumer keeps a moving average of
+requests per run and skips the wait while it is about one (a lone client then gets no
+added latency); under concurrency the requests that arrive while a run is in flight
+form the next batch anyway.
+
+Errors stay per request: inputs are validated before they are queued, and if a batched
+run fails anyway, each request in it is re-run alone so that only the failing one gets
+the error. A request whose caller went away (cancelled future) is skipped.
+
+One run at a time per batcher: ONNX Runtime sessions serialise concurrent runs on a GPU
+stream and share one intra-op pool on CPU, so parallel runs of one session only contend.
+With ``enabled=False`` (or a model whose axis 0 is fixed) every request runs alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from service.errors import NotReady
+
+__all__ = ["BatchObserver", "Batcher", "RunFn"]
+
+log = logging.getLogger(__name__)
+
+Array = npt.NDArray[Any]
+Feed = dict[str, Array]
+
+RunFn = Callable[[Feed, int], list[Array]]
+"""``run(feed, rows) -> outputs``: one session run; each output has ``rows`` on axis 0
+when the model is batched. Called in a worker thread."""
+
+BatchObserver = Callable[[int, Sequence[float]], None]
+"""``observe(rows, queue_waits)`` after each run (metrics), called on the event loop."""
+
+_LOAD_DECAY = 0.8
+_WAIT_ABOVE = 1.5
+
+
+@dataclass(eq=False)
+class _Item:
+    feed: Feed
+    rows: int
+    key: tuple[Any, ...]
+    future: asyncio.Future[list[Array]]
+    enqueued: float
+
+
+def _key(feed: Feed) -> tuple[Any, ...]:
+    return tuple((name, arr.dtype.str, arr.shape[1:]) for name, arr in feed.items())
+
+
+class Batcher:
+    """Gathers concurrent requests of one model version into session runs.
+
+    Args:
+        run: the session run (see :data:`RunFn`), called in ``executor``.
+        executor: a bounded thread pool shared by the runtime's batchers.
+        max_batch_size: most rows in one run (a larger request runs alone).
+        max_delay: seconds the first request of a batch may wait for others.
+        enabled: gather requests at all (``False``: one run per request).
+        batchable: the model's inputs and outputs all have a variable axis 0.
+        observe: called after each run with its rows and each request's queue wait.
+        name: for log lines.
+    """
+
+    def __init__(
+        self,
+        run: RunFn,
+        *,
+        executor: Executor,
+        max_batch_size: int,
+        max_delay: float,
+        enabled: bool = True,
+        batchable: bool = True,
+        observe: BatchObserver | None = None,
+        name: str = "model",
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"expected max_batch_size >= 1 (got {max_batch_size})")
+        if max_delay < 0.0:
+            raise ValueError(f"expected max_delay >= 0 (got {max_delay})")
+        self._run = run
+        self._executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_delay = max_delay
+        self.gathers = enabled and batchable
+        self._observe = observe
+        self.name = name
+        self._queue: deque[_Item] = deque()
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+        self._load = 1.0
+
+    def start(self) -> None:
+        """Start the consumer task (on the running event loop)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._consume(), name=f"batcher {self.name}"
+            )
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting in the queue."""
+        return len(self._queue)
+
+    async def submit(self, feed: Feed, rows: int) -> list[Array]:
+        """Queue one validated request and wait for its outputs (its own rows only).
+
+        Raises:
+            NotReady: the batcher is closing.
+        """
+        if self._closed:
+            raise NotReady(f"{self.name} is being unloaded; retry the request")
+        self.start()
+        loop = asyncio.get_running_loop()
+        item = _Item(feed, rows, _key(feed), loop.create_future(), time.perf_counter())
+        self._queue.append(item)
+        self._wakeup.set()
+        return await item.future
+
+    async def close(self) -> None:
+        """Refuse new requests, finish the queued ones, stop the consumer."""
+        self._closed = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    # -- consumer ----------------------------------------------------------------------
+
+    async def _next(self, timeout: float | None) -> bool:
+        """Wait until the queue is non-empty (or ``timeout`` passes); True if it is."""
+        while not self._queue:
+            if self._closed:
+                return False
+            self._wakeup.clear()
+            if timeout is None:
+                await self._wakeup.wait()
+                continue
+            if timeout <= 0.0:
+                return False
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                return bool(self._queue)
+        return True
+
+    def _gather(self, batch: list[_Item], held: deque[_Item], rows: int) -> int:
+        """Move items from ``held`` then the queue into ``batch`` while they fit."""
+        first = batch[0]
+        for source in (held, self._queue):
+            kept: deque[_Item] = deque()
+            while source and rows < self.max_batch_size:
+                item = source.popleft()
+                if item.key == first.key and rows + item.rows <= self.max_batch_size:
+                    batch.append(item)
+                    rows += item.rows
+                else:
+                    kept.append(item)
+            if source is held:
+                held.extendleft(reversed(kept))
+            else:
+                held.extend(kept)
+        return rows
+
+    async def _consume(self) -> None:
+        held: deque[_Item] = deque()  # taken from the queue, waiting for a later batch
+        while True:
+            if not held and not await self._next(None):
+                return
+            source = held if held else self._queue
+            first = source.popleft()
+            batch = [first]
+            rows = first.rows
+            if self.gathers:
+                rows = self._gather(batch, held, rows)
+                wait = self._load > _WAIT_ABOVE and self.max_delay > 0.0
+                while wait and rows < self.max_batch_size:
+                    remaining = first.enqueued + self.max_delay - time.perf_counter()
+                    if not await self._next(remaining):
+                        break
+                    rows = self._gather(batch, held, rows)
+                    if held:  # the next request cannot join: stop waiting
+                        break
+            self._load = _LOAD_DECAY * self._load + (1.0 - _LOAD_DECAY) * len(batch)
+            await self._execute(batch)
+
+    async def _execute(self, batch: list[_Item]) -> None:
+        live = [item for item in batch if not item.future.done()]
+        if not live:
+            return
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(
+                self._executor, self._run_batch, [(i.feed, i.rows) for i in live]
+            )
+        except Exception as exc:  # executor shut down, or a bug: every caller learns it
+            log.exception("%s: batch of %d requests failed", self.name, len(live))
+            results = [exc] * len(live)
+        for item, result in zip(live, results, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(result, BaseException):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
+        if self._observe is not None:
+            self._observe(sum(i.rows for i in live), [start - i.enqueued for i in live])
+
+    def _run_batch(self, parts: list[tuple[Feed, int]]) -> list[list[Array] | Exception]:
+        """Worker thread: one run for all parts, or one per part if that fails."""
+        if len(parts) == 1:
+            return [self._run_one(*parts[0])]
+        names = list(parts[0][0])
+        feed = {name: np.concatenate([p[0][name] for p in parts], axis=0) for name in names}
+        total = sum(rows for _, rows in parts)
+        try:
+            outputs = self._run(feed, total)
+            bad = [o.shape for o in outputs if o.ndim == 0 or o.shape[0] != total]
+            if bad:
+                raise ValueError(f"expected outputs with {total} rows on axis 0 (got {bad})")
+        except Exception:
+            log.warning(
+                "%s: batched run of %d requests failed; running them one by one",
+                self.name,
+                len(parts),
+                exc_info=True,
+            )
+            return [self._run_one(*part) for part in parts]
+        results: list[list[Array] | Exception] = []
+        start = 0
+        for _, rows in parts:
+            results.append([o[start : start + rows] for o in outputs])
+            start += rows
+        return results
+
+    def _run_one(self, feed: Feed, rows: int) -> list[Array] | Exception:
+        try:
+            return self._run(feed, rows)
+        except Exception as exc:  # reported to this request only
+            return exc

@@ -1,0 +1,523 @@
+"""The serving runtime: loaded model versions, the served pointer, inference and drift.
+
+:class:`ServingRuntime` keeps, per loaded ``(model, version)``, a :class:`_Version`: its
+ONNX Runtime sessions (the plain graph and the drift-tapped graph, see
+:mod:`service.runtime.drift_monitor`), its :class:`~service.runtime.batching.Batcher`, its
+:class:`~service.runtime.drift_monitor.DriftMonitor` and an in-flight count. Per model
+name it keeps the *served* version (what ``/v2/models/{name}/infer`` without a version
+answers).
+
+Lifecycle of a version: not loaded -> loading (sessions built and warmed up in a worker
+thread; concurrent loads of one version share the work) -> ready -> retired (no new
+requests; in-flight ones finish; the batcher drains; sessions dropped).
+
+:meth:`ServingRuntime.serve` is the zero-downtime switch: the new version is loaded and
+warmed up first (a failed load leaves the old version serving), then the served pointer
+moves in one assignment on the event loop; requests that already picked the old version
+finish on it, and the old version is retired once its in-flight count reaches zero -
+unless an explicitly versioned request used it in the last :data:`PIN_SECONDS` (then it
+stays loaded; versions nobody has used for :data:`IDLE_SECONDS` are retired on the next
+load).
+
+Session runs use a bounded thread pool (one run at a time per version, see the batcher);
+loads use ``asyncio.to_thread``. Nothing heavy happens before :meth:`ServingRuntime.start`
+or the first load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy.typing as npt
+import onnx
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+from recalib.errors import RecalibError
+from recalib.taps import add_drift_taps
+from service.errors import InvalidInput, NotFound, NotReady, ServiceError
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+
+from .batching import Batcher
+from .drift_monitor import DriftMonitor
+from .kserve import InferOutput, InferRequest, InferResponse, select_outputs, to_feed
+from .sessions import ModelSession, TensorSpec, create_session, warmup_sizes
+
+__all__ = ["IDLE_SECONDS", "PIN_SECONDS", "PLATFORM", "ServingRuntime"]
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "onnx_onnxv1"
+"""The v2 platform string of ONNX models (as Triton names it)."""
+
+PIN_SECONDS = 60.0
+"""A version used by an explicitly versioned request this recently stays loaded when the
+served pointer moves away from it."""
+
+IDLE_SECONDS = 300.0
+"""A loaded version that is not served and unused this long is retired on the next load."""
+
+Array = npt.NDArray[Any]
+
+
+class _Version:
+    """One loaded model version: sessions, batcher, drift monitor, in-flight count."""
+
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        path: Path,
+        *,
+        plain: ModelSession | None,
+        tapped: ModelSession | None,
+        monitor: DriftMonitor | None,
+        num_outputs: int,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.path = path
+        self.plain = plain
+        self.tapped = tapped
+        self.monitor = monitor
+        main = plain if plain is not None else tapped
+        if main is None:
+            raise ValueError("expected at least one session")
+        self.session = main
+        self.inputs: tuple[TensorSpec, ...] = main.inputs
+        self.outputs: tuple[TensorSpec, ...] = main.outputs[:num_outputs]
+        self.output_names = [spec.name for spec in self.outputs]
+        self.batchable = all(s.batched for s in (*self.inputs, *self.outputs))
+        self.batcher: Batcher | None = None
+        self.active = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.last_used = time.monotonic()
+        self.last_explicit = -float("inf")
+        self.label = f"model {name!r} version {version}"
+
+    def run(self, feed: dict[str, Array], rows: int) -> list[Array]:
+        """Worker thread: one session run; sampled batches go through the tapped graph."""
+        try:
+            monitor = self.monitor
+            if monitor is not None and self.tapped is not None and monitor.should_sample():
+                values = self.tapped.run(feed, self.output_names + monitor.tap_names)
+                k = len(self.output_names)
+                try:
+                    monitor.observe(values[k:], rows)
+                except (ValueError, RecalibError) as exc:  # e.g. NaN inputs: skip the batch
+                    log.warning("%s: drift moments of a batch skipped: %s", self.label, exc)
+                return values[:k]
+            if self.plain is None:  # only the tapped session exists
+                return self.session.run(feed, self.output_names)
+            return self.plain.run(feed, self.output_names)
+        except InvalidArgument as exc:
+            raise InvalidInput(f"{self.label}: ONNX Runtime refused the input: {exc}") from exc
+        except ServiceError:
+            raise
+        except Exception as exc:  # ORT's own exception types
+            raise ServiceError(f"{self.label}: inference failed: {exc}") from exc
+
+    def enter(self, explicit: bool) -> None:
+        self.active += 1
+        self.idle.clear()
+        now = time.monotonic()
+        self.last_used = now
+        if explicit:
+            self.last_explicit = now
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self.idle.set()
+
+    def provider(self) -> str:
+        return self.session.provider
+
+    def metadata(self, settings: Settings) -> dict[str, Any]:
+        """Open Inference Protocol model metadata (plus the provider in ``parameters``)."""
+        return {
+            "name": self.name,
+            "versions": [str(self.version)],
+            "platform": PLATFORM,
+            "inputs": [spec.to_dict() for spec in self.inputs],
+            "outputs": [spec.to_dict() for spec in self.outputs],
+            "parameters": {
+                "version": str(self.version),
+                "execution_provider": self.session.provider,
+                "requested_execution_provider": self.session.requested,
+                "provider_fallback": self.session.fell_back,
+                "dynamic_batching": self.batcher is not None and self.batcher.gathers,
+                "max_batch_size": settings.max_batch_size,
+                "drift_monitoring": self.monitor is not None,
+                "drift_sample_fraction": 0.0
+                if self.monitor is None
+                else settings.drift_sample_fraction,
+            },
+        }
+
+
+class ServingRuntime:
+    """Loaded model versions and their inference, as the v2 router and the control plane
+    use them.
+
+    Args:
+        settings: provider, threads, batching, warm-up and drift settings.
+        metrics: where request, batch, drift, provider and loaded-version metrics go.
+
+    Examples::
+
+        >>> runtime = ServingRuntime(settings, metrics)
+        >>> await runtime.start()
+        >>> await runtime.serve("demo", 1, Path("demo.onnx"))
+        >>> response = await runtime.infer("demo", None, decode_request(body, header))
+        >>> await runtime.close()
+    """
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._versions: dict[tuple[str, int], _Version] = {}
+        self._served: dict[str, int] = {}
+        self._loading: dict[tuple[str, int], asyncio.Task[_Version]] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._executor: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the session-run thread pool (idempotent; loads call it too)."""
+        if self._closed:
+            raise NotReady("the serving runtime is shut down")
+        if self._executor is None:
+            workers = max(1, min(8, os.cpu_count() or 1))
+            self._executor = ThreadPoolExecutor(workers, thread_name_prefix="recalib-run")
+
+    async def close(self) -> None:
+        """Retire every version (in-flight requests finish) and stop the thread pool."""
+        self._closed = True
+        for task in list(self._loading.values()):
+            task.cancel()
+        self._served.clear()
+        await asyncio.gather(*(self._retire(key) for key in list(self._versions)))
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    @property
+    def started(self) -> bool:
+        return self._executor is not None and not self._closed
+
+    # -- loading -----------------------------------------------------------------------
+
+    async def load(self, name: str, version: int, onnx_path: Path) -> None:
+        """Build, warm up and register ``name`` ``version`` (idempotent; concurrent calls
+        share one load).
+
+        Raises:
+            InvalidInput: the file is not a loadable ONNX model or fails its warm-up.
+            ProviderUnavailable: CUDA requested, not in use, and fallback forbidden.
+        """
+        await self.start()
+        key = (name, version)
+        if key in self._versions:
+            return
+        task = self._loading.get(key)
+        if task is None:
+            self._sweep()
+            task = asyncio.get_running_loop().create_task(self._load(key, Path(onnx_path)))
+            self._loading[key] = task
+            task.add_done_callback(lambda _t: self._loading.pop(key, None))
+        await asyncio.shield(task)
+
+    async def _load(self, key: tuple[str, int], path: Path) -> _Version:
+        started = time.perf_counter()
+        entry = await asyncio.to_thread(self._build, key[0], key[1], path)
+        if self._closed:
+            raise NotReady("the serving runtime is shut down")
+        settings = self.settings
+        metrics = self.metrics
+        name, version = key
+        if self._executor is None:
+            raise NotReady("the serving runtime is not started")
+
+        def observe(rows: int, waits: Any) -> None:
+            metrics.observe_batch(name, version, rows, waits)
+
+        entry.batcher = Batcher(
+            entry.run,
+            executor=self._executor,
+            max_batch_size=settings.max_batch_size,
+            max_delay=settings.max_queue_delay_ms / 1000.0,
+            enabled=settings.dynamic_batching,
+            batchable=entry.batchable,
+            observe=observe,
+            name=entry.label,
+        )
+        entry.batcher.start()
+        self._versions[key] = entry
+        metrics.set_provider(name, version, entry.session.requested, entry.provider())
+        for session in (entry.plain, entry.tapped):
+            if session is not None and session.fell_back:
+                metrics.provider_fallback(name, version)
+        metrics.set_loaded_versions(len(self._versions))
+        if entry.monitor is not None:
+            self._publish(entry, entry.monitor.report())
+        log.info(
+            "%s ready on %s in %.2fs (drift %s, batching %s)",
+            entry.label,
+            entry.provider(),
+            time.perf_counter() - started,
+            "on" if entry.monitor else "off",
+            "on" if entry.batcher.gathers else "off",
+        )
+        return entry
+
+    def _publish(self, entry: _Version, report: dict[str, Any]) -> None:
+        layers = None
+        if self.settings.drift_per_layer_metrics:
+            layers = {
+                layer["module"] or layer["name"]: layer["symmetric_kl"]
+                for layer in report["layers"]
+            }
+        self.metrics.set_drift(
+            entry.name,
+            entry.version,
+            score=report["score"],
+            exceeded=report["exceeded"],
+            samples=report["samples"],
+            layers=layers,
+        )
+
+    def _build(self, name: str, version: int, path: Path) -> _Version:
+        """Worker thread: read the graph, tap it, create and warm up the sessions."""
+        settings = self.settings
+        label = f"model {name!r} version {version}"
+        try:
+            proto = onnx.load(str(path))
+        except Exception as exc:  # protobuf DecodeError, OSError, ...
+            raise InvalidInput(f"{label}: expected an ONNX model file (got {exc})") from exc
+        fraction = settings.drift_sample_fraction
+        tapped_proto: onnx.ModelProto | None = None
+        if fraction > 0.0:
+            try:
+                tapped_proto = add_drift_taps(proto, source="auto")
+            except (RecalibError, ValueError) as exc:
+                log.warning("%s: drift monitoring off, the graph cannot be tapped: %s", label, exc)
+        plain = None
+        if tapped_proto is None or fraction < 1.0:
+            plain = create_session(path, settings, label=label)
+        tapped = None
+        if tapped_proto is not None:
+            tapped = create_session(
+                tapped_proto.SerializeToString(), settings, label=f"{label} (drift taps)"
+            )
+        sizes = warmup_sizes(settings)
+        for session in (plain, tapped):
+            if session is not None:
+                session.warm_up(sizes)
+        monitor = None
+        entry_ref: list[_Version] = []
+        if tapped_proto is not None:
+
+            def publish(report: dict[str, Any]) -> None:
+                if entry_ref:
+                    self._publish(entry_ref[0], report)
+
+            monitor = DriftMonitor(
+                tapped_proto,
+                window_seconds=settings.drift_window_seconds,
+                threshold=settings.drift_threshold,
+                sample_fraction=fraction,
+                publish=publish,
+            )
+        entry = _Version(
+            name,
+            version,
+            path,
+            plain=plain,
+            tapped=tapped,
+            monitor=monitor,
+            num_outputs=len(proto.graph.output),
+        )
+        entry_ref.append(entry)
+        return entry
+
+    def _sweep(self) -> None:
+        """Retire versions that are neither served nor used for :data:`IDLE_SECONDS`."""
+        now = time.monotonic()
+        for key, entry in list(self._versions.items()):
+            served = self._served.get(key[0]) == key[1]
+            if not served and entry.active == 0 and now - entry.last_used > IDLE_SECONDS:
+                self._retire_later(key)
+
+    def _retire_later(self, key: tuple[str, int]) -> None:
+        task = asyncio.get_running_loop().create_task(self._retire(key))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, key: tuple[str, int]) -> None:
+        """Stop routing to a version, let its in-flight requests finish, drop it."""
+        entry = self._versions.pop(key, None)
+        if entry is None:
+            return
+        await entry.idle.wait()
+        if entry.batcher is not None:
+            await entry.batcher.close()
+        self.metrics.forget_version(entry.name, entry.version)
+        self.metrics.set_loaded_versions(len(self._versions))
+        log.info("%s unloaded", entry.label)
+
+    # -- serving pointer ---------------------------------------------------------------
+
+    async def serve(self, name: str, version: int, onnx_path: Path) -> None:
+        """Make ``version`` the one unversioned requests get, with no downtime.
+
+        The new version is loaded and warmed up before the pointer moves (if that fails,
+        the previous version keeps serving and the error propagates). Requests already
+        running on the previous version finish there; it is retired once idle unless an
+        explicitly versioned request used it in the last :data:`PIN_SECONDS`.
+        """
+        await self.load(name, version, onnx_path)
+        old = self._served.get(name)
+        self._served[name] = version
+        if old is None or old == version:
+            return
+        log.info("model %r: serving version %d (was %d)", name, version, old)
+        entry = self._versions.get((name, old))
+        if entry is not None and time.monotonic() - entry.last_explicit > PIN_SECONDS:
+            await self._retire((name, old))
+
+    async def unload_model(self, name: str) -> None:
+        """Forget every version of ``name`` (the model was deleted); in-flight requests
+        finish first."""
+        self._served.pop(name, None)
+        for key, task in list(self._loading.items()):
+            if key[0] == name:
+                task.cancel()
+        await asyncio.gather(*(self._retire(k) for k in list(self._versions) if k[0] == name))
+
+    def served_version(self, name: str) -> int | None:
+        """The version unversioned requests for ``name`` get, ``None`` if none."""
+        return self._served.get(name)
+
+    def loaded_versions(self, name: str) -> list[int]:
+        """Versions of ``name`` with live sessions, ascending."""
+        return sorted(v for (n, v) in self._versions if n == name)
+
+    def is_ready(self, name: str, version: int | None = None) -> bool:
+        """Whether ``name`` (its served version, or ``version``) can answer now."""
+        if self._closed:
+            return False
+        if version is None:
+            version = self._served.get(name)
+            if version is None:
+                return False
+        return (name, version) in self._versions
+
+    def _entry(self, name: str, version: int | None) -> _Version:
+        if version is None:
+            served = self._served.get(name)
+            if served is None:
+                raise NotFound(f"model {name!r} has no served version")
+            version = served
+        entry = self._versions.get((name, version))
+        if entry is None:
+            raise NotReady(f"model {name!r} version {version} is not loaded")
+        return entry
+
+    def metadata(self, name: str, version: int | None = None) -> dict[str, Any]:
+        """v2 model metadata: name, versions, platform, inputs, outputs (``-1`` for
+        variable dimensions) and ``parameters`` with the execution provider in use."""
+        return self._entry(name, version).metadata(self.settings)
+
+    # -- inference ---------------------------------------------------------------------
+
+    async def infer(self, name: str, version: int | None, request: InferRequest) -> InferResponse:
+        """Validate ``request`` against the version's signature, run it (batched with
+        concurrent requests) and build the response.
+
+        Args:
+            name: the model.
+            version: an explicit version, or ``None`` for the served one.
+            request: a decoded v2 request.
+
+        Raises:
+            NotFound: no served version (``version=None``).
+            NotReady: the version is not loaded, or is being unloaded.
+            InvalidInput: the inputs do not match the model, or unknown outputs.
+        """
+        entry = self._entry(name, version)
+        entry.enter(explicit=version is not None)
+        try:
+            feed, rows = to_feed(request, entry.inputs)
+            chosen = select_outputs(request, entry.outputs)
+            if entry.batcher is None:
+                raise NotReady(f"{entry.label} is not ready")
+            values = await entry.batcher.submit(feed, rows)
+        finally:
+            entry.leave()
+        index = {name: i for i, name in enumerate(entry.output_names)}
+        outputs = [
+            InferOutput(spec.name, values[index[spec.name]], binary) for spec, binary in chosen
+        ]
+        return InferResponse(
+            model_name=name, model_version=str(entry.version), outputs=outputs, id=request.id
+        )
+
+    def version_of(self, name: str, version: int | None) -> int | None:
+        """The version a request for ``(name, version)`` would run on, if loaded."""
+        if version is None:
+            return self._served.get(name)
+        return version if (name, version) in self._versions else None
+
+    # -- drift -------------------------------------------------------------------------
+
+    def drift(self, name: str) -> dict[str, Any]:
+        """Drift of the served version of ``name``: ``model``, ``version``, ``monitoring``
+        (False when no version is served or drift is off), ``score``, ``max_score``,
+        ``worst_layer``, per-layer ``layers``, ``samples`` in the window, ``window``
+        bounds, ``threshold``, ``exceeded``, ``sample_fraction``."""
+        version = self._served.get(name)
+        entry = None if version is None else self._versions.get((name, version))
+        monitor = None if entry is None else entry.monitor
+        if monitor is None:
+            return {
+                "model": name,
+                "version": version,
+                "monitoring": False,
+                "score": None,
+                "max_score": None,
+                "worst_layer": None,
+                "layers": [],
+                "samples": 0,
+                "tapped_batches": 0,
+                "window": {
+                    "seconds": self.settings.drift_window_seconds,
+                    "start": None,
+                    "end": None,
+                },
+                "threshold": self.settings.drift_threshold,
+                "exceeded": False,
+                "sample_fraction": self.settings.drift_sample_fraction,
+            }
+        report = monitor.report()
+        if entry is not None:
+            self._publish(entry, report)
+        return {"model": name, "version": version, "monitoring": True, **report}
+
+    def reset_drift(self, name: str) -> None:
+        """Empty the drift window of the served version of ``name`` (no-op if none)."""
+        version = self._served.get(name)
+        entry = None if version is None else self._versions.get((name, version))
+        if entry is not None and entry.monitor is not None:
+            entry.monitor.reset()

@@ -1,0 +1,216 @@
+"""Dynamic batching: each caller gets its own rows, batches form, errors stay per request."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+from runtime_helpers import export, make_model, source_images
+
+from service.errors import NotReady
+from service.runtime.batching import Batcher
+from service.runtime.sessions import create_session
+from service.settings import Settings
+
+T = TypeVar("T")
+TIMEOUT = 20.0
+
+
+def _run(coro_fn: Callable[[ThreadPoolExecutor], Awaitable[T]]) -> T:
+    """Run an async test body with a worker pool and a hard timeout (never hangs)."""
+
+    async def main() -> T:
+        with ThreadPoolExecutor(2) as pool:
+            return await asyncio.wait_for(coro_fn(pool), TIMEOUT)
+
+    return asyncio.run(main())
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.waits: list[float] = []
+
+    def __call__(self, rows: int, waits: Any) -> None:
+        self.batches.append(rows)
+        self.waits.extend(waits)
+
+
+def _slow_double(delay: float = 0.01) -> Callable[[dict[str, np.ndarray], int], list[np.ndarray]]:
+    """A run function that takes a while (so requests queue up) and keeps rows apart."""
+    lock = threading.Lock()
+
+    def run(feed: dict[str, np.ndarray], rows: int) -> list[np.ndarray]:
+        with lock:  # the batcher never runs two batches of one model at once
+            time.sleep(delay)
+            x = feed["x"]
+            if x.shape[0] != rows:
+                raise AssertionError(f"rows {rows} vs {x.shape}")
+            if np.isnan(x).any():
+                raise ValueError("NaN input")
+            return [x * 2.0 + 1.0, x.sum(axis=tuple(range(1, x.ndim)))]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export(make_model(0), tmp_path_factory.mktemp("batching") / "tiny.onnx")
+
+
+def test_fifty_concurrent_requests_each_get_their_own_rows(onnx_path: Path) -> None:
+    session = create_session(onnx_path, Settings(execution_provider="cpu", intra_op_threads=1))
+    data = [source_images(1 + i % 3, seed=100 + i) for i in range(50)]  # 1-3 rows each
+    singles = [session.run({"input": x})[0] for x in data]
+    recorder = _Recorder()
+
+    async def body(pool: ThreadPoolExecutor) -> list[list[np.ndarray]]:
+        batcher = Batcher(
+            lambda feed, rows: session.run(feed),
+            executor=pool,
+            max_batch_size=16,
+            max_delay=0.005,
+            observe=recorder,
+        )
+        results = await asyncio.gather(*(batcher.submit({"input": x}, len(x)) for x in data))
+        await batcher.close()
+        return results
+
+    results = _run(body)
+    for x, single, (out,) in zip(data, singles, results, strict=True):
+        assert out.shape == (len(x), 3)
+        np.testing.assert_allclose(out, single, rtol=1e-5, atol=1e-6)
+    assert sum(recorder.batches) == sum(len(x) for x in data)
+    assert max(recorder.batches) > 3, "concurrent requests should share runs"
+    assert max(recorder.batches) <= 16
+    assert len(recorder.waits) == 50 and min(recorder.waits) >= 0.0
+
+
+def test_batches_respect_max_rows_and_split_outputs() -> None:
+    recorder = _Recorder()
+    data = [np.full((2, 3), float(i), dtype=np.float32) for i in range(20)]
+
+    async def body(pool: ThreadPoolExecutor) -> list[list[np.ndarray]]:
+        batcher = Batcher(
+            _slow_double(), executor=pool, max_batch_size=5, max_delay=0.0, observe=recorder
+        )
+        out = await asyncio.gather(*(batcher.submit({"x": x}, 2) for x in data))
+        await batcher.close()
+        return out
+
+    results = _run(body)
+    for i, (doubled, summed) in enumerate(results):
+        np.testing.assert_array_equal(doubled, np.full((2, 3), 2.0 * i + 1.0))
+        np.testing.assert_array_equal(summed, [3.0 * i, 3.0 * i])
+    assert max(recorder.batches) == 4  # two 2-row requests; a third would exceed 5
+    assert sum(recorder.batches) == 40
+
+
+def test_only_identical_shapes_share_a_run() -> None:
+    shapes: list[tuple[int, ...]] = []
+    inner = _slow_double()
+
+    def run(feed: dict[str, np.ndarray], rows: int) -> list[np.ndarray]:
+        shapes.append(feed["x"].shape)
+        return inner(feed, rows)
+
+    data = [np.full((1, 2 + i % 2), float(i), np.float32) for i in range(12)]
+
+    async def body(pool: ThreadPoolExecutor) -> list[list[np.ndarray]]:
+        batcher = Batcher(run, executor=pool, max_batch_size=32, max_delay=0.002)
+        out = await asyncio.gather(*(batcher.submit({"x": x}, 1) for x in data))
+        await batcher.close()
+        return out
+
+    results = _run(body)
+    for x, (doubled, _) in zip(data, results, strict=True):
+        np.testing.assert_array_equal(doubled, x * 2.0 + 1.0)
+    assert {s[1] for s in shapes} == {2, 3}
+    assert any(s[0] > 1 for s in shapes)
+
+
+def test_one_bad_request_does_not_fail_the_others() -> None:
+    data = [np.full((1, 3), float(i), np.float32) for i in range(10)]
+    data[4] = np.full((1, 3), np.nan, np.float32)
+    recorder = _Recorder()
+
+    async def body(pool: ThreadPoolExecutor) -> list[Any]:
+        batcher = Batcher(
+            _slow_double(), executor=pool, max_batch_size=32, max_delay=0.0, observe=recorder
+        )
+        out = await asyncio.gather(
+            *(batcher.submit({"x": x}, 1) for x in data), return_exceptions=True
+        )
+        await batcher.close()
+        return out
+
+    results = _run(body)
+    assert isinstance(results[4], ValueError) and "NaN" in str(results[4])
+    for i, result in enumerate(results):
+        if i != 4:
+            np.testing.assert_array_equal(result[0], data[i] * 2.0 + 1.0)
+
+
+def test_disabled_batching_runs_each_request_alone() -> None:
+    recorder = _Recorder()
+
+    async def body(pool: ThreadPoolExecutor) -> None:
+        batcher = Batcher(
+            _slow_double(0.002),
+            executor=pool,
+            max_batch_size=32,
+            max_delay=0.01,
+            enabled=False,
+            observe=recorder,
+        )
+        await asyncio.gather(
+            *(batcher.submit({"x": np.ones((1, 2), np.float32)}, 1) for _ in range(8))
+        )
+        await batcher.close()
+
+    _run(body)
+    assert recorder.batches == [1] * 8
+
+
+def test_close_drains_queue_then_refuses() -> None:
+    async def body(pool: ThreadPoolExecutor) -> tuple[list[Any], BaseException | None]:
+        batcher = Batcher(_slow_double(0.005), executor=pool, max_batch_size=2, max_delay=0.0)
+        tasks = [
+            asyncio.ensure_future(batcher.submit({"x": np.ones((1, 2), np.float32)}, 1))
+            for _ in range(6)
+        ]
+        await asyncio.sleep(0)  # let them queue
+        await batcher.close()
+        done = [t.result() for t in tasks]
+        try:
+            await batcher.submit({"x": np.ones((1, 2), np.float32)}, 1)
+        except NotReady as exc:
+            return done, exc
+        return done, None
+
+    done, refused = _run(body)
+    assert len(done) == 6
+    assert isinstance(refused, NotReady)
+
+
+def test_waits_for_more_only_under_concurrency() -> None:
+    recorder = _Recorder()
+
+    async def body(pool: ThreadPoolExecutor) -> None:
+        # A delay far beyond the test's timeout: a lone client must never sit it out.
+        batcher = Batcher(
+            _slow_double(0.0), executor=pool, max_batch_size=8, max_delay=3600.0, observe=recorder
+        )
+        for _ in range(3):
+            await batcher.submit({"x": np.ones((1, 2), np.float32)}, 1)
+        await batcher.close()
+
+    _run(body)
+    assert recorder.batches == [1, 1, 1]
