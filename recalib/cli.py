@@ -216,7 +216,9 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--key", default=None, help="array name in the data file")
     rec.add_argument("--out", required=True, help="output .pt2 or .onnx (.onnx for .onnx input)")
     rec.add_argument("--report", default=None, help="write the JSON report here")
-    rec.add_argument("--opset", type=int, default=17, help="ONNX opset for .onnx output")
+    rec.add_argument(
+        "--opset", type=int, default=17, help="ONNX opset for .pt2 -> .onnx (.onnx keeps its own)"
+    )
     rec.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_recal_options(rec)
     rec.set_defaults(func=_cmd_recalibrate)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -72,7 +73,7 @@ def test_agrees_with_torch_core_then_export(
     exported_cnn: tuple[nn.Module, Path, torch.Tensor], tmp_path: Path, mode: str, method: str
 ) -> None:
     model, path, x = exported_cnn
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "method": method,
         "mode": mode,
         "prior_strength": 30.0 if method == "prior" else None,
@@ -101,6 +102,22 @@ def test_agrees_with_torch_core_then_export(
         assert ours.sym_kl == pytest.approx(theirs.sym_kl, rel=1e-4, abs=1e-7)
 
 
+@pytest.mark.parametrize("opset", [9, 15])
+def test_agrees_with_torch_core_at_other_opsets(
+    exported_cnn: tuple[nn.Module, Path, torch.Tensor], tmp_path: Path, opset: int
+) -> None:
+    model, _, x = exported_cnn
+    export_onnx(model, x[:4], tmp_path / "orig.onnx", opset=opset)
+    torch_model = copy.deepcopy(model)
+    recalibrate(torch_model, x, mode="train", batch_size=16)
+    export_onnx(torch_model, x[:4], tmp_path / "a.onnx", opset=opset)
+
+    got, _ = recalibrate_onnx(tmp_path / "orig.onnx", x.numpy(), mode="train", batch_size=16)
+
+    assert got.opset_import[0].version == opset
+    _assert_same_stats(bn_node_stats(got), bn_node_stats(onnx.load(str(tmp_path / "a.onnx"))))
+
+
 def test_layer_called_twice_shares_one_estimator(tmp_path: Path) -> None:
     class Twice(nn.Module):
         def __init__(self) -> None:
@@ -108,7 +125,8 @@ def test_layer_called_twice_shares_one_estimator(tmp_path: Path) -> None:
             self.fc1, self.bn, self.fc2 = nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.bn(self.fc2(torch.relu(self.bn(self.fc1(x)))))
+            out: torch.Tensor = self.bn(self.fc2(torch.relu(self.bn(self.fc1(x)))))
+            return out
 
     torch.manual_seed(0)
     model = Twice().eval()
@@ -210,7 +228,9 @@ def _chain_reference(
 
     def bn(x: np.ndarray, mean: np.ndarray, var: np.ndarray, pre: str) -> np.ndarray:
         c = (slice(None), None)
-        return (x - mean[c]) / np.sqrt(var[c] + 1e-5) * p[f"{pre}.scale"][c] + p[f"{pre}.bias"][c]
+        xhat = (x - mean[c]) / np.sqrt(var[c] + 1e-5)
+        y: np.ndarray = xhat * p[f"{pre}.scale"][c] + p[f"{pre}.bias"][c]
+        return y
 
     zs = []
     for x in xs:
@@ -227,7 +247,8 @@ def _data(n: int = 37, dtype: type[np.floating] = np.float32, seed: int = 5) -> 
     rng = np.random.default_rng(seed)
     scale = np.array([0.5, 2.0, 1.2])[None, :, None]
     shift = np.array([1.5, -0.7, 0.2])[None, :, None]
-    return (rng.normal(size=(n, C_IN, LENGTH)) * scale + shift).astype(dtype)
+    x: np.ndarray = (rng.normal(size=(n, C_IN, LENGTH)) * scale + shift).astype(dtype)
+    return x
 
 
 @pytest.mark.parametrize("opset", [9, 15, 18])
