@@ -8,17 +8,20 @@ bearer token is required.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.api.deps import require_metrics_token
 from service.metrics import ServiceMetrics
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["monitoring"])
+
+MetricsAuth = Annotated[None, Depends(require_metrics_token)]
 
 
 def _metrics(request: Request) -> ServiceMetrics:
@@ -28,11 +31,6 @@ def _metrics(request: Request) -> ServiceMetrics:
         metrics = state.runtime.metrics
     result: ServiceMetrics = metrics
     return result
-
-
-def _settings(request: Request) -> Any:
-    state = request.app.state
-    return getattr(state, "settings", None) or state.runtime.settings
 
 
 @router.get(
@@ -45,11 +43,7 @@ def _settings(request: Request) -> Any:
         }
     },
 )
-def metrics(request: Request) -> Response:
+def metrics(request: Request, _: MetricsAuth) -> Response:
     """Every service metric, in the Prometheus text format."""
-    if _settings(request).protect_metrics:
-        from service.api.v2 import _require_token
-
-        _require_token(request)
     body = generate_latest(_metrics(request).registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

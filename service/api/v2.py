@@ -17,13 +17,12 @@ schema is declared for the OpenAPI document only). A version that is not loaded 
 loaded on first use; an unversioned request goes to the served version (the registry's
 ``production`` alias, else the latest version, served on first use).
 
-Inference requires the bearer token when one is configured; health and server metadata
-only with ``protect_health``.
+Inference and model metadata require the bearer token when one is configured
+(``service.api.deps.AuthDep``); health and server metadata only with ``protect_health``.
 """
 
 from __future__ import annotations
 
-import hmac
 import inspect
 import time
 import zlib
@@ -36,13 +35,8 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from service.errors import (
-    InvalidInput,
-    NotFound,
-    PayloadTooLarge,
-    ServiceError,
-    Unauthorized,
-)
+from service.api.deps import AuthDep, require_health_token
+from service.errors import InvalidInput, NotFound, PayloadTooLarge, ServiceError
 from service.runtime.kserve import HEADER_LENGTH, decode_request, encode_response
 from service.runtime.runtime import ServingRuntime
 
@@ -215,32 +209,7 @@ def _runtime(request: Request) -> ServingRuntime:
     return runtime
 
 
-def _settings(request: Request) -> Any:
-    return getattr(request.app.state, "settings", None) or _runtime(request).settings
-
-
-def _require_token(request: Request) -> None:
-    """Bearer-token check (constant time) when ``api_token`` is set."""
-    token = _settings(request).api_token
-    if token is None:
-        return
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    expected = token.get_secret_value().encode()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), expected):
-        raise Unauthorized(
-            "expected header 'Authorization: Bearer <token>' with the service's API token "
-            "(got none or a wrong one)"
-        )
-
-
-def _health_auth(request: Request) -> None:
-    """The bearer check on health and server metadata, only with ``protect_health``."""
-    if _settings(request).protect_health:
-        _require_token(request)
-
-
-AuthDep = Annotated[None, Depends(_require_token)]
-HealthAuth = Annotated[None, Depends(_health_auth)]
+HealthAuth = Annotated[None, Depends(require_health_token)]
 
 VersionParam = Annotated[
     str, PathParam(description="version number or alias", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

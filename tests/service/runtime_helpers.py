@@ -1,14 +1,25 @@
-"""Tiny BN models exported to ONNX and seeded image data for the data-plane tests."""
+"""Data-plane test helpers: tiny BN models exported to ONNX, seeded images, and a minimal
+v2 app (the real router and runtime, a fake registry)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 from torch import Tensor, nn
 
 from recalib.export import export_onnx
+from service.api import metrics_route, v2
+from service.errors import NotFound, install_error_handlers
+from service.metrics import ServiceMetrics
+from service.runtime.runtime import ServingRuntime
+from service.settings import Settings
 
 IMAGE = (3, 8, 8)
 CLASSES = 3
@@ -28,7 +39,8 @@ class TinyNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = torch.relu(self.bn1(self.conv1(x)))
         x = torch.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean(dim=(2, 3)))
+        out: Tensor = self.fc(x.mean(dim=(2, 3)))
+        return out
 
 
 def source_images(n: int, seed: int) -> np.ndarray:
@@ -71,3 +83,50 @@ def reference_outputs(model: nn.Module, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         out: np.ndarray = model(torch.from_numpy(x)).numpy()
     return out
+
+
+class FakeRegistry:
+    """``resolve(name, ref)`` over a dict: versions, aliases, production/latest default."""
+
+    def __init__(self, paths: dict[int, Path]) -> None:
+        self.versions = {"m": dict(paths)}
+        self.aliases = {"m": {"production": 1, "staging": 2}}
+        self.calls: list[tuple[str, str | None]] = []
+
+    def resolve(self, name: str, ref: str | None) -> tuple[int, Path]:
+        self.calls.append((name, ref))
+        if name not in self.versions:
+            raise NotFound(f"model {name!r} not found")
+        versions = self.versions[name]
+        if ref is None:
+            version = self.aliases[name].get("production", max(versions))
+        elif ref.isdigit():
+            version = int(ref)
+        elif ref in self.aliases[name]:
+            version = self.aliases[name][ref]
+        else:
+            raise NotFound(f"model {name!r} has no alias {ref!r}")
+        if version not in versions:
+            raise NotFound(f"model {name!r} has no version {version}")
+        return version, versions[version]
+
+
+def build_app(settings: Settings, registry: Any) -> FastAPI:
+    metrics = ServiceMetrics(CollectorRegistry())
+    runtime = ServingRuntime(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        yield
+        await runtime.close()
+
+    app = FastAPI(lifespan=lifespan)
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.runtime = runtime
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.include_router(v2.router)
+    app.include_router(metrics_route.router)
+    return app

@@ -18,7 +18,7 @@ from service.metrics import ServiceMetrics
 from service.runtime import runtime as runtime_module
 from service.runtime.kserve import InferRequest, decode_request, encode_request
 from service.runtime.runtime import ServingRuntime
-from service.runtime.sessions import ProviderUnavailable
+from service.runtime.sessions import ProviderUnavailable, create_session
 from service.settings import Settings
 
 T = TypeVar("T")
@@ -93,13 +93,13 @@ def test_concurrent_loads_build_once(
     models: dict[int, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str] = []
-    real = runtime_module.create_session
+    real = create_session
 
     def counting(model: Any, settings: Settings, **kwargs: Any) -> Any:
         calls.append(kwargs.get("label", ""))
         return real(model, settings, **kwargs)
 
-    monkeypatch.setattr(runtime_module, "create_session", counting)
+    monkeypatch.setattr("service.runtime.runtime.create_session", counting)
 
     async def body() -> None:
         runtime = ServingRuntime(_settings(tmp_path), ServiceMetrics(CollectorRegistry()))

@@ -86,12 +86,12 @@ class _FakeSession:
 def fake_ort(monkeypatch: pytest.MonkeyPatch) -> type[_FakeSession]:
     _FakeSession.created = []
     _FakeSession.actual = [CPU]
-    monkeypatch.setattr(sessions.ort, "InferenceSession", _FakeSession)
+    monkeypatch.setattr(ort, "InferenceSession", _FakeSession)
     return _FakeSession
 
 
 def _available(monkeypatch: pytest.MonkeyPatch, providers: list[str]) -> None:
-    monkeypatch.setattr(sessions.ort, "get_available_providers", lambda: list(providers))
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(providers))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,248 @@
+"""The KServe v2 router and /metrics through TestClient, on a minimal app with a fake
+registry (the real ServingRuntime, tiny exported models)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydantic import SecretStr
+from runtime_helpers import (
+    FakeRegistry,
+    build_app,
+    export,
+    make_model,
+    reference_outputs,
+    source_images,
+)
+
+from service.runtime.kserve import HEADER_LENGTH, decode_response, encode_request
+from service.settings import Settings
+
+with warnings.catch_warnings():  # starlette 1.x asks for httpx2 instead of httpx
+    warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`", UserWarning)
+    from fastapi.testclient import TestClient
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Any]:
+    root = tmp_path_factory.mktemp("v2")
+    out = {}
+    for version, seed in ((1, 0), (2, 1)):
+        model = make_model(seed)
+        out[version] = (model, export(model, root / f"v{version}.onnx"))
+    return out
+
+
+def _settings(tmp_path: Path, **kwargs: Any) -> Settings:
+    base: dict[str, Any] = {"home": tmp_path, "execution_provider": "cpu", "intra_op_threads": 1}
+    return Settings(**{**base, **kwargs})
+
+
+@pytest.fixture
+def client(models: dict[int, Any], tmp_path: Path) -> Iterator[TestClient]:
+    app = build_app(_settings(tmp_path), FakeRegistry({v: p for v, (_, p) in models.items()}))
+    with TestClient(app) as c:
+        yield c
+
+
+def _post(client: TestClient, url: str, inputs: dict[str, np.ndarray], **kwargs: Any) -> Any:
+    body, header = encode_request(inputs, **kwargs)
+    headers = {} if header is None else {HEADER_LENGTH: str(header)}
+    return client.post(url, content=body, headers=headers)
+
+
+def _outputs(response: Any) -> dict[str, np.ndarray]:
+    return decode_response(response.content, response.headers.get(HEADER_LENGTH))
+
+
+def test_server_metadata_and_health(client: TestClient) -> None:
+    meta = client.get("/v2").json()
+    assert meta["name"] == "recalib" and "binary_tensor_data" in meta["extensions"]
+    assert meta["version"]
+    assert client.get("/v2/health/live").json() == {"live": True}
+    ready = client.get("/v2/health/ready")
+    assert ready.status_code == 200 and ready.json() == {"ready": True}
+
+
+def test_model_metadata_and_ready(client: TestClient) -> None:
+    meta = client.get("/v2/models/m")
+    assert meta.status_code == 200
+    body = meta.json()
+    assert body["name"] == "m" and body["versions"] == ["1"] and body["platform"] == "onnx_onnxv1"
+    assert body["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 8, 8]}]
+    assert body["parameters"]["execution_provider"] == "CPUExecutionProvider"
+    staged = client.get("/v2/models/m/versions/staging").json()
+    assert staged["versions"] == ["2"]
+    ready = client.get("/v2/models/m/versions/2/ready")
+    assert ready.status_code == 200 and ready.json() == {"name": "m", "ready": True}
+    assert client.get("/v2/models/m/ready").json()["ready"] is True
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/v2/models/nope",
+        "/v2/models/nope/ready",
+        "/v2/models/m/versions/9",
+        "/v2/models/m/versions/qa",
+    ],
+)
+def test_unknown_model_version_alias_404(client: TestClient, url: str) -> None:
+    response = client.get(url)
+    assert response.status_code == 404 and "error" in response.json()
+
+
+def test_infer_json(client: TestClient, models: dict[int, Any]) -> None:
+    x = source_images(2, seed=1)
+    response = _post(
+        client,
+        "/v2/models/m/infer",
+        {"input": x},
+        binary=False,
+        binary_output=False,
+        request_id="r-7",
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert HEADER_LENGTH not in response.headers
+    body = response.json()
+    assert body["id"] == "r-7" and body["model_name"] == "m" and body["model_version"] == "1"
+    assert body["outputs"][0]["shape"] == [2, 3] and body["outputs"][0]["datatype"] == "FP32"
+    got = np.asarray(body["outputs"][0]["data"], np.float32).reshape(2, 3)
+    np.testing.assert_allclose(got, reference_outputs(models[1][0], x), rtol=1e-4, atol=1e-5)
+
+
+def test_infer_binary_by_alias(client: TestClient, models: dict[int, Any]) -> None:
+    x = source_images(3, seed=2)
+    response = _post(client, "/v2/models/m/versions/staging/infer", {"input": x})
+    assert response.status_code == 200
+    assert int(response.headers[HEADER_LENGTH]) < len(response.content)
+    assert response.headers["content-type"] == "application/octet-stream"
+    out = _outputs(response)["output"]
+    np.testing.assert_allclose(out, reference_outputs(models[2][0], x), rtol=1e-4, atol=1e-5)
+    head = json.loads(response.content[: int(response.headers[HEADER_LENGTH])])
+    assert head["model_version"] == "2"
+
+
+def test_infer_gzip_body(client: TestClient) -> None:
+    body, header = encode_request({"input": source_images(1, seed=3)})
+    response = client.post(
+        "/v2/models/m/infer",
+        content=gzip.compress(body),
+        headers={HEADER_LENGTH: str(header), "Content-Encoding": "gzip"},
+    )
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ("inputs", "headers", "message"),
+    [
+        ({"input": np.zeros((1, 3, 8, 8), np.float64)}, None, "expected datatype FP32 (got FP64)"),
+        ({"input": np.zeros((1, 3, 8), np.float32)}, None, "expected shape [-1, 3, 8, 8]"),
+        ({"x": np.zeros((1, 3, 8, 8), np.float32)}, None, "unexpected input 'x'"),
+        ({"input": np.zeros((1, 3, 8, 8), np.float32)}, {HEADER_LENGTH: "nan"}, HEADER_LENGTH),
+    ],
+)
+def test_bad_inputs_400_with_error_body(
+    client: TestClient, inputs: dict[str, np.ndarray], headers: dict[str, str] | None, message: str
+) -> None:
+    body, header = encode_request(inputs)
+    sent = {HEADER_LENGTH: str(header), **(headers or {})}
+    response = client.post("/v2/models/m/infer", content=body, headers=sent)
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+
+
+def test_truncated_binary_body_400(client: TestClient) -> None:
+    body, header = encode_request({"input": np.zeros((2, 3, 8, 8), np.float32)})
+    response = client.post(
+        "/v2/models/m/infer", content=body[:-100], headers={HEADER_LENGTH: str(header)}
+    )
+    assert response.status_code == 400
+    assert "truncated body" in response.json()["error"]
+
+
+def test_request_body_limit_413(models: dict[int, Any], tmp_path: Path) -> None:
+    app = build_app(_settings(tmp_path, max_request_bytes=1024), FakeRegistry({1: models[1][1]}))
+    body, header = encode_request({"input": np.zeros((2, 3, 8, 8), np.float32)})  # > 1 KiB
+    with TestClient(app) as c:
+        declared = c.post("/v2/models/m/infer", content=body, headers={HEADER_LENGTH: str(header)})
+        streamed = c.post(
+            "/v2/models/m/infer",
+            content=iter([body[:600], body[600:]]),  # chunked: no Content-Length
+            headers={HEADER_LENGTH: str(header)},
+        )
+    for response in (declared, streamed):
+        assert response.status_code == 413
+        assert "at most 1024 bytes" in response.json()["error"]
+
+
+def test_bearer_token(models: dict[int, Any], tmp_path: Path) -> None:
+    settings = _settings(tmp_path, api_token=SecretStr(TOKEN))
+    app = build_app(settings, FakeRegistry({1: models[1][1]}))
+    body, header = encode_request({"input": source_images(1, seed=4)})
+    with TestClient(app) as c:
+        missing = c.post("/v2/models/m/infer", content=body, headers={HEADER_LENGTH: str(header)})
+        wrong = c.post(
+            "/v2/models/m/infer",
+            content=body,
+            headers={HEADER_LENGTH: str(header), "Authorization": "Bearer nope"},
+        )
+        ok = c.post(
+            "/v2/models/m/infer",
+            content=body,
+            headers={HEADER_LENGTH: str(header), "Authorization": f"Bearer {TOKEN}"},
+        )
+        assert c.get("/v2/models/m").status_code == 401
+        assert c.get("/v2/health/ready").status_code == 200  # open unless protect_health
+        assert c.get("/metrics").status_code == 200  # open unless protect_metrics
+    assert missing.status_code == wrong.status_code == 401
+    assert "error" in missing.json() and missing.headers["www-authenticate"] == "Bearer"
+    assert ok.status_code == 200
+
+
+def test_protected_health_and_metrics(models: dict[int, Any], tmp_path: Path) -> None:
+    settings = _settings(
+        tmp_path, api_token=SecretStr(TOKEN), protect_health=True, protect_metrics=True
+    )
+    with TestClient(build_app(settings, FakeRegistry({1: models[1][1]}))) as c:
+        for url in ("/v2", "/v2/health/live", "/v2/health/ready", "/metrics"):
+            assert c.get(url).status_code == 401, url
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            assert c.get(url, headers=auth).status_code == 200, url
+
+
+def test_metrics_route_counts_requests(client: TestClient) -> None:
+    _post(client, "/v2/models/m/infer", {"input": source_images(1, seed=5)})
+    _post(client, "/v2/models/m/infer", {"input": np.zeros((1, 3, 8, 8), np.float64)})
+    client.get("/v2/models/unknown-model")
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'recalib_requests_total{model="m",outcome="ok",version="1"} 1.0' in text
+    assert 'recalib_requests_total{model="m",outcome="client_error",version="1"} 1.0' in text
+    assert "unknown-model" not in text  # unresolved names never become labels
+    assert 'recalib_batch_size_count{model="m",version="1"} 1.0' in text
+    assert 'recalib_inflight_requests{model="m"} 0.0' in text
+    assert 'recalib_drift_window_samples{model="m",version="1"} 1.0' in text
+
+
+def test_openapi_documents_the_infer_body(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    post = spec["paths"]["/v2/models/{model_name}/versions/{model_version}/infer"]["post"]
+    content = post["requestBody"]["content"]
+    schema = content["application/json"]["schema"]
+    assert schema["required"] == ["inputs"] and "$ref" not in json.dumps(schema)
+    assert "application/octet-stream" in content
+    assert HEADER_LENGTH in {p["name"] for p in post["parameters"]}
+    assert "/v2/health/ready" in spec["paths"] and "/metrics" in spec["paths"]
