@@ -21,6 +21,7 @@ from .errors import (
 from .export import ExportReport, export_onnx
 from .layers import NormLayer, find_norm_layers
 from .moments import ChannelMoments
+from .onnx_recalibrate import OnnxModelError, recalibrate_onnx
 from .recalibrate import recalibrate
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .report import LayerReport, RecalibrationReport
@@ -41,6 +42,7 @@ __all__ = [
     "NoBatchNormError",
     "NonFiniteError",
     "NormLayer",
+    "OnnxModelError",
     "RecalibError",
     "RecalibrationReport",
     "StatBank",
@@ -52,5 +54,6 @@ __all__ = [
     "find_norm_layers",
     "load_stat_bank",
     "recalibrate",
+    "recalibrate_onnx",
     "save_stat_bank",
 ]
