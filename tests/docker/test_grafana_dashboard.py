@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from promhelpers import (
     DASHBOARD,
@@ -20,8 +21,9 @@ from promhelpers import (
 PROVISIONED_UID = "recalib-prometheus"
 
 
-def _dashboard() -> dict[str, object]:
-    return json.loads(DASHBOARD.read_text())
+def _dashboard() -> dict[str, Any]:
+    dashboard: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return dashboard
 
 
 def test_metric_name_parser() -> None:

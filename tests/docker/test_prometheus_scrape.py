@@ -12,6 +12,7 @@ one deadline and stopped at the end.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import signal
@@ -288,4 +289,4 @@ def test_prometheus_scrapes_service_metrics(prometheus_binary: str, tmp_path: Pa
                 prom.query(query)
             else:
                 panel = f"data in dashboard panel {where}"
-                deadline.until(panel, lambda q=query: prom.query(q), logs=logs)
+                deadline.until(panel, functools.partial(prom.query, query), logs=logs)

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Verify the image's Python install steps without a Docker engine.
+#
+# Runs docker/install-python-deps.sh - the very script docker/Dockerfile runs - for the CPU
+# variant in a fresh venv in a temp directory: torch==2.13.0 first, then `pip install .[cpu]`,
+# then the image's own check (exactly one ONNX Runtime, imports, `recalib --help`). Then a
+# smoke test of the image's entry point: `recalib serve` on loopback with a temp home must
+# answer the HEALTHCHECK's request to /v2/health/ready.
+#
+#   scripts/verify_docker_steps.sh              # pip's configured index for torch
+#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu scripts/verify_docker_steps.sh
+#
+# TORCH_INDEX_URL defaults to "" (pip's configured index), because the PyTorch index is not
+# reachable everywhere; the image itself uses the PyTorch CPU / CUDA index.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+python=${PYTHON:-python3}
+work=$(mktemp -d "${TMPDIR:-/tmp}/recalib-docker-steps.XXXXXX")
+server_pid=
+cleanup() {
+    if [[ -n "$server_pid" ]]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+export TORCH_INDEX_URL=${TORCH_INDEX_URL-}
+start=$(date +%s)
+step() { echo "== [$(($(date +%s) - start))s] $*"; }
+
+step "fresh venv in $work/venv ($($python --version))"
+"$python" -m venv "$work/venv"
+export PATH="$work/venv/bin:$PATH" VIRTUAL_ENV="$work/venv"
+pip install --quiet --upgrade pip
+
+# The source the image copies (pyproject.toml, README.md, recalib/, service/), not the
+# checkout itself, so a missing file in the image's COPY list shows up here too.
+mkdir "$work/src"
+cp -r "$repo/pyproject.toml" "$repo/README.md" "$repo/recalib" "$repo/service" "$work/src/"
+find "$work/src" -name __pycache__ -prune -exec rm -rf {} +
+
+step "install-python-deps.sh torch cpu"
+bash "$repo/docker/install-python-deps.sh" torch cpu
+step "install-python-deps.sh project cpu"
+bash "$repo/docker/install-python-deps.sh" project cpu "$work/src"
+step "install-python-deps.sh check cpu"
+(cd "$work" && bash "$repo/docker/install-python-deps.sh" check cpu)
+
+step "entry point: recalib serve + the HEALTHCHECK command"
+port=$("$work/venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+(cd "$work" && exec env RECALIB_HOME="$work/home" recalib serve --host 127.0.0.1 --port "$port" \
+    >"$work/serve.log" 2>&1) &
+server_pid=$!
+healthy=
+for _ in $(seq 1 120); do
+    if (cd "$work" && python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/v2/health/ready', timeout=4)") 2>/dev/null; then
+        healthy=1
+        break
+    fi
+    kill -0 "$server_pid" 2>/dev/null || break
+    sleep 0.5
+done
+if [[ -z "$healthy" ]]; then
+    echo "recalib serve did not become ready; its log:" >&2
+    cat "$work/serve.log" >&2
+    exit 1
+fi
+pip list --format=freeze 2>/dev/null | grep -iE '^(torch|onnxruntime|onnxruntime-gpu|onnx|numpy|fastapi|uvicorn|recalib)==' || true
+step "OK: the CPU image's install steps work in a fresh venv"
