@@ -1,0 +1,128 @@
+"""FastAPI dependencies: the app's components (from ``app.state``) and authentication.
+
+Routes declare what they need as ``Annotated`` aliases (``registry: RegistryDep``);
+:func:`service.app.create_app` puts the components on ``app.state``. ``AuthDep`` /
+:func:`require_token` guard every ``/v1`` route and inference; :func:`require_health_token`
+and :func:`require_metrics_token` guard health and ``/metrics`` only when the settings say
+so (``protect_health``, ``protect_metrics``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+
+from ..auth import check_bearer
+from ..datasets import DatasetStore
+from ..jobs import JobManager
+from ..registry import Registry, Runtime
+from ..settings import Settings
+
+__all__ = [
+    "ERROR_RESPONSES",
+    "AuthDep",
+    "DatasetsDep",
+    "ErrorBody",
+    "JobsDep",
+    "MetricsDep",
+    "RegistryDep",
+    "RuntimeDep",
+    "SettingsDep",
+    "get_datasets",
+    "get_jobs",
+    "get_metrics",
+    "get_registry",
+    "get_runtime",
+    "get_settings",
+    "require_health_token",
+    "require_metrics_token",
+    "require_token",
+]
+
+
+class ErrorBody(BaseModel):
+    """Every error response's body (the Open Inference Protocol's shape)."""
+
+    error: str
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": what}
+    for status, what in (
+        (400, "Invalid input (what was expected and what arrived)"),
+        (401, "Missing or wrong bearer token"),
+        (404, "Unknown model, version, alias, data set or job"),
+        (409, "Conflict with the current state"),
+        (413, "Body above the configured size limit"),
+        (422, "Malformed request (fields, types)"),
+    )
+}
+"""The error statuses of the /v1 routes, for the OpenAPI document."""
+
+_bearer = HTTPBearer(auto_error=False, description="The service's RECALIB_API_TOKEN.")
+_Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_registry(request: Request) -> Registry:
+    registry: Registry = request.app.state.registry
+    return registry
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def get_metrics(request: Request) -> Any:
+    """The app's ``ServiceMetrics`` (``None`` if the metrics module is missing)."""
+    return request.app.state.metrics
+
+
+def get_datasets(request: Request) -> DatasetStore:
+    datasets: DatasetStore = request.app.state.datasets
+    return datasets
+
+
+def get_jobs(request: Request) -> JobManager:
+    jobs: JobManager = request.app.state.jobs
+    return jobs
+
+
+def _presented(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    return None if credentials is None else credentials.credentials
+
+
+def require_token(request: Request, credentials: _Credentials) -> None:
+    """The bearer token, when one is configured (every /v1 route and inference)."""
+    check_bearer(get_settings(request).api_token, _presented(credentials))
+
+
+def require_health_token(request: Request, credentials: _Credentials) -> None:
+    """The bearer token on health and server metadata, only with ``protect_health``."""
+    settings = get_settings(request)
+    if settings.protect_health:
+        check_bearer(settings.api_token, _presented(credentials))
+
+
+def require_metrics_token(request: Request, credentials: _Credentials) -> None:
+    """The bearer token on ``/metrics``, only with ``protect_metrics``."""
+    settings = get_settings(request)
+    if settings.protect_metrics:
+        check_bearer(settings.api_token, _presented(credentials))
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+MetricsDep = Annotated[Any, Depends(get_metrics)]
+DatasetsDep = Annotated[DatasetStore, Depends(get_datasets)]
+JobsDep = Annotated[JobManager, Depends(get_jobs)]
+AuthDep = Annotated[None, Depends(require_token)]

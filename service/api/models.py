@@ -1,0 +1,158 @@
+"""``/v1/models``: register, list, delete models; versions, artifacts, aliases, drift.
+
+Routes only translate HTTP to registry and runtime calls (:mod:`service.registry`);
+errors are the domain's, mapped to HTTP in :mod:`service.errors`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
+from fastapi.responses import FileResponse
+
+from ..errors import InvalidInput
+from ..registry import (
+    AliasInfo,
+    AliasList,
+    AliasUpdate,
+    ArtifactFormat,
+    ModelInfo,
+    ModelList,
+    VersionInfo,
+    VersionList,
+)
+from .deps import ERROR_RESPONSES, RegistryDep, RuntimeDep, SettingsDep, require_token
+
+__all__ = ["router"]
+
+router = APIRouter(
+    prefix="/v1/models",
+    tags=["models"],
+    dependencies=[Depends(require_token)],
+    responses=ERROR_RESPONSES,
+)
+
+_MEDIA = {
+    "onnx": "application/octet-stream",
+    "pt2": "application/zip",
+    "stats": "application/octet-stream",
+    "report": "application/json",
+}
+_EXT = {"onnx": "onnx", "pt2": "pt2", "stats": "safetensors", "report": "json"}
+
+
+def _metadata(raw: str | None) -> dict[str, Any]:
+    if raw is None or not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"expected metadata as a JSON object (got invalid JSON: {exc})") from exc
+    if not isinstance(value, dict):
+        raise InvalidInput(f"expected metadata as a JSON object (got {type(value).__name__})")
+    return value
+
+
+@router.post("", status_code=201, summary="Register a model (creates version 1, in production)")
+async def register_model(
+    registry: RegistryDep,
+    runtime: RuntimeDep,
+    settings: SettingsDep,
+    name: Annotated[str, Form(description="model name")],
+    file: Annotated[UploadFile, File(description=".onnx with BatchNormalization, or .pt2")],
+    metadata: Annotated[str | None, Form(description="JSON object kept with the model")] = None,
+) -> ModelInfo:
+    return await registry.register(
+        runtime,
+        name=name,
+        upload=file,
+        metadata=_metadata(metadata),
+        max_bytes=settings.max_upload_bytes,
+    )
+
+
+@router.get("", summary="List models")
+def list_models(registry: RegistryDep) -> ModelList:
+    return ModelList(models=registry.models())
+
+
+@router.get("/{name}", summary="Get a model")
+def get_model(registry: RegistryDep, name: str) -> ModelInfo:
+    return registry.model(name)
+
+
+@router.delete("/{name}", status_code=204, summary="Delete a model, its versions and files")
+async def delete_model(registry: RegistryDep, runtime: RuntimeDep, name: str) -> Response:
+    await registry.delete(runtime, name)
+    return Response(status_code=204)
+
+
+@router.get("/{name}/versions", summary="List a model's versions")
+def list_versions(registry: RegistryDep, name: str) -> VersionList:
+    return VersionList(versions=registry.versions(name))
+
+
+@router.get("/{name}/versions/{version}", summary="Get a version and its lineage")
+def get_version(registry: RegistryDep, name: str, version: str) -> VersionInfo:
+    """``version`` is a number or an alias."""
+    return registry.version(name, version)
+
+
+@router.get(
+    "/{name}/versions/{version}/artifact",
+    summary="Download an artifact of a version",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def get_artifact(
+    registry: RegistryDep,
+    name: str,
+    version: str,
+    fmt: Annotated[ArtifactFormat, Query(alias="format", description="which file")] = "onnx",
+) -> FileResponse:
+    path = registry.artifact(name, version, fmt)
+    number = registry.resolve_version(name, version)
+    return FileResponse(path, media_type=_MEDIA[fmt], filename=f"{name}-v{number}.{_EXT[fmt]}")
+
+
+@router.get("/{name}/aliases", summary="List a model's aliases")
+def list_aliases(registry: RegistryDep, name: str) -> AliasList:
+    return AliasList(aliases=registry.aliases(name))
+
+
+@router.put(
+    "/{name}/aliases/{alias}",
+    summary="Point an alias at a version (production: loaded and warmed before it switches)",
+)
+async def put_alias(
+    registry: RegistryDep, runtime: RuntimeDep, name: str, alias: str, body: AliasUpdate
+) -> AliasInfo:
+    return await registry.set_alias(runtime, name, alias, body.version)
+
+
+@router.get("/{name}/aliases/{alias}", summary="Get an alias")
+def get_alias(registry: RegistryDep, name: str, alias: str) -> AliasInfo:
+    return registry.alias(name, alias)
+
+
+@router.delete("/{name}/aliases/{alias}", status_code=204, summary="Delete an alias")
+def delete_alias(registry: RegistryDep, name: str, alias: str) -> Response:
+    registry.delete_alias(name, alias)
+    return Response(status_code=204)
+
+
+@router.get("/{name}/drift", summary="Drift of the served version")
+async def get_drift(registry: RegistryDep, runtime: RuntimeDep, name: str) -> dict[str, Any]:
+    """Model score, per-layer scores, samples in the window, window bounds, threshold and
+    whether it is exceeded (see ``recalib.drift``)."""
+    registry.model(name)
+    return runtime.drift(name)
+
+
+@router.post("/{name}/drift/reset", status_code=204, summary="Empty the drift window")
+async def reset_drift(registry: RegistryDep, runtime: RuntimeDep, name: str) -> Response:
+    registry.model(name)
+    runtime.reset_drift(name)
+    return Response(status_code=204)

@@ -1,0 +1,222 @@
+"""``create_app``: the service's FastAPI application, built from one :class:`Settings`.
+
+Nothing heavy happens at import or in :func:`create_app`: the database opens on first use,
+ONNX Runtime sessions are built by the runtime when the app starts. The lifespan:
+
+1. clears what a crashed process left (staging directories, uncommitted versions) and
+   marks its unfinished jobs ``interrupted``;
+2. starts the runtime and has it serve every model's ``production`` version;
+3. on shutdown stops running jobs (``interrupted``), then the runtime, then the database.
+
+Request bodies are limited by a small ASGI middleware: ``Content-Length`` above the limit
+is refused up front, and a body without one (chunked) is counted as it streams; either
+way the answer is 413 with the usual ``{"error": ...}`` body. Uploads (``POST /v1/models``,
+``POST /v1/datasets``) may be ``max_upload_bytes``, every other body ``max_request_bytes``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException
+from prometheus_client import CollectorRegistry
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .api import datasets as datasets_api
+from .api import models as models_api
+from .api import recalibrations as recalibrations_api
+from .datasets import DatasetStore
+from .db import Database
+from .errors import install_error_handlers
+from .jobs import JobManager, WorkerTarget
+from .registry import Registry, Runtime
+from .settings import Settings
+
+__all__ = ["BodyLimit", "create_app"]
+
+log = logging.getLogger(__name__)
+
+_UPLOAD_PATHS = ("/v1/models", "/v1/datasets")
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for request bodies above the configured limits.
+
+    Args:
+        app: the wrapped application.
+        upload_bytes: limit of ``POST`` to the upload paths.
+        request_bytes: limit of every other body.
+    """
+
+    def __init__(self, app: ASGIApp, *, upload_bytes: int, request_bytes: int) -> None:
+        self.app = app
+        self.upload_bytes = upload_bytes
+        self.request_bytes = request_bytes
+
+    def _limit(self, scope: Scope) -> int:
+        upload = scope["method"] == "POST" and scope["path"].rstrip("/") in _UPLOAD_PATHS
+        return self.upload_bytes if upload else self.request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self._limit(scope)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _reject(
+                send, f"expected a request body of at most {limit} bytes (got {int(declared)})"
+            )
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    # FastAPI passes HTTPException through body parsing (anything else
+                    # becomes a 400); the error handlers give it the {"error": ...} body.
+                    raise HTTPException(
+                        413, f"expected a request body of at most {limit} bytes (got more)"
+                    )
+            return message
+
+        await self.app(scope, counted, send)
+
+
+async def _reject(send: Send, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _metrics(registry: CollectorRegistry) -> Any:
+    try:
+        from .metrics import ServiceMetrics
+    except ImportError:
+        log.warning("service.metrics is not available: no Prometheus metrics")
+        return None
+    return ServiceMetrics(registry)
+
+
+def _runtime(settings: Settings, metrics: Any) -> Runtime:
+    from .runtime.runtime import ServingRuntime
+
+    runtime: Runtime = ServingRuntime(settings, metrics)
+    return runtime
+
+
+def _include_data_plane(app: FastAPI) -> None:
+    """Add the inference (``/v2``) and ``/metrics`` routers when they are installed."""
+    for module in ("service.api.v2", "service.api.metrics_route"):
+        try:
+            router = __import__(module, fromlist=["router"]).router
+        except ImportError as exc:
+            log.warning("%s is not available (%s): its routes are missing", module, exc)
+            continue
+        app.include_router(router)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    registry: Registry | None = None,
+    runtime: Runtime | None = None,
+    metrics_registry: CollectorRegistry | None = None,
+    worker: WorkerTarget | None = None,
+) -> FastAPI:
+    """Build the service.
+
+    Args:
+        settings: the configuration (``home`` holds all state).
+        registry: a model registry (default: one over ``home/recalib.db``).
+        runtime: the serving runtime (default: ``ServingRuntime(settings, metrics)``).
+        metrics_registry: where the Prometheus metrics register (default: a fresh one).
+        worker: the function job processes run (default :func:`service.worker.run_job`;
+            tests substitute slow or crashing ones).
+
+    Returns:
+        The FastAPI app; its state holds ``settings``, ``registry``, ``datasets``,
+        ``jobs``, ``runtime``, ``metrics`` and ``metrics_registry``.
+    """
+    metrics_registry = metrics_registry if metrics_registry is not None else CollectorRegistry()
+    metrics = _metrics(metrics_registry)
+    runtime = runtime if runtime is not None else _runtime(settings, metrics)
+    registry = (
+        registry
+        if registry is not None
+        else Registry(Database(settings.home / "recalib.db"), settings.home)
+    )
+    datasets = DatasetStore(registry.db, settings.home)
+    jobs = JobManager(
+        settings,
+        registry=registry,
+        datasets=datasets,
+        runtime=runtime,
+        metrics=metrics,
+        target=worker,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        settings.home.mkdir(parents=True, exist_ok=True)
+        registry.sweep()
+        await jobs.start()
+        await runtime.start()
+        await registry.serve_all(runtime)
+        try:
+            yield
+        finally:
+            await jobs.close()
+            await runtime.close()
+            registry.db.close()
+
+    app = FastAPI(
+        title="recalib",
+        summary="Recalibrate BatchNorm statistics for new domains; serve with drift monitoring.",
+        version=_version(),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.datasets = datasets
+    app.state.jobs = jobs
+    app.state.runtime = runtime
+    app.state.metrics = metrics
+    app.state.metrics_registry = metrics_registry
+    install_error_handlers(app)
+    app.include_router(models_api.router)
+    app.include_router(datasets_api.router)
+    app.include_router(recalibrations_api.router)
+    _include_data_plane(app)
+    app.add_middleware(
+        BodyLimit,
+        upload_bytes=settings.max_upload_bytes,
+        request_bytes=settings.max_request_bytes,
+    )
+    return app
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("recalib")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
