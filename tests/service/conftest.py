@@ -95,7 +95,15 @@ class Api:
     def __init__(self, client: TestClient, runtime: Any) -> None:
         self.client = client
         self.runtime = runtime
-        self.home: Path = client.app.state.settings.home  # type: ignore[attr-defined]
+        self.app: Any = client.app
+        self.home: Path = self.app.state.settings.home
+        self.closed = False
+
+    def close(self) -> None:
+        """Stop the app (its lifespan's shutdown runs)."""
+        if not self.closed:
+            self.closed = True
+            self.client.__exit__(None, None, None)
 
     def register(self, name: str, data: bytes, filename: str = "model.onnx", **form: str) -> Any:
         """POST /v1/models."""
@@ -131,19 +139,19 @@ class Api:
 def make_api(runtime: FakeRuntime) -> Iterator[Callable[..., Api]]:
     """``make_api(settings, **create_app_kwargs)``: a started app (the fake runtime unless
     ``runtime=`` is given), stopped at teardown."""
-    opened: list[TestClient] = []
+    opened: list[Api] = []
 
     def make(settings: Settings, **kwargs: Any) -> Api:
         kwargs.setdefault("runtime", runtime)
         kwargs.setdefault("metrics_registry", CollectorRegistry())
         client = TestClient(create_app(settings, **kwargs), headers=AUTH)
         client.__enter__()
-        opened.append(client)
-        return Api(client, kwargs["runtime"])
+        opened.append(Api(client, kwargs["runtime"]))
+        return opened[-1]
 
     yield make
-    for client in reversed(opened):
-        client.__exit__(None, None, None)
+    for api in reversed(opened):
+        api.close()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 
-
 def test_register_onnx_creates_version_1_in_production(api: Any, bn_onnx: bytes) -> None:
     r = api.register("tiny", bn_onnx, metadata=json.dumps({"team": "vision"}))
     assert r.status_code == 201, r.text

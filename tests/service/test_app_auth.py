@@ -1,0 +1,86 @@
+"""Bearer-token authentication: every /v1 route and inference need it; health and
+/metrics are open unless the settings protect them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from service.auth import check_bearer
+from service.errors import Unauthorized
+from service.settings import Settings
+
+PROTECTED = [
+    ("GET", "/v1/models"),
+    ("POST", "/v1/models"),
+    ("GET", "/v1/models/m"),
+    ("DELETE", "/v1/models/m"),
+    ("GET", "/v1/models/m/versions/1/artifact"),
+    ("PUT", "/v1/models/m/aliases/production"),
+    ("GET", "/v1/models/m/drift"),
+    ("POST", "/v1/datasets"),
+    ("GET", "/v1/datasets"),
+    ("POST", "/v1/models/m/recalibrations"),
+    ("GET", "/v1/recalibrations/j"),
+    ("DELETE", "/v1/recalibrations/j"),
+    ("POST", "/v2/models/m/infer"),
+    ("GET", "/v2/models/m"),
+]
+
+
+@pytest.mark.parametrize(("method", "url"), PROTECTED)
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        (None, "got none"),
+        ("Bearer wrong-token", "wrong one"),
+        ("Basic czNjcmV0LXRva2Vu", "got none"),
+    ],
+)
+def test_missing_or_wrong_token_401(
+    api: Any, method: str, url: str, header: str | None, message: str
+) -> None:
+    headers = {"Authorization": header} if header else {}
+    api.client.headers.pop("Authorization")
+    r = api.client.request(method, url, headers=headers)
+    assert r.status_code == 401, r.text
+    assert message in r.json()["error"]
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("url", ["/v2/health/live", "/v2/health/ready", "/v2", "/metrics"])
+def test_health_and_metrics_open_by_default(api: Any, url: str) -> None:
+    api.client.headers.pop("Authorization")
+    assert api.client.get(url).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("flag", "url"), [("protect_health", "/v2/health/live"), ("protect_metrics", "/metrics")]
+)
+def test_health_and_metrics_protected_when_configured(
+    make_api: Callable[..., Any], settings: Settings, flag: str, url: str
+) -> None:
+    api = make_api(settings.model_copy(update={flag: True}))
+    assert api.client.get(url).status_code == 200
+    api.client.headers.pop("Authorization")
+    assert api.client.get(url).status_code == 401
+
+
+def test_no_token_configured_means_open(make_api: Callable[..., Any], settings: Settings) -> None:
+    api = make_api(settings.model_copy(update={"api_token": None}))
+    api.client.headers.pop("Authorization")
+    assert api.client.get("/v1/models").status_code == 200
+
+
+def test_check_bearer() -> None:
+    check_bearer(None, None)
+    check_bearer(SecretStr("t"), "t")
+    with pytest.raises(Unauthorized, match="got none"):
+        check_bearer(SecretStr("t"), None)
+    with pytest.raises(Unauthorized, match="wrong one"):
+        check_bearer(SecretStr("tt"), "t")
+    with pytest.raises(Unauthorized, match="wrong one"):
+        check_bearer(SecretStr("t"), "tü")  # non-ASCII compares as bytes, no TypeError
