@@ -1,6 +1,7 @@
 """The ``recalib`` command line.
 
-    recalib demo                                   # bundled model + shifted data, before/after
+    recalib demo                                   # the REST pipeline on a fresh service
+    recalib demo --offline                         # the same recalibration in-process
     recalib recalibrate --model in.pt2 --data cal.npz --out out.pt2 [--report r.json]
     recalib recalibrate --model in.onnx --data cal.npz --out out.onnx   # ONNX-native
     recalib export --model in.pt2 --out model.onnx --example data.npz
@@ -157,6 +158,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if not args.offline:
+        return _cmd_demo_service(args)
     from .demo import ASSETS, accuracy
     from .recalibrate import recalibrate
 
@@ -181,6 +184,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.out:
         torch.export.save(program, args.out)
         print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_demo_service(args: argparse.Namespace) -> int:
+    try:
+        from service.story import serve_with_story
+    except ImportError as exc:
+        raise CliError(f"the service is not available in this installation: {exc}") from exc
+    print("recalib demo: the whole pipeline through the REST API of a fresh service")
+    try:
+        serve_with_story(
+            host=args.host, port=args.port, home=args.home, keep_running=not args.exit, out=print
+        )
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from exc
     return 0
 
 
@@ -231,10 +249,20 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--opset", type=int, default=17)
     exp.set_defaults(func=_cmd_export)
 
-    demo = sub.add_parser("demo", help="recalibrate the bundled demo model, accuracy before/after")
+    demo = sub.add_parser(
+        "demo",
+        help="start the service and run register -> infer -> recalibrate -> promote -> infer "
+        "on the bundled demo model and data (accuracy and drift before/after), then keep "
+        "serving; --offline runs the same recalibration in-process without the service",
+    )
+    demo.add_argument("--offline", action="store_true", help="in-process, no service")
+    demo.add_argument("--exit", action="store_true", help="stop the service after the story")
+    demo.add_argument("--host", default=None, help="service host (default 127.0.0.1)")
+    demo.add_argument("--port", type=int, default=None, help="service port (default 8000)")
+    demo.add_argument("--home", default=None, help="service state directory (./.recalib)")
     demo.add_argument("--method", choices=["exact", "ema", "prior"], default="exact")
     demo.add_argument("--mode", choices=["train", "eval"], default="train")
-    demo.add_argument("--out", default=None, help="save the recalibrated .pt2 here")
+    demo.add_argument("--out", default=None, help="--offline: save the recalibrated .pt2 here")
     demo.set_defaults(func=_cmd_demo)
 
     serve = sub.add_parser("serve", help="run the REST service")

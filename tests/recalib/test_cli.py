@@ -35,7 +35,7 @@ def _stderr_line(capsys: pytest.CaptureFixture[str]) -> str:
 
 
 def test_demo_prints_accuracies(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo"]) == 0
+    assert main(["demo", "--offline"]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("accuracy, new camera"))
     before, after = (float(v) for v in row.split()[-2:])
