@@ -18,7 +18,9 @@ __all__ = ["Settings"]
 class Settings(BaseSettings):
     """recalib service configuration. Every field can be set as ``RECALIB_<NAME>``."""
 
-    model_config = SettingsConfigDict(env_prefix="RECALIB_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="RECALIB_", extra="ignore", use_attribute_docstrings=True
+    )
 
     home: Path = Field(default=Path(".recalib"))
     """State directory: artifacts/, datasets/ and the SQLite database live here."""
