@@ -19,7 +19,8 @@ Steps (progress is written to the job's row as it goes, at most a few times a se
    (``{"ok": true, "validation": ...}`` or ``{"ok": false, "error": "..."}``).
 
 The server adds the version to the registry from ``out/`` once the process has exited;
-this process never touches the registry's tables.
+this process never touches the registry's tables. Importing this module is cheap (no
+torch): what a job needs is imported when it runs.
 """
 
 from __future__ import annotations
@@ -35,8 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from recalib.errors import RecalibError
 
 from .db import Database, dumps, utcnow
 
@@ -324,6 +323,8 @@ def run_job(spec: JobSpec) -> None:
     message for bad inputs (NaN data, layer mismatch ...), the exception type and message
     (traceback in ``worker.log``) for anything unexpected.
     """
+    from recalib.errors import RecalibError  # here: importing recalib imports torch
+
     work = Path(spec.work_dir)
     _setup(spec)
     progress = _Progress(spec)

@@ -4,7 +4,9 @@ Routes declare what they need as ``Annotated`` aliases (``registry: RegistryDep`
 :func:`service.app.create_app` puts the components on ``app.state``. ``AuthDep`` /
 :func:`require_token` guard every ``/v1`` route and inference; :func:`require_health_token`
 and :func:`require_metrics_token` guard health and ``/metrics`` only when the settings say
-so (``protect_health``, ``protect_metrics``).
+so (``protect_health``, ``protect_metrics``). The dependencies are ``async`` so FastAPI
+calls them on the event loop (a plain ``def`` dependency costs a thread-pool hop per
+request); the ``get_*`` accessors are plain functions for direct calls.
 """
 
 from __future__ import annotations
@@ -100,29 +102,57 @@ def _presented(credentials: HTTPAuthorizationCredentials | None) -> str | None:
     return None if credentials is None else credentials.credentials
 
 
-def require_token(request: Request, credentials: _Credentials) -> None:
+async def require_token(request: Request, credentials: _Credentials) -> None:
     """The bearer token, when one is configured (every /v1 route and inference)."""
     check_bearer(get_settings(request).api_token, _presented(credentials))
 
 
-def require_health_token(request: Request, credentials: _Credentials) -> None:
+async def require_health_token(request: Request, credentials: _Credentials) -> None:
     """The bearer token on health and server metadata, only with ``protect_health``."""
     settings = get_settings(request)
     if settings.protect_health:
         check_bearer(settings.api_token, _presented(credentials))
 
 
-def require_metrics_token(request: Request, credentials: _Credentials) -> None:
+async def require_metrics_token(request: Request, credentials: _Credentials) -> None:
     """The bearer token on ``/metrics``, only with ``protect_metrics``."""
     settings = get_settings(request)
     if settings.protect_metrics:
         check_bearer(settings.api_token, _presented(credentials))
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-RegistryDep = Annotated[Registry, Depends(get_registry)]
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-MetricsDep = Annotated[Any, Depends(get_metrics)]
-DatasetsDep = Annotated[DatasetStore, Depends(get_datasets)]
-JobsDep = Annotated[JobManager, Depends(get_jobs)]
+# The dependencies proper: async wrappers of the accessors above (which stay plain
+# functions for direct calls).
+
+
+async def _settings(request: Request) -> Settings:
+    return get_settings(request)
+
+
+async def _registry(request: Request) -> Registry:
+    return get_registry(request)
+
+
+async def _runtime(request: Request) -> Runtime:
+    return get_runtime(request)
+
+
+async def _metrics(request: Request) -> Any:
+    return get_metrics(request)
+
+
+async def _datasets(request: Request) -> DatasetStore:
+    return get_datasets(request)
+
+
+async def _jobs(request: Request) -> JobManager:
+    return get_jobs(request)
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+RegistryDep = Annotated[Registry, Depends(_registry)]
+RuntimeDep = Annotated[Runtime, Depends(_runtime)]
+MetricsDep = Annotated[Any, Depends(_metrics)]
+DatasetsDep = Annotated[DatasetStore, Depends(_datasets)]
+JobsDep = Annotated[JobManager, Depends(_jobs)]
 AuthDep = Annotated[None, Depends(require_token)]

@@ -14,13 +14,15 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 
 from service.settings import Settings
-from service.worker import JobSpec
+
+if TYPE_CHECKING:  # the worker processes import this module: keep torch out of it
+    from service.worker import JobSpec
 
 
 def slow_worker(spec: JobSpec) -> None:
