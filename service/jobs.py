@@ -203,6 +203,7 @@ class JobManager:
     async def start(self) -> None:
         """Mark jobs a previous process left unfinished ``interrupted``; clear work dirs."""
         self._closing = False
+        self._slots = asyncio.Semaphore(self._settings.job_workers)  # this event loop's
         count = self._interrupt_unfinished("the service stopped while the job was {state}")
         shutil.rmtree(self.work_root, ignore_errors=True)
         if count:

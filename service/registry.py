@@ -743,6 +743,7 @@ class Registry:
 
     def sweep(self) -> None:
         """Remove what an interrupted process left: staging dirs and uncommitted versions."""
+        self._locks.clear()  # asyncio locks belong to the previous event loop
         shutil.rmtree(self.home / "tmp", ignore_errors=True)
         if not self.root.is_dir():
             return
