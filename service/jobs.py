@@ -513,6 +513,8 @@ class JobManager:
             return
         result = json.loads(result_file.read_text())
         if not result.get("ok"):
+            if result.get("traceback"):
+                log.error("job %s failed in its worker:\n%s", handle.id, result["traceback"])
             self._finish(handle, "failed", error=str(result.get("error")))
             return
         validation = result.get("validation")

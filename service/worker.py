@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,7 +322,7 @@ def run_job(spec: JobSpec) -> None:
 
     Every failure ends up in ``result.json`` as ``{"ok": false, "error": ...}``: the core's
     message for bad inputs (NaN data, layer mismatch ...), the exception type and message
-    (traceback in ``worker.log``) for anything unexpected.
+    (and the traceback, which the server logs) for anything unexpected.
     """
     from recalib.errors import RecalibError  # here: importing recalib imports torch
 
@@ -337,7 +338,8 @@ def run_job(spec: JobSpec) -> None:
     # The process's last line of defence: whatever failed, report it rather than die silently.
     except Exception as exc:
         log.exception("job failed unexpectedly")
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        error = f"{type(exc).__name__}: {exc}"
+        result = {"ok": False, "error": error, "traceback": traceback.format_exc()}
     finally:
         progress.close()
     result["seconds"] = time.perf_counter() - start
