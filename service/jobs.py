@@ -221,12 +221,12 @@ class JobManager:
     def _interrupt_unfinished(self, reason: str) -> int:
         with self._db.transaction() as conn:
             rows = conn.execute(
-                "SELECT id, state, started_at FROM jobs WHERE state IN ('queued', 'running')"
+                "SELECT id, state FROM jobs WHERE state IN ('queued', 'running')"
             ).fetchall()
             for row in rows:
                 conn.execute(
-                    "UPDATE jobs SET state = 'interrupted', error = ?, finished_at = ? "
-                    "WHERE id = ?",
+                    "UPDATE jobs SET state = 'interrupted', error = ?, finished_at = ?, "
+                    "progress = json_set(progress, '$.stage', 'interrupted') WHERE id = ?",
                     (reason.format(state=row["state"]), utcnow(), row["id"]),
                 )
         for row in rows:

@@ -164,7 +164,7 @@ def test_restart_after_a_crash_interrupts_leftover_jobs(
         job = second.client.get(f"/v1/recalibrations/{job_id}").json()
         assert job["state"] == "interrupted"
         assert job["error"] == f"the service stopped while the job was {state}"
-        assert job["finished_at"] is not None
+        assert job["finished_at"] is not None and job["progress"]["stage"] == "interrupted"
     _untouched(second)
     assert _outcomes(second)["interrupted"] == 2
 
