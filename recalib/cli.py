@@ -266,8 +266,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     serve = sub.add_parser("serve", help="run the REST service")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default=None, help="default: RECALIB_HOST or 127.0.0.1")
+    serve.add_argument("--port", type=int, default=None, help="default: RECALIB_PORT or 8000")
     serve.add_argument("--home", default=None, help="state directory (default ./.recalib)")
     serve.set_defaults(func=_cmd_serve)
     return parser

@@ -167,7 +167,7 @@ def serve_with_story(
     from .app import create_app
     from .settings import Settings
 
-    overrides = {"host": host, "port": port, "home": home}
+    overrides: dict[str, Any] = {"host": host, "port": port, "home": home}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     server = uvicorn.Server(
         uvicorn.Config(
