@@ -17,48 +17,26 @@ import time
 from collections.abc import Callable
 
 import torch
+from bench_models import resnet
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
 from recalib import recalibrate
 
 
-class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        idt = x if self.down is None else self.down(x)
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(y)) + idt)
-
-
 def resnet_small() -> nn.Module:
     """A ResNet-18-shaped network at width 32 for 64x64 inputs (20 BN layers)."""
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, 1, 1, bias=False),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        Block(32, 32, 1),
-        Block(32, 32, 1),
-        Block(32, 64, 2),
-        Block(64, 64, 1),
-        Block(64, 128, 2),
-        Block(128, 128, 1),
-        Block(128, 256, 2),
-        Block(256, 256, 1),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(256, 10),
+    return resnet(
+        [
+            (32, 32, 1),
+            (32, 32, 1),
+            (32, 64, 2),
+            (64, 64, 1),
+            (64, 128, 2),
+            (128, 128, 1),
+            (128, 256, 2),
+            (256, 256, 1),
+        ]
     )
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from bench_models import resnet
 from onnx import TensorProto, helper
 from torch import nn
 
@@ -40,37 +41,9 @@ LEVELS = {
 }
 
 
-class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(y)) + self.down(x))
-
-
 def build_model() -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 32, 3, 1, 1, bias=False),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        Block(32, 32, 1),
-        Block(32, 64, 2),
-        Block(64, 128, 2),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(128, 10),
-    )
+    model = resnet([(32, 32, 1), (32, 64, 2), (64, 128, 2)])
     gen = torch.Generator().manual_seed(1)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
