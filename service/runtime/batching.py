@@ -16,9 +16,13 @@ Errors stay per request: inputs are validated before they are queued, and if a b
 run fails anyway, each request in it is re-run alone so that only the failing one gets
 the error. A request whose caller went away (cancelled future) is skipped.
 
-One run at a time per batcher: ONNX Runtime sessions serialise concurrent runs on a GPU
-stream and share one intra-op pool on CPU, so parallel runs of one session only contend.
-With ``enabled=False`` (or a model whose axis 0 is fixed) every request runs alone.
+Runs in flight are bounded by ``max_concurrent`` (like Triton's instance count): on a GPU
+one (concurrent runs of a session serialise on its CUDA stream anyway: batch instead); on
+a CPU, as many as the cores hold runs of ``intra_op_threads`` threads each, so that runs
+never oversubscribe the cores (a parallel operator waits for its slowest thread). The
+consumer takes a free run slot *before* forming a batch, so a batch holds everything
+that queued while the slots were busy. With ``enabled=False`` (or a model whose axis 0
+is fixed) every request runs alone.
 """
 
 from __future__ import annotations
@@ -79,6 +83,8 @@ class Batcher:
         enabled: gather requests at all (``False``: one run per request).
         batchable: the model's inputs and outputs all have a variable axis 0.
         observe: called after each run with its rows and each request's queue wait.
+        max_concurrent: session runs in flight at once (1 on a GPU; on a CPU, cores
+            divided by the intra-op threads per run).
         name: for log lines.
     """
 
@@ -92,12 +98,15 @@ class Batcher:
         enabled: bool = True,
         batchable: bool = True,
         observe: BatchObserver | None = None,
+        max_concurrent: int = 1,
         name: str = "model",
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"expected max_batch_size >= 1 (got {max_batch_size})")
         if max_delay < 0.0:
             raise ValueError(f"expected max_delay >= 0 (got {max_delay})")
+        if max_concurrent < 1:
+            raise ValueError(f"expected max_concurrent >= 1 (got {max_concurrent})")
         self._run = run
         self._executor = executor
         self.max_batch_size = max_batch_size
@@ -110,6 +119,8 @@ class Batcher:
         self._closed = False
         self._task: asyncio.Task[None] | None = None
         self._load = 1.0
+        self.max_concurrent = max_concurrent
+        self._slots = asyncio.Semaphore(max_concurrent)
 
     def start(self) -> None:
         """Start the consumer task (on the running event loop)."""
@@ -186,25 +197,47 @@ class Batcher:
 
     async def _consume(self) -> None:
         held: deque[_Item] = deque()  # taken from the queue, waiting for a later batch
-        while True:
-            if not held and not await self._next(None):
-                return
-            source = held if held else self._queue
-            first = source.popleft()
-            batch = [first]
-            rows = first.rows
-            if self.gathers:
-                rows = self._gather(batch, held, rows)
-                wait = self._load > _WAIT_ABOVE and self.max_delay > 0.0
-                while wait and rows < self.max_batch_size:
-                    remaining = first.enqueued + self.max_delay - time.perf_counter()
-                    if not await self._next(remaining):
-                        break
-                    rows = self._gather(batch, held, rows)
-                    if held:  # the next request cannot join: stop waiting
-                        break
-            self._load = _LOAD_DECAY * self._load + (1.0 - _LOAD_DECAY) * len(batch)
-            await self._execute(batch)
+        runs: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                if not held and not await self._next(None):
+                    return
+                await self._slots.acquire()  # a free run slot first: the batch then takes
+                batch = self._form(held)  # everything that queued meanwhile
+                if self.gathers:
+                    batch = await self._grow(batch, held)
+                self._load = _LOAD_DECAY * self._load + (1.0 - _LOAD_DECAY) * len(batch)
+                run = asyncio.get_running_loop().create_task(self._execute(batch))
+                runs.add(run)
+                run.add_done_callback(self._finished(runs))
+        finally:
+            if runs:
+                await asyncio.gather(*runs, return_exceptions=True)
+
+    def _finished(self, runs: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+        def done(task: asyncio.Task[None]) -> None:
+            runs.discard(task)
+            self._slots.release()
+
+        return done
+
+    def _form(self, held: deque[_Item]) -> list[_Item]:
+        source = held if held else self._queue
+        return [source.popleft()]
+
+    async def _grow(self, batch: list[_Item], held: deque[_Item]) -> list[_Item]:
+        """Add queued requests that fit; wait for more only under concurrency."""
+        first = batch[0]
+        rows = self._gather(batch, held, first.rows)
+        wait = self._load > _WAIT_ABOVE and self.max_delay > 0.0
+        while wait and rows < self.max_batch_size:
+            remaining = first.enqueued + self.max_delay - time.perf_counter()
+            if not await self._next(remaining):
+                break
+            rows = self._gather(batch, held, rows)
+            if held:  # the next request cannot join: stop waiting
+                break
+        return batch
 
     async def _execute(self, batch: list[_Item]) -> None:
         live = [item for item in batch if not item.future.done()]

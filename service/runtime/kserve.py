@@ -28,6 +28,9 @@ says what was expected and what arrived.
 * :func:`select_outputs` - which outputs to return, each in JSON or binary.
 * :func:`encode_response` - :class:`InferResponse` to body bytes (+ header value).
 * :func:`encode_request` / :func:`decode_response` - the client side (tests, benchmark).
+
+JSON goes through ``orjson`` when it is installed (about 10x faster on tensor payloads;
+NumPy arrays are serialized without ``tolist()``), else through the standard library.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ import numpy.typing as npt
 from service.errors import InvalidInput
 
 from .sessions import DATATYPES, TensorSpec
+
+try:
+    import orjson as _orjson
+except ImportError:  # optional speed-up
+    _orjson = None  # type: ignore[assignment]
 
 __all__ = [
     "HEADER_LENGTH",
@@ -147,7 +155,7 @@ _DTYPE_NAMES = {dtype: name for name, dtype in DATATYPES.items()}
 
 
 def _datatype_of(dtype: np.dtype[Any]) -> str:
-    name = _DTYPE_NAMES.get(dtype)
+    name = _DTYPE_NAMES.get(dtype if dtype.isnative else dtype.newbyteorder("="))
     if name is None:
         raise InvalidInput(f"expected a numeric or boolean tensor (got dtype {dtype})")
     return name
@@ -173,9 +181,15 @@ def _header_length(value: str | int | None, body_size: int) -> int:
     return length
 
 
+def _loads(raw: bytes) -> Any:
+    if _orjson is not None:
+        return _orjson.loads(raw)
+    return json.loads(raw)
+
+
 def _load_json(raw: bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(raw)
+        obj = _loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidInput(f"request: expected a JSON object (got invalid JSON: {exc})") from None
     if not isinstance(obj, dict):
@@ -369,6 +383,10 @@ def _fmt(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
+def _takes(inputs: Sequence[TensorSpec]) -> str:
+    return ", ".join(f"{s.name} ({s.datatype} {_fmt(s.shape)})" for s in inputs)
+
+
 def to_feed(request: InferRequest, inputs: Sequence[TensorSpec]) -> tuple[dict[str, Array], int]:
     """Check the request's inputs against the model's and build the ORT feed.
 
@@ -385,14 +403,11 @@ def to_feed(request: InferRequest, inputs: Sequence[TensorSpec]) -> tuple[dict[s
             dimension; BYTES; inputs with different batch sizes.
     """
     specs = {spec.name: spec for spec in inputs}
-    expected = [f"{s.name} ({s.datatype} {_fmt(s.shape)})" for s in inputs]
     feed: dict[str, Array] = {}
     for item in request.inputs:
         spec = specs.get(item.name)
         if spec is None:
-            raise InvalidInput(
-                f"unexpected input {item.name!r}: the model takes {', '.join(expected)}"
-            )
+            raise InvalidInput(f"unexpected input {item.name!r}: the model takes {_takes(inputs)}")
         if item.name in feed:
             raise InvalidInput(f"input {item.name!r}: expected once (got it twice)")
         if item.datatype != spec.datatype:
@@ -415,9 +430,7 @@ def to_feed(request: InferRequest, inputs: Sequence[TensorSpec]) -> tuple[dict[s
         feed[item.name] = item.data
     missing = [s for s in inputs if s.name not in feed]
     if missing:
-        raise InvalidInput(
-            f"missing input {missing[0].name!r}: the model takes {', '.join(expected)}"
-        )
+        raise InvalidInput(f"missing input {missing[0].name!r}: the model takes {_takes(inputs)}")
     rows = 1
     if inputs and all(spec.batched for spec in inputs):
         sizes = {name: arr.shape[0] for name, arr in feed.items()}
@@ -456,7 +469,18 @@ def select_outputs(
 
 
 def _dumps(obj: Any) -> bytes:
+    if _orjson is not None:
+        fast: bytes = _orjson.dumps(obj, option=_orjson.OPT_SERIALIZE_NUMPY)
+        return fast
     return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _json_values(arr: Array) -> Any:
+    """Row-major values of ``arr`` for a JSON ``data`` field."""
+    flat = np.ascontiguousarray(arr).ravel()
+    if _orjson is not None and flat.dtype.byteorder in "=|<":
+        return flat
+    return flat.tolist()
 
 
 def _little_endian(arr: Array) -> Array:
@@ -486,7 +510,7 @@ def encode_response(response: InferResponse) -> tuple[bytes, int | None]:
             entry["parameters"] = {"binary_data_size": arr.nbytes}
             chunks.append(arr.tobytes())
         else:
-            entry["data"] = out.data.ravel().tolist()
+            entry["data"] = _json_values(out.data)
         tensors.append(entry)
     obj: dict[str, Any] = {"model_name": response.model_name}
     obj["model_version"] = response.model_version
@@ -535,7 +559,7 @@ def encode_request(
             entry["parameters"] = {"binary_data_size": le.nbytes}
             chunks.append(le.tobytes())
         else:
-            entry["data"] = arr.ravel().tolist()
+            entry["data"] = _json_values(arr)
         tensors.append(entry)
     obj: dict[str, Any] = {"inputs": tensors}
     if request_id is not None:

@@ -19,8 +19,10 @@ unless an explicitly versioned request used it in the last :data:`PIN_SECONDS` (
 stays loaded; versions nobody has used for :data:`IDLE_SECONDS` are retired on the next
 load).
 
-Session runs use a bounded thread pool (one run at a time per version, see the batcher);
-loads use ``asyncio.to_thread``. Nothing heavy happens before :meth:`ServingRuntime.start`
+Session runs use a bounded thread pool (runs in flight per version bounded by
+:func:`concurrent_runs`, see the batcher);
+drift moments are computed on a separate single thread, off the request path; loads use
+``asyncio.to_thread``. Nothing heavy happens before :meth:`ServingRuntime.start`
 or the first load.
 """
 
@@ -47,9 +49,9 @@ from service.settings import Settings
 from .batching import Batcher
 from .drift_monitor import DriftMonitor
 from .kserve import InferOutput, InferRequest, InferResponse, select_outputs, to_feed
-from .sessions import ModelSession, TensorSpec, create_session, warmup_sizes
+from .sessions import CUDA, ModelSession, TensorSpec, create_session, warmup_sizes
 
-__all__ = ["IDLE_SECONDS", "PIN_SECONDS", "PLATFORM", "ServingRuntime"]
+__all__ = ["IDLE_SECONDS", "PIN_SECONDS", "PLATFORM", "ServingRuntime", "concurrent_runs"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,17 @@ IDLE_SECONDS = 300.0
 """A loaded version that is not served and unused this long is retired on the next load."""
 
 Array = npt.NDArray[Any]
+
+
+def concurrent_runs(settings: Settings, provider: str) -> int:
+    """Session runs of one version in flight at once: 1 on CUDA (one stream: batch
+    instead), else the CPUs divided by the intra-op threads of a run (``0``: ONNX
+    Runtime's default, all cores, so 1), so runs never oversubscribe the cores."""
+    if provider == CUDA:
+        return 1
+    cpus = os.cpu_count() or 1
+    threads = settings.intra_op_threads or cpus
+    return max(1, cpus // threads)
 
 
 class _Version:
@@ -109,10 +122,7 @@ class _Version:
             if monitor is not None and self.tapped is not None and monitor.should_sample():
                 values = self.tapped.run(feed, self.output_names + monitor.tap_names)
                 k = len(self.output_names)
-                try:
-                    monitor.observe(values[k:], rows)
-                except (ValueError, RecalibError) as exc:  # e.g. NaN inputs: skip the batch
-                    log.warning("%s: drift moments of a batch skipped: %s", self.label, exc)
+                monitor.submit(values[k:], rows)  # processed on the drift thread
                 return values[:k]
             if self.plain is None:  # only the tapped session exists
                 return self.session.run(feed, self.output_names)
@@ -155,6 +165,7 @@ class _Version:
                 "provider_fallback": self.session.fell_back,
                 "dynamic_batching": self.batcher is not None and self.batcher.gathers,
                 "max_batch_size": settings.max_batch_size,
+                "concurrent_runs": 0 if self.batcher is None else self.batcher.max_concurrent,
                 "drift_monitoring": self.monitor is not None,
                 "drift_sample_fraction": 0.0
                 if self.monitor is None
@@ -188,6 +199,7 @@ class ServingRuntime:
         self._loading: dict[tuple[str, int], asyncio.Task[_Version]] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._executor: ThreadPoolExecutor | None = None
+        self._drift_executor: ThreadPoolExecutor | None = None
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -199,6 +211,8 @@ class ServingRuntime:
         if self._executor is None:
             workers = max(1, min(8, os.cpu_count() or 1))
             self._executor = ThreadPoolExecutor(workers, thread_name_prefix="recalib-run")
+        if self._drift_executor is None:
+            self._drift_executor = ThreadPoolExecutor(1, thread_name_prefix="recalib-drift")
 
     async def close(self) -> None:
         """Retire every version (in-flight requests finish) and stop the thread pool."""
@@ -209,9 +223,10 @@ class ServingRuntime:
         await asyncio.gather(*(self._retire(key) for key in list(self._versions)))
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        for pool in (self._executor, self._drift_executor):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._executor = self._drift_executor = None
 
     @property
     def started(self) -> bool:
@@ -261,6 +276,7 @@ class ServingRuntime:
             enabled=settings.dynamic_batching,
             batchable=entry.batchable,
             observe=observe,
+            max_concurrent=concurrent_runs(settings, entry.provider()),
             name=entry.label,
         )
         entry.batcher.start()
@@ -339,6 +355,7 @@ class ServingRuntime:
                 threshold=settings.drift_threshold,
                 sample_fraction=fraction,
                 publish=publish,
+                executor=self._drift_executor,
             )
         entry = _Version(
             name,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -16,6 +17,7 @@ from runtime_helpers import export, make_model, source_images
 
 from service.errors import NotReady
 from service.runtime.batching import Batcher
+from service.runtime.runtime import concurrent_runs
 from service.runtime.sessions import create_session
 from service.settings import Settings
 
@@ -214,3 +216,42 @@ def test_waits_for_more_only_under_concurrency() -> None:
 
     _run(body)
     assert recorder.batches == [1, 1, 1]
+
+
+def test_runs_in_flight_are_bounded_by_max_concurrent() -> None:
+    lock = threading.Lock()
+    active = [0, 0]  # now, peak
+
+    def run(feed: dict[str, np.ndarray], rows: int) -> list[np.ndarray]:
+        with lock:
+            active[0] += 1
+            active[1] = max(active[1], active[0])
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+        return [feed["x"] + 1.0]
+
+    async def body(pool: ThreadPoolExecutor) -> list[list[np.ndarray]]:
+        batcher = Batcher(run, executor=pool, max_batch_size=1, max_delay=0.0, max_concurrent=2)
+        data = [np.full((1, 2), float(i), np.float32) for i in range(8)]
+        out = await asyncio.gather(*(batcher.submit({"x": x}, 1) for x in data))
+        await batcher.close()
+        return out
+
+    results = _run(body)
+    assert [float(r[0][0, 0]) for r in results] == [float(i) + 1.0 for i in range(8)]
+    assert active[1] == 2
+
+
+@pytest.mark.parametrize(
+    ("threads", "provider", "expected"),
+    [
+        (0, "CPUExecutionProvider", 1),
+        (1, "CPUExecutionProvider", None),
+        (1, "CUDAExecutionProvider", 1),
+    ],
+)
+def test_concurrent_runs_rule(threads: int, provider: str, expected: int | None) -> None:
+    cpus = os.cpu_count() or 1
+    got = concurrent_runs(Settings(intra_op_threads=threads), provider)
+    assert got == (cpus if expected is None else expected)

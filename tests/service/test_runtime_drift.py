@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import threading
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -198,3 +200,46 @@ def test_drift_falls_after_recalibrating_and_serving_the_new_version(
     assert after["score"] < before["score"] / 20
     registry = metrics.registry
     assert registry.get_sample_value("recalib_drift_score", {"model": "m", "version": "1"}) is None
+
+
+def test_submitted_runs_are_coalesced_off_thread(onnx_path: Path) -> None:
+    """Queued runs give the same window as runs observed one by one."""
+    x = shifted_images(64, seed=31)
+    inline, feed_inline = _monitor(onnx_path)
+    for i in range(0, 64, 8):
+        feed_inline(x[i : i + 8])
+    with ThreadPoolExecutor(1) as pool:
+        queued, _ = _monitor(onnx_path, executor=pool)
+        tapped = add_drift_taps(onnx.load(onnx_path))
+        session = create_session(
+            tapped.SerializeToString(), Settings(execution_provider="cpu", intra_op_threads=1)
+        )
+        gate = threading.Event()
+        pool.submit(gate.wait, 10.0)  # hold the drift thread: the runs pile up
+        for i in range(0, 64, 8):
+            values = session.run({"input": x[i : i + 8]}, ["output", *queued.tap_names])
+            queued.submit(values[1:], 8)
+        gate.set()
+        got = queued.report()
+    want = inline.report()
+    assert got["samples"] == want["samples"] == 64 and got["tapped_batches"] == 8
+    assert got["score"] == pytest.approx(want["score"], rel=1e-9)
+    assert got["dropped_rows"] == 0
+
+
+def test_queue_bound_drops_and_counts_rows(onnx_path: Path) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        monitor, _ = _monitor(onnx_path, executor=pool, max_pending_rows=16)
+        values = [
+            np.int64(64)
+            if name.endswith("::count")
+            else np.ones((8, 8 if "bn2" in name else 6), np.float32)
+            for name in monitor.tap_names
+        ]
+        gate = threading.Event()
+        pool.submit(gate.wait, 10.0)
+        for _ in range(3):
+            monitor.submit(values, 8)
+        gate.set()
+        report = monitor.report()
+    assert report["samples"] == 16 and report["dropped_rows"] == 8

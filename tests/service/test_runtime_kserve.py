@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from service.errors import InvalidInput
+from service.runtime import kserve
 from service.runtime.kserve import (
     HEADER_LENGTH,
     InferOutput,
@@ -291,3 +292,36 @@ def test_select_outputs_binary_flags() -> None:
         InvalidInput, match=r"unknown output 'c': the model has outputs \['a', 'b'\]"
     ):
         select_outputs(unknown, specs)
+
+
+@pytest.fixture(params=["json", "orjson"])
+def json_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the standard-library JSON and (when installed) with orjson."""
+    if request.param == "orjson":
+        monkeypatch.setattr(kserve, "_orjson", pytest.importorskip("orjson"))
+    else:
+        monkeypatch.setattr(kserve, "_orjson", None)
+    return str(request.param)
+
+
+def test_json_backends_agree(json_backend: str) -> None:
+    x = np.arange(6, dtype=np.float16).reshape(2, 3) / 3
+    flags = np.array([True, False])
+    body, header = encode_request({"x": x, "f": flags}, binary=False, request_id="j")
+    request = decode_request(body, header)
+    assert request.id == "j"
+    np.testing.assert_array_equal(request.inputs[0].data, x)
+    np.testing.assert_array_equal(request.inputs[1].data, flags)
+    outputs = [
+        InferOutput("x", x),
+        InferOutput("f", flags),
+        InferOutput("i", np.arange(3, dtype=">i4")),
+    ]
+    out_body, out_header = encode_response(InferResponse("m", "1", outputs))
+    assert out_header is None
+    decoded = decode_response(out_body)
+    np.testing.assert_array_equal(decoded["x"], x)
+    np.testing.assert_array_equal(decoded["f"], flags)
+    np.testing.assert_array_equal(decoded["i"], [0, 1, 2])
+    with pytest.raises(InvalidInput, match="invalid JSON"):
+        decode_request(b'{"inputs": [}')
