@@ -181,6 +181,12 @@ class DriftMonitor:
         with self._idle:
             return self._idle.wait_for(lambda: not self._draining, timeout)
 
+    def close(self) -> None:
+        """Process what is queued, then stop publishing (the version is being unloaded:
+        its gauges must not come back after the runtime removed them)."""
+        self.flush()
+        self._publish = None
+
     def _check(self, tap_values: Sequence[npt.ArrayLike]) -> None:
         if len(tap_values) != len(self.tap_names):
             raise ValueError(f"expected {len(self.tap_names)} tap outputs (got {len(tap_values)})")

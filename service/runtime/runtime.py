@@ -390,6 +390,8 @@ class ServingRuntime:
         await entry.idle.wait()
         if entry.batcher is not None:
             await entry.batcher.close()
+        if entry.monitor is not None:
+            await asyncio.to_thread(entry.monitor.close)
         self.metrics.forget_version(entry.name, entry.version)
         self.metrics.set_loaded_versions(len(self._versions))
         log.info("%s unloaded", entry.label)
