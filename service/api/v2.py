@@ -17,8 +17,14 @@ schema is declared for the OpenAPI document only). A version that is not loaded 
 loaded on first use; an unversioned request goes to the served version (the registry's
 ``production`` alias, else the latest version, served on first use).
 
-Inference and model metadata require the bearer token when one is configured
-(``service.api.deps.AuthDep``); health and server metadata only with ``protect_health``.
+Inference and model metadata require the bearer token when one is configured (the check
+of :mod:`service.api.deps`, run as an ``async`` dependency); health and server metadata
+only with ``protect_health``.
+
+Inference is answered by plain Starlette routes registered ahead of the documented
+FastAPI operations (see the end of this module): same behaviour, without FastAPI's
+per-request dependency solving, which costs as much CPU as the rest of a small model's
+request.
 """
 
 from __future__ import annotations
@@ -223,8 +229,9 @@ async def _require_token(request: Request, credentials: deps._Credentials) -> No
 AuthDep = Annotated[None, Depends(_require_token)]
 HealthAuth = Annotated[None, Depends(require_health_token)]
 
+_VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 VersionParam = Annotated[
-    str, PathParam(description="version number or alias", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    str, PathParam(description="version number or alias", pattern=_VERSION_PATTERN)
 ]
 
 router = APIRouter(prefix="/v2", tags=["inference (Open Inference Protocol v2)"])
@@ -475,7 +482,7 @@ async def model_version_infer(
 # placed first, answer instead with identical behaviour: the same bearer check, the same
 # version-reference pattern, the same errors (raised, so the app's handlers format them).
 
-_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_VERSION_RE = re.compile(_VERSION_PATTERN)
 
 
 def _bearer_token(request: Request) -> str | None:

@@ -246,3 +246,24 @@ def test_openapi_documents_the_infer_body(client: TestClient) -> None:
     assert "application/octet-stream" in content
     assert HEADER_LENGTH in {p["name"] for p in post["parameters"]}
     assert "/v2/health/ready" in spec["paths"] and "/metrics" in spec["paths"]
+
+
+def test_bad_version_reference_on_infer(client: TestClient) -> None:
+    body, header = encode_request({"input": source_images(1, seed=6)})
+    response = client.post(
+        "/v2/models/m/versions/-1/infer", content=body, headers={HEADER_LENGTH: str(header)}
+    )
+    assert response.status_code == 400
+    assert "expected a version number or alias" in response.json()["error"]
+
+
+def test_non_bearer_authorization_is_refused(models: dict[int, Any], tmp_path: Path) -> None:
+    settings = _settings(tmp_path, api_token=SecretStr(TOKEN))
+    body, header = encode_request({"input": source_images(1, seed=7)})
+    with TestClient(build_app(settings, FakeRegistry({1: models[1][1]}))) as c:
+        basic = c.post(
+            "/v2/models/m/infer",
+            content=body,
+            headers={HEADER_LENGTH: str(header), "Authorization": f"Basic {TOKEN}"},
+        )
+    assert basic.status_code == 401
