@@ -226,3 +226,16 @@ def test_warm_up_runs_each_size(onnx_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(session, "run", spy)
     assert session.warm_up([1, 4]) == 2
     assert seen == [(1, 3, 8, 8), (4, 3, 8, 8)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(CUDA not in ort.get_available_providers(), reason="needs onnxruntime-gpu")
+def test_cuda_session_with_iobinding_matches_cpu(onnx_path: Path) -> None:
+    x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    cpu = create_session(onnx_path, Settings(execution_provider="cpu"))
+    gpu = create_session(onnx_path, Settings(execution_provider="cuda", provider_fallback="fail"))
+    assert gpu.provider == CUDA and not gpu.fell_back
+    assert gpu.warm_up([1, 4]) == 2
+    (want,) = cpu.run({"input": x})
+    (got,) = gpu.run({"input": x})  # through IOBinding
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
