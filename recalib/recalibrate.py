@@ -403,6 +403,9 @@ def recalibrate(
         for lay in selected:
             if lay.name in backups:
                 _write(lay, *backups[lay.name])
+            elif _stats_of(lay) is not None:
+                # A lazy layer materialised by this call: back to its fresh 0/1 statistics.
+                lay.module.reset_running_stats()
         raise
     finally:
         if bar is not None:
@@ -459,6 +462,7 @@ def _build_report(
         est = finals.get(lay.name)
         new = _stats_of(lay)
         if est is None or new is None or lay.name not in sources:
+            log.warning("layer %s received no input; its statistics are unchanged", lay.name)
             skip.append({"layer": lay.name, "reason": "received no input: statistics unchanged"})
             continue
         eps = lay.module.eps

@@ -261,3 +261,26 @@ def test_forward_type_error_is_wrapped(
     with pytest.raises(DataError, match="forward failed on batch 0"):
         recalibrate(cnn, [{"image": images}])  # SmallCNN.forward takes no keyword 'image'
     assert_unchanged(cnn, before)
+
+
+def test_lazy_layer_materialised_by_a_failed_call_has_fresh_statistics() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d()).eval()
+    good = torch.randn(8, 3, 6, 6) + 3
+    bad = good.clone()
+    bad[0, 0, 0, 0] = float("nan")
+
+    class SecondPassGoesBad:
+        """Clean on the first pass (statistics get written), NaN on the second."""
+
+        passes = 0
+
+        def __iter__(self) -> Iterator[Tensor]:
+            self.passes += 1
+            return iter([good] if self.passes == 1 else [bad])
+
+    with pytest.raises(DataError):
+        recalibrate(model, SecondPassGoesBad(), mode="eval", init="source")
+    bn = model[1]
+    assert torch.equal(bn.running_mean, torch.zeros(4))
+    assert torch.equal(bn.running_var, torch.ones(4))
