@@ -9,9 +9,11 @@ One run measures, for batch-1 requests:
 
 The client is a minimal asyncio HTTP/1.1 load generator (keep-alive connections,
 pre-encoded requests, closed loop), so it costs the shared CPU as little as possible. Each
-cell runs for ``--seconds`` after a warm-up; the table gives throughput, p50/p99 latency,
-throughput relative to in-process ORT at the same concurrency, and the p50 latency added
-over in-process ORT at concurrency 1.
+cell runs for ``--seconds`` after a warm-up, in ``--rounds`` rounds (order rotated); the
+table gives medians over rounds of throughput, p50/p99 latency, throughput relative to
+in-process ORT at the same concurrency in the same round, and the p50 latency added over
+in-process ORT at concurrency 1 in the same round (pairing runs measured moments apart
+keeps the ratios steady when other work shares the machine).
 
 Models: ``resnet`` (ResNet-ish CNN, 9 BN layers, 3x32x32, a few ms per batch-1 run on a
 CPU core) and ``demo`` (the bundled demo CNN, 3x16x16, ~0.05 ms: pure HTTP overhead).
@@ -333,8 +335,8 @@ def _backends() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("resnet", "demo"), default="resnet")
-    parser.add_argument("--seconds", type=float, default=2.5, help="per cell and round")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds (median reported)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per cell and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (medians reported)")
     parser.add_argument("--drift", type=float, default=1.0, help="drift_sample_fraction")
     parser.add_argument("--delay-ms", type=float, default=2.0, help="max_queue_delay_ms")
     parser.add_argument("--threads", type=int, default=0, help="intra_op_threads (0: ORT's)")
@@ -378,9 +380,25 @@ def main() -> None:
     finally:
         for server in servers.values():
             server.close()
-    median = {i: sorted(rs, key=lambda r: r.throughput)[len(rs) // 2] for i, rs in runs.items()}
-    base = {cells[i][3]: median[i] for i in range(2)}
-    rows: list[tuple[str, int, Result]] = [(cells[i][0], cells[i][3], median[i]) for i in runs]
+    # Ratios pair each run with the in-process run of the same round (measured moments
+    # apart), so slow changes in background load cancel; medians over rounds.
+    base_cell = {1: 0, 16: 1}
+    rows: list[dict[str, Any]] = []
+    for i, (setup, _, _, conc) in enumerate(cells):
+        rs, bs, b1 = runs[i], runs[base_cell[conc]], runs[base_cell[1]]
+        ratios = [r.throughput / b.throughput for r, b in zip(rs, bs, strict=True)]
+        added = [r.pct(50) - b.pct(50) for r, b in zip(rs, b1, strict=True)]
+        rows.append(
+            {
+                "setup": setup,
+                "concurrency": conc,
+                "throughput": float(np.median([r.throughput for r in rs])),
+                "p50_ms": float(np.median([r.pct(50) for r in rs])),
+                "p99_ms": float(np.median([r.pct(99) for r in rs])),
+                "ratio": float(np.median(ratios)),
+                "added_p50_ms": float(np.median(added)),
+            }
+        )
 
     print(
         f"\nmodel {args.model} (input {list(shape)}), batch-1 requests, {args.seconds:g} s per "
@@ -394,27 +412,14 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
-    out = []
-    for setup, conc, r in rows:
-        ratio = r.throughput / base[conc].throughput
-        added = r.pct(50) - base[1].pct(50)
+    for row in rows:
         print(
-            f"{setup:<28} {conc:>4} {r.throughput:>8.0f} {r.pct(50):>8.2f} "
-            f"{r.pct(99):>8.2f} {ratio:>9.2f} {added:>8.2f}"
-        )
-        out.append(
-            {
-                "setup": setup.split(),
-                "concurrency": conc,
-                "throughput": r.throughput,
-                "p50_ms": r.pct(50),
-                "p99_ms": r.pct(99),
-                "ratio": ratio,
-                "added_p50_ms": added,
-            }
+            f"{row['setup']:<28} {row['concurrency']:>4} {row['throughput']:>8.0f} "
+            f"{row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f} {row['ratio']:>9.2f} "
+            f"{row['added_p50_ms']:>8.2f}"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
