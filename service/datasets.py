@@ -4,7 +4,8 @@ A data set is one ``.npz``, ``.npy`` or ``.safetensors`` file (the formats of
 :mod:`recalib.datafiles`; nothing is unpickled). An upload is copied in 1 MiB chunks into a
 staging directory under ``home/tmp`` while its size is counted (413 above the limit) and
 its sha256 computed; the file is then described from its headers only (array names, shapes
-and dtypes: nothing is loaded whole; ``.npz`` members are CRC-checked by streaming) and
+and dtypes: nothing is loaded whole; each ``.npy`` must be exactly as long as its header
+says, ``.npz`` members are CRC-checked by streaming, safetensors checks its offsets) and
 moved into ``home/datasets/<id>/`` with one rename, so a half-written data set is never
 visible. The data set's *input* is the array :func:`recalib.datafiles.pick_input` would
 pick (``x``, or the only array, ...): it must be floating point with a batch axis, and its
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import shutil
 import sqlite3
 import uuid
@@ -138,7 +140,13 @@ def upload_suffix(filename: str | None, allowed: tuple[str, ...], what: str) -> 
     return suffix
 
 
-def _npy_header(f: BinaryIO, where: str) -> TensorInfo:
+def _npy_header(f: BinaryIO, where: str, size: int) -> TensorInfo:
+    """Read the header of a ``.npy`` of ``size`` bytes at ``f``; check the size fits it.
+
+    Raises:
+        DataError: not a ``.npy``, an object (pickled) dtype, a negative dimension, or a
+            size other than header + ``prod(shape) * itemsize`` (truncated or padded).
+    """
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
         shape, _, dtype = np.lib.format.read_array_header_1_0(f)
@@ -148,22 +156,33 @@ def _npy_header(f: BinaryIO, where: str) -> TensorInfo:
         raise DataError(f"expected .npy format version 1.0 or 2.0 in {where} (got {version})")
     if dtype.hasobject:
         raise DataError(f"expected a numeric array in {where} (got dtype {dtype}: pickled)")
-    return TensorInfo(shape=[int(d) for d in shape], dtype=str(dtype))
+    dims = [int(d) for d in shape]
+    if any(d < 0 for d in dims):
+        raise DataError(f"expected non-negative dimensions in {where} (got shape {tuple(dims)})")
+    # The header does not bind the data: a truncated upload parses as well as a whole one.
+    expected = f.tell() + math.prod(dims) * dtype.itemsize
+    if size != expected:
+        raise DataError(
+            f"expected {expected} bytes in {where} (header + {tuple(dims)} {dtype} data) "
+            f"(got {size} bytes: truncated or inconsistent)"
+        )
+    return TensorInfo(shape=dims, dtype=str(dtype))
 
 
 def _describe_npy(path: Path) -> dict[str, TensorInfo]:
     with path.open("rb") as f:
-        return {"x": _npy_header(f, path.name)}
+        return {"x": _npy_header(f, "the .npy", path.stat().st_size)}
 
 
 def _describe_npz(path: Path) -> dict[str, TensorInfo]:
     out: dict[str, TensorInfo] = {}
     with zipfile.ZipFile(path) as zf:
-        for member in zf.namelist():
-            if not member.endswith(".npy"):
-                raise DataError(f"expected only .npy members in the .npz (got {member!r})")
+        for member in zf.infolist():
+            if not member.filename.endswith(".npy"):
+                raise DataError(f"expected only .npy members in the .npz (got {member.filename!r})")
             with zf.open(member) as f:
-                out[member[: -len(".npy")]] = _npy_header(f, member)  # type: ignore[arg-type]
+                header = _npy_header(f, member.filename, member.file_size)  # type: ignore[arg-type]
+                out[member.filename[: -len(".npy")]] = header
         bad = zf.testzip()
         if bad is not None:
             raise DataError(f"the .npz member {bad!r} is corrupt (CRC mismatch)")

@@ -9,8 +9,11 @@ the server's event loop only polls the process. When it exits, the server reads 
 passed - points ``production`` at it through the runtime.
 
 * Cancel (``DELETE /v1/recalibrations/{id}``): a queued job ends at once; a running job's
-  process is terminated (SIGTERM, then SIGKILL after 5 s); a job whose process already
-  exited and is being registered cannot be cancelled (409).
+  process is terminated (SIGTERM, then SIGKILL after 5 s); a cancel that arrives as the
+  process exits on its own still cancels (its output is discarded); a job whose version is
+  being registered cannot be cancelled (409).
+* An unexpected error in the server while finishing a job fails the job (logged with its
+  traceback) rather than leaving it ``running``.
 * Timeout: a process running longer than ``Settings.job_timeout_seconds`` is terminated
   and the job fails.
 * Restart: no process survives the server. At startup every job still ``queued`` or
@@ -439,6 +442,11 @@ class JobManager:
                 await self._execute(handle)
         except asyncio.CancelledError:
             pass  # cancel() or close() recorded the final state
+        # A bug or an unforeseen failure here must not leave the job "running" for ever
+        # (_finish changes only a job that is still queued or running).
+        except Exception as exc:
+            log.exception("job %s: unexpected error in the server", handle.id)
+            self._finish(handle, "failed", error=f"internal error: {type(exc).__name__}: {exc}")
         finally:
             proc = handle.process
             if proc is not None and proc.is_alive():  # cancelled mid-wait: never leave it
@@ -494,7 +502,9 @@ class JobManager:
                 await self._stop(proc)
                 return why
             await asyncio.sleep(_POLL)
-        return "exited"
+        # A cancel that arrived while the process was exiting still wins: the caller of
+        # cancel() is told "cancelled", so no version may appear.
+        return "cancelled" if handle.cancel_requested else "exited"
 
     @staticmethod
     async def _stop(proc: Any) -> None:
@@ -511,7 +521,15 @@ class JobManager:
             code = handle.process.exitcode
             self._finish(handle, "failed", error=f"the worker process died (exit code {code})")
             return
-        result = json.loads(result_file.read_text())
+        try:
+            result = json.loads(result_file.read_text())
+        except (OSError, ValueError) as exc:
+            self._finish(handle, "failed", error=f"unreadable {RESULT_FILE} from the worker: {exc}")
+            return
+        if not isinstance(result, dict):
+            error = f"expected a JSON object in {RESULT_FILE} (got {type(result).__name__})"
+            self._finish(handle, "failed", error=error)
+            return
         if not result.get("ok"):
             if result.get("traceback"):
                 log.error("job %s failed in its worker:\n%s", handle.id, result["traceback"])

@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 from .datasets import Upload, copy_upload, upload_suffix
 from .db import Database, dumps, loads, utcnow
 from .errors import Conflict, InvalidInput, NotFound
-from .names import check_name
+from .names import check_alias, check_name, is_number
 
 __all__ = [
     "ARTIFACT_FILES",
@@ -44,6 +44,7 @@ __all__ = [
     "AliasUpdate",
     "ArtifactInfo",
     "ArtifactFormat",
+    "MAX_VERSION",
     "ModelInfo",
     "ModelList",
     "Registry",
@@ -69,6 +70,9 @@ ARTIFACT_FILES: dict[str, str] = {
     "report": "report.json",
 }
 """Artifact format -> file name inside a version directory."""
+
+MAX_VERSION = 2**63 - 1
+"""The largest version number (SQLite's INTEGER); larger ones name no version."""
 
 _MODEL_SUFFIXES = (".onnx", ".pt2")
 _convert_lock = threading.Lock()  # one torch export at a time (global exporter state)
@@ -146,7 +150,8 @@ class ModelList(BaseModel):
 
 
 class AliasUpdate(BaseModel):
-    version: int = Field(ge=1)
+    # lt, not le=MAX_VERSION: OpenAPI carries bounds as floats, and 2**63 is exact as one.
+    version: int = Field(ge=1, lt=MAX_VERSION + 1)
 
 
 class AliasInfo(BaseModel):
@@ -304,6 +309,18 @@ def _prepare_upload(upload: Upload, staging: Path, suffix: str, max_bytes: int) 
     return report
 
 
+def _version_number(ref: int | str) -> int:
+    """``ref`` as an int; a digit string too long for any version gives ``MAX_VERSION + 1``.
+
+    (``int()`` refuses strings of more than 4300 digits, and any number of more than 19
+    digits is above :data:`MAX_VERSION` anyway.)
+    """
+    if isinstance(ref, int):
+        return ref
+    digits = ref.lstrip("0") or "0"
+    return int(digits) if len(digits) <= len(str(MAX_VERSION)) else MAX_VERSION + 1
+
+
 def _summary(report: dict[str, Any]) -> dict[str, Any]:
     """The part of a version's report kept in its row (the whole is ``report.json``)."""
     if report.get("kind") == "registration":
@@ -405,10 +422,11 @@ class Registry:
     def resolve_version(self, name: str, ref: str | int | None) -> int:
         """The version number ``ref`` names: a number, an alias, or ``None``.
 
-        ``None`` means the ``production`` alias, else the latest version.
+        ``None`` means the ``production`` alias, else the latest version. A number is ASCII
+        digits (or an int); one outside ``1..MAX_VERSION`` names no version.
 
         Raises:
-            NotFound: no such model, version or alias.
+            NotFound: no such model, version or alias; InvalidInput: a malformed name.
         """
         model = self._model_row(name)
         if ref is None:
@@ -421,15 +439,19 @@ class Registry:
             if row is None or row["version"] is None:
                 raise NotFound(f"model {name!r} has no version")
             return int(row["version"])
-        if isinstance(ref, int) or ref.isdigit():
-            version = int(ref)
-            found = self.db.query_one(
-                "SELECT 1 FROM versions WHERE model_id = ? AND version = ?", (model["id"], version)
-            )
-            if found is None:
-                raise NotFound(f"model {name!r} has no version {version}")
+        if isinstance(ref, int) or is_number(ref):
+            version = _version_number(ref)
+            # Range first: SQLite cannot bind an integer above 2**63 - 1 (OverflowError).
+            if not 1 <= version <= MAX_VERSION or (
+                self.db.query_one(
+                    "SELECT 1 FROM versions WHERE model_id = ? AND version = ?",
+                    (model["id"], version),
+                )
+                is None
+            ):
+                raise NotFound(f"model {name!r} has no version {str(ref)[:40]}")
             return version
-        check_name(ref, "alias")
+        check_name(ref, "version number or alias")
         row = self.db.query_one(
             "SELECT version FROM aliases WHERE model_id = ? AND alias = ?", (model["id"], ref)
         )
@@ -658,10 +680,11 @@ class Registry:
         """Point ``alias`` at ``version``; for ``production`` the runtime serves it first.
 
         Raises:
-            NotFound: no such model or version; InvalidInput: malformed alias; whatever
-            ``runtime.serve`` raises (the alias is then unchanged).
+            NotFound: no such model or version; InvalidInput: malformed alias, or a
+            number (it would be read as a version); whatever ``runtime.serve`` raises (the
+            alias is then unchanged).
         """
-        check_name(alias, "alias")
+        check_alias(alias)
         model = self._model_row(name)
         path = self.artifact(name, version, "onnx")
         async with self._lock(model["id"]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import zipfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,6 +20,19 @@ def _npy(array: np.ndarray, *, allow_pickle: bool = False) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=allow_pickle)
     return buf.getvalue()
+
+
+def _zip(*, compression: int = zipfile.ZIP_STORED, **members: bytes) -> bytes:
+    """An ``.npz``-like zip with the given raw ``<name>.npy`` members."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=compression) as zf:
+        for name, data in members.items():
+            zf.writestr(f"{name}.npy", data)
+    return buf.getvalue()
+
+
+_IMAGES = _npy(np.ones((10, 3, 4, 4), np.float32))  # 128-byte header + 1920 bytes of data
+_NEGATIVE = _npy(np.ones((2, 3), np.float32)).replace(b"(2, 3)", b"(-2, -3)", 1)
 
 
 def test_upload_npz_describes_and_hashes(api: Any, npz: Callable[..., bytes]) -> None:
@@ -37,6 +51,16 @@ def test_upload_npz_describes_and_hashes(api: Any, npz: Callable[..., bytes]) ->
     assert info["sha256"] == hashlib.sha256(data).hexdigest() and info["bytes"] == len(data)
     assert api.client.get(f"/v1/datasets/{info['id']}").json() == info
     assert api.client.get("/v1/datasets").json() == {"datasets": [info]}
+
+
+def test_upload_compressed_and_fortran_order_arrays(api: Any) -> None:
+    buf = io.BytesIO()
+    x = np.asfortranarray(np.ones((6, 3, 2, 2), np.float32))
+    np.savez_compressed(buf, x=x, y=np.arange(6))
+    r = api.upload(buf.getvalue(), "c.npz")
+    assert r.status_code == 201, r.text
+    assert (r.json()["input"], r.json()["samples"]) == ("x", 6)
+    assert api.upload(_npy(x), "f.npy").status_code == 201
 
 
 @pytest.mark.parametrize(
@@ -68,8 +92,19 @@ def test_upload_npy_and_safetensors(
         ("a.npz", b"not a zip file", "could not read"),
         ("a.safetensors", b"\x10\0\0\0\0\0\0\0{garbage}", "could not read"),
         ("a.npy", _npy(np.arange(6).reshape(3, 2)), "floating-point"),
-        ("a.npy", _npy(np.float32(1.0)), "at least 2 dimensions"),
+        ("a.npy", _npy(np.array(1.0, np.float32)), "at least 2 dimensions"),
         ("a.pkl", b"\x80\x04K\x01.", "ending in .npz, .npy, .safetensors"),
+        ("a.npy", _IMAGES[:-100], "expected 2048 bytes in the .npy"),
+        ("a.npy", _IMAGES + b"\0" * 8, "(got 2056 bytes: truncated or inconsistent)"),
+        ("a.npy", _NEGATIVE, "expected non-negative dimensions"),
+        ("a.npz", _zip(x=_IMAGES[:-4]), "expected 2048 bytes in x.npy"),
+        ("a.npz", _zip(x=_IMAGES, y=_NEGATIVE), "non-negative dimensions in y.npy"),
+        (
+            "a.npz",
+            _zip(x=_IMAGES + b"\0", compression=zipfile.ZIP_DEFLATED),
+            "(got 2049 bytes",
+        ),
+        ("a.safetensors", save({"x": np.ones((10, 4), np.float32)})[:-16], "could not read"),
     ],
 )
 def test_bad_upload_is_400_and_stores_nothing(

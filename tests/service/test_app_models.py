@@ -173,3 +173,26 @@ def test_malformed_alias_400(api: Any, bn_onnx: bytes) -> None:
     assert r.status_code == 400 and "alias" in r.json()["error"]
     r = api.client.put("/v1/models/tiny/aliases/canary", json={"version": 0})
     assert r.status_code == 422 and "version" in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "body", "status"),
+    [
+        ("GET", "/v1/models/tiny/versions/99999999999999999999999", None, 404),
+        ("GET", "/v1/models/tiny/versions/99999999999999999999999/artifact", None, 404),
+        ("GET", "/v1/models/tiny/versions/%C2%B2", None, 400),
+        ("PUT", "/v1/models/tiny/aliases/production", {"version": 2**63}, 422),
+        ("PUT", "/v1/models/tiny/aliases/canary", {"version": 2**70}, 422),
+        ("PUT", "/v1/models/tiny/aliases/2", {"version": 1}, 400),
+        ("GET", "/v2/models/tiny/versions/99999999999999999999999", None, 404),
+        ("POST", "/v2/models/tiny/versions/99999999999999999999999/infer", {"inputs": []}, 404),
+    ],
+)
+def test_out_of_range_and_numeric_refs_are_client_errors(
+    api: Any, bn_onnx: bytes, method: str, url: str, body: Any, status: int
+) -> None:
+    api.register("tiny", bn_onnx)
+    r = api.client.request(method, url, json=body)
+    assert r.status_code == status, r.text
+    assert "error" in r.json()
+    assert api.client.get("/v1/models/tiny").json()["aliases"] == {"production": 1}

@@ -8,6 +8,7 @@ inherits).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -35,6 +36,32 @@ def slow_worker(spec: JobSpec) -> None:
 
 def crashing_worker(spec: JobSpec) -> None:
     os._exit(3)
+
+
+def _write_result(spec: JobSpec, text: str) -> None:
+    (Path(spec.work_dir) / "result.json").write_text(text)
+
+
+def garbled_result_worker(spec: JobSpec) -> None:
+    _write_result(spec, "{not json")
+
+
+def list_result_worker(spec: JobSpec) -> None:
+    _write_result(spec, "[1, 2]")
+
+
+def odd_validation_worker(spec: JobSpec) -> None:
+    """Claims success with a validation that is not an object (the server trips on it)."""
+    _write_result(spec, json.dumps({"ok": True, "validation": 5}))
+
+
+def quick_worker(spec: JobSpec) -> None:
+    """A whole new version (the base ONNX copied), written at once."""
+    out = Path(spec.work_dir) / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.onnx").write_bytes(Path(spec.base_onnx).read_bytes())
+    (out / "report.json").write_text(json.dumps({"recalibration": {"method": "exact"}}))
+    _write_result(spec, json.dumps({"ok": True, "validation": None}))
 
 
 def _setup(api: Any, bn_onnx: bytes, npz: Callable[..., bytes]) -> str:
@@ -121,6 +148,59 @@ def test_crashing_worker_fails_the_job_not_the_server(
     _untouched(api)
 
 
+@pytest.mark.parametrize(
+    ("worker", "message"),
+    [
+        (garbled_result_worker, "unreadable result.json from the worker"),
+        (list_result_worker, "expected a JSON object in result.json (got list)"),
+        (odd_validation_worker, "internal error: TypeError"),
+    ],
+)
+def test_unexpected_worker_output_fails_the_job(
+    make_api: Callable[..., Any],
+    settings: Settings,
+    bn_onnx: bytes,
+    npz: Callable[..., bytes],
+    worker: Callable[[JobSpec], None],
+    message: str,
+) -> None:
+    api = make_api(settings, worker=worker)
+    job = api.wait(_start(api, _setup(api, bn_onnx, npz))["id"], limit=30.0)
+    assert job["state"] == "failed" and message in job["error"], job
+    assert job["finished_at"] is not None
+    _untouched(api)
+    assert _outcomes(api)["failed"] == 1
+
+
+def test_cancel_as_the_worker_exits_cancels(
+    make_api: Callable[..., Any], settings: Settings, bn_onnx: bytes, npz: Callable[..., bytes]
+) -> None:
+    from service.jobs import RecalibrationRequest  # not at the top: it imports torch
+
+    api = make_api(settings, worker=quick_worker)
+    ds = _setup(api, bn_onnx, npz)
+    jobs = api.app.state.jobs
+
+    async def race() -> dict[str, Any]:
+        job = await jobs.submit("m", RecalibrationRequest(dataset=ds, promote=True))
+        handle = jobs._live[job.id]
+        while handle.process is None:
+            await asyncio.sleep(0.01)
+        # Blocking the event loop while the worker finishes: the job's poll cannot see
+        # the process exit before the cancel below arrives.
+        handle.process.join(60)
+        assert handle.process.exitcode == 0
+        cancelled: dict[str, Any] = (await jobs.cancel(job.id)).model_dump()
+        return cancelled
+
+    job = api.client.portal.call(race)
+    assert job["state"] == "cancelled" and job["error"] == "cancelled while running", job
+    assert job["result_version"] is None and not job["promoted"]
+    _untouched(api)
+    assert api.runtime.served == {"m": 1}
+    assert _outcomes(api)["cancelled"] == 1 and _outcomes(api)["succeeded"] == 0
+
+
 def test_shutdown_with_job_in_flight_then_restart(
     make_api: Callable[..., Any], settings: Settings, bn_onnx: bytes, npz: Callable[..., bytes]
 ) -> None:
@@ -175,6 +255,8 @@ def test_restart_after_a_crash_interrupts_leftover_jobs(
         ({"dataset": "ds-nope"}, 404, "dataset 'ds-nope' not found"),
         ({"dataset": "DS", "base_version": 9}, 404, "no version 9"),
         ({"dataset": "DS", "base_version": "canary"}, 404, "no alias 'canary'"),
+        ({"dataset": "DS", "base_version": 2**70}, 404, "no version 1180591620717411303424"),
+        ({"dataset": "DS", "base_version": "\u00b2"}, 400, "version number or alias"),
         ({"dataset": "DS", "key": "z"}, 400, "array named 'z'"),
         ({"dataset": "WRONG_SHAPE"}, 400, "expected data samples of shape (3, 8, 8)"),
         ({"dataset": "DS", "validation": {"dataset": "DS"}}, 400, "labels y"),

@@ -16,13 +16,13 @@ import pytest
 
 from service.db import Database
 from service.errors import Conflict, InvalidInput, NotFound
-from service.names import check_name
-from service.registry import PRODUCTION, Registry
+from service.names import check_alias, check_name, is_number
+from service.registry import MAX_VERSION, PRODUCTION, Registry
 
 
 @dataclass
 class _Upload:
-    filename: str
+    filename: str | None
     file: BinaryIO
 
 
@@ -101,6 +101,45 @@ def test_resolve_rules(registry: Registry, runtime: Any, bn_onnx: bytes) -> None
             registry.resolve("m", ref)
     with pytest.raises(NotFound):
         registry.resolve("other", None)
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "99999999999999999999999",
+        str(MAX_VERSION + 1),
+        "0" * 5000 + "1" * 5000,  # beyond int()'s 4300-digit limit
+        MAX_VERSION + 1,
+        -(2**70),
+        0,
+        "0",
+    ],
+)
+def test_numbers_beyond_any_version_are_not_found(
+    registry: Registry, runtime: Any, bn_onnx: bytes, ref: str | int
+) -> None:
+    _register(registry, runtime, bn_onnx)
+    with pytest.raises(NotFound, match="has no version"):
+        registry.resolve_version("m", ref)
+
+
+def test_only_ascii_digits_are_version_numbers(
+    registry: Registry, runtime: Any, bn_onnx: bytes
+) -> None:
+    _register(registry, runtime, bn_onnx)
+    assert registry.resolve_version("m", "0001") == 1
+    for ref in ("\u00b2", "\u0661", "\uff11"):  # superscript two, Arabic-Indic and fullwidth one
+        with pytest.raises(InvalidInput, match="version number or alias"):
+            registry.resolve_version("m", ref)
+
+
+def test_numeric_alias_refused(registry: Registry, runtime: Any, bn_onnx: bytes) -> None:
+    _register(registry, runtime, bn_onnx)
+    with pytest.raises(InvalidInput, match="alias that is not a number"):
+        asyncio.run(registry.set_alias(runtime, "m", "2", 1))
+    assert [a.alias for a in registry.aliases("m")] == [PRODUCTION]
+    assert check_alias("v2") == "v2"
+    assert [is_number(v) for v in ("12", "0", "1a", "\u00b2", "")] == [True] * 2 + [False] * 3
 
 
 def test_latest_version_without_production(
