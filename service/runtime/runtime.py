@@ -493,12 +493,6 @@ class ServingRuntime:
             model_name=name, model_version=str(entry.version), outputs=outputs, id=request.id
         )
 
-    def version_of(self, name: str, version: int | None) -> int | None:
-        """The version a request for ``(name, version)`` would run on, if loaded."""
-        if version is None:
-            return self._served.get(name)
-        return version if (name, version) in self._versions else None
-
     # -- drift -------------------------------------------------------------------------
 
     def drift(self, name: str) -> dict[str, Any]:
