@@ -55,6 +55,9 @@ except ImportError:  # optional speed-up
 
 __all__ = [
     "HEADER_LENGTH",
+    "MAX_DIMENSION",
+    "MAX_ELEMENTS",
+    "MAX_RANK",
     "InferInput",
     "InferOutput",
     "InferRequest",
@@ -70,6 +73,15 @@ __all__ = [
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 """HTTP header giving the length of the JSON part of a binary-extension body."""
+
+MAX_RANK = 32
+"""Most dimensions a tensor shape may have."""
+
+MAX_DIMENSION = 2**31 - 1
+"""Largest size of one dimension."""
+
+MAX_ELEMENTS = 2**31 - 1
+"""Largest product of a shape's dimensions (a 0 dimension counted as 1)."""
 
 Array = npt.NDArray[Any]
 
@@ -211,6 +223,20 @@ def _shape(value: Any, name: str) -> tuple[int, ...]:
     ):
         raise InvalidInput(
             f"input {name!r}: expected shape as a list of non-negative integers (got {value!r})"
+        )
+    if len(value) > MAX_RANK:
+        raise InvalidInput(
+            f"input {name!r}: expected at most {MAX_RANK} dimensions (got {len(value)})"
+        )
+    if any(d > MAX_DIMENSION for d in value):
+        raise InvalidInput(
+            f"input {name!r}: expected dimensions of at most {MAX_DIMENSION} (got {_fmt(value)})"
+        )
+    # zeros count as 1: numpy refuses a shape whose other dimensions overflow, even empty
+    if math.prod(max(d, 1) for d in value) > MAX_ELEMENTS:
+        raise InvalidInput(
+            f"input {name!r}: expected at most {MAX_ELEMENTS} elements, counting a 0 "
+            f"dimension as 1 (got shape {_fmt(value)})"
         )
     return tuple(value)
 
@@ -437,6 +463,13 @@ def to_feed(request: InferRequest, inputs: Sequence[TensorSpec]) -> tuple[dict[s
         if len(set(sizes.values())) > 1:
             raise InvalidInput(f"expected inputs with one batch size on axis 0 (got {sizes})")
         rows = next(iter(sizes.values()))
+        if rows == 0:
+            raise InvalidInput("expected at least 1 row (got 0)")
+    for name, arr in feed.items():
+        if arr.size == 0:
+            raise InvalidInput(
+                f"input {name!r}: expected a non-empty tensor (got shape {_fmt(arr.shape)})"
+            )
     return feed, rows
 
 
