@@ -167,7 +167,13 @@ def serve_with_story(
     from .app import create_app
     from .settings import Settings
 
-    overrides: dict[str, Any] = {"host": host, "port": port, "home": home}
+    # The story sends only a few requests: watch every batch so drift is measured on all.
+    overrides: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "home": home,
+        "drift_sample_fraction": 1.0,
+    }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     server = uvicorn.Server(
         uvicorn.Config(

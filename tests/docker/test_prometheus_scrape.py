@@ -153,6 +153,7 @@ def test_prometheus_scrapes_service_metrics(prometheus_binary: str, tmp_path: Pa
         "RECALIB_WARMUP_BATCH_SIZES": f"[{ROWS}]",
         "RECALIB_INTRA_OP_THREADS": "1",
         "RECALIB_EXECUTION_PROVIDER": "cpu",
+        "RECALIB_DRIFT_SAMPLE_FRACTION": "1.0",
         "PYTHONPATH": str(REPO),
     }
     service_log, prometheus_log = tmp_path / "service.log", tmp_path / "prometheus.log"

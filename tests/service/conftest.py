@@ -86,7 +86,7 @@ def runtime() -> FakeRuntime:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(home=tmp_path / "home", api_token=TOKEN)
+    return Settings(home=tmp_path / "home", api_token=TOKEN, drift_sample_fraction=1.0)
 
 
 class Api:

@@ -174,7 +174,11 @@ def test_drift_falls_after_recalibrating_and_serving_the_new_version(
     )
     v2 = export(recalibrated, tmp_path / "v2.onnx")
     settings = Settings(
-        home=tmp_path, execution_provider="cpu", intra_op_threads=1, drift_threshold=0.5
+        home=tmp_path,
+        execution_provider="cpu",
+        intra_op_threads=1,
+        drift_threshold=0.5,
+        drift_sample_fraction=1.0,
     )
     metrics = ServiceMetrics(CollectorRegistry())
     traffic = shifted_images(128, seed=22)

@@ -42,7 +42,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Any]:
 
 
 def _settings(tmp_path: Path, **kwargs: Any) -> Settings:
-    base: dict[str, Any] = {"home": tmp_path, "execution_provider": "cpu", "intra_op_threads": 1}
+    base: dict[str, Any] = {
+        "home": tmp_path,
+        "execution_provider": "cpu",
+        "intra_op_threads": 1,
+        "drift_sample_fraction": 1.0,
+    }
     return Settings(**{**base, **kwargs})
 
 
