@@ -257,8 +257,12 @@ async def _target(request: Request, name: str, ref: str | None) -> tuple[int, in
         if served is not None:
             return served, None
         version, path = await _resolve(request, name, None)
-        await runtime.serve(name, version, path)
-        return version, None
+        # never overrides a serve() made meanwhile (an alias move, a model deletion)
+        await runtime.serve(name, version, path, if_unserved=True)
+        served = runtime.served_version(name)
+        if served is None:
+            raise NotFound(f"model {name!r} was deleted")
+        return served, None
     version, path = await _resolve(request, name, ref)
     if not runtime.is_ready(name, version):
         await runtime.load(name, version, path)

@@ -198,6 +198,9 @@ class ServingRuntime:
         self._served: dict[str, int] = {}
         self._loading: dict[tuple[str, int], asyncio.Task[_Version]] = {}
         self._retiring: set[asyncio.Task[None]] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._wanted: dict[str, int] = {}  # the version the latest serve() asked for
+        self._epochs: dict[str, int] = {}  # unload_model() calls per name
         self._executor: ThreadPoolExecutor | None = None
         self._drift_executor: ThreadPoolExecutor | None = None
         self._closed = False
@@ -252,7 +255,14 @@ class ServingRuntime:
             task = asyncio.get_running_loop().create_task(self._load(key, Path(onnx_path)))
             self._loading[key] = task
             task.add_done_callback(lambda _t: self._loading.pop(key, None))
-        await asyncio.shield(task)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if (current is not None and current.cancelling()) or not task.cancelled():
+                raise  # this caller was cancelled
+            # the load was cancelled by unload_model() or close()
+            raise NotFound(f"model {name!r} was unloaded while version {version} loaded") from None
 
     async def _load(self, key: tuple[str, int], path: Path) -> _Version:
         started = time.perf_counter()
@@ -385,8 +395,11 @@ class ServingRuntime:
     async def _retire(self, key: tuple[str, int]) -> None:
         """Stop routing to a version, let its in-flight requests finish, drop it."""
         entry = self._versions.pop(key, None)
-        if entry is None:
-            return
+        if entry is not None:
+            await self._drop(entry)
+
+    async def _drop(self, entry: _Version) -> None:
+        """Let a version taken out of ``_versions`` finish its in-flight requests, drop it."""
         await entry.idle.wait()
         if entry.batcher is not None:
             await entry.batcher.close()
@@ -398,32 +411,71 @@ class ServingRuntime:
 
     # -- serving pointer ---------------------------------------------------------------
 
-    async def serve(self, name: str, version: int, onnx_path: Path) -> None:
+    def _lock(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
+
+    async def serve(
+        self, name: str, version: int, onnx_path: Path, *, if_unserved: bool = False
+    ) -> None:
         """Make ``version`` the one unversioned requests get, with no downtime.
 
         The new version is loaded and warmed up before the pointer moves (if that fails,
         the previous version keeps serving and the error propagates). Requests already
         running on the previous version finish there; it is retired once idle unless an
         explicitly versioned request used it in the last :data:`PIN_SECONDS`.
+
+        Concurrent calls for one model move the pointer in the order they were made: a
+        call overtaken by a later ``serve`` of another version, or by
+        :meth:`unload_model`, returns without moving it.
+
+        Args:
+            name, version, onnx_path: the version to serve and its ONNX file.
+            if_unserved: only serve it if ``name`` has no served version by then (the
+                lazy first request); it never overrides another call.
         """
+        epoch = self._epochs.get(name, 0)
+        if not if_unserved:
+            self._wanted[name] = version
         await self.load(name, version, onnx_path)
-        old = self._served.get(name)
-        self._served[name] = version
-        if old is None or old == version:
-            return
-        log.info("model %r: serving version %d (was %d)", name, version, old)
-        entry = self._versions.get((name, old))
-        if entry is not None and time.monotonic() - entry.last_explicit > PIN_SECONDS:
-            await self._retire((name, old))
+        key = (name, version)
+        detached: _Version | None = None
+        async with self._lock(name):
+            old = self._served.get(name)
+            if self._epochs.get(name, 0) != epoch:  # the model was unloaded meanwhile
+                if old != version:
+                    detached = self._versions.pop(key, None)
+            elif if_unserved and old is not None:
+                return
+            elif not if_unserved and self._wanted.get(name) != version:
+                return  # a later serve() asked for another version
+            elif key not in self._versions:
+                raise NotReady(f"model {name!r} version {version} was unloaded; retry")
+            else:
+                self._served[name] = version
+                if old is None or old == version:
+                    return
+                log.info("model %r: serving version %d (was %d)", name, version, old)
+                entry = self._versions.get((name, old))
+                if entry is not None and time.monotonic() - entry.last_explicit > PIN_SECONDS:
+                    detached = self._versions.pop((name, old))
+        if detached is not None:
+            await self._drop(detached)
 
     async def unload_model(self, name: str) -> None:
         """Forget every version of ``name`` (the model was deleted); in-flight requests
-        finish first."""
-        self._served.pop(name, None)
-        for key, task in list(self._loading.items()):
-            if key[0] == name:
-                task.cancel()
-        await asyncio.gather(*(self._retire(k) for k in list(self._versions) if k[0] == name))
+        finish first. A :meth:`serve` of ``name`` still under way does not serve it."""
+        self._epochs[name] = self._epochs.get(name, 0) + 1
+        self._wanted.pop(name, None)
+        async with self._lock(name):
+            self._served.pop(name, None)
+            for key, task in list(self._loading.items()):
+                if key[0] == name:
+                    task.cancel()
+            entries = [self._versions.pop(k) for k in list(self._versions) if k[0] == name]
+        await asyncio.gather(*(self._drop(entry) for entry in entries))
 
     def served_version(self, name: str) -> int | None:
         """The version unversioned requests for ``name`` get, ``None`` if none."""

@@ -3,16 +3,22 @@ serve/unload on the served pointer, and a batcher whose consumer dies."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 from runtime_helpers import FakeRegistry, build_app, export, make_model
 
+from service.errors import NotFound
+from service.metrics import ServiceMetrics
 from service.runtime.kserve import HEADER_LENGTH, decode_request
+from service.runtime.runtime import ServingRuntime
 from service.settings import Settings
 
 with warnings.catch_warnings():  # starlette 1.x asks for httpx2 instead of httpx
@@ -67,3 +73,119 @@ def test_element_count_is_capped() -> None:
     with pytest.raises(Exception, match="expected at most 2147483647 elements") as info:
         decode_request(json.dumps({"inputs": [entry]}).encode())
     assert type(info.value).__name__ == "InvalidInput"
+
+
+# -- serve / unload races ----------------------------------------------------------------
+
+
+class _Gates:
+    """Makes ``ServingRuntime._build`` of chosen versions wait until released."""
+
+    def __init__(self, runtime: ServingRuntime, slow: set[int]) -> None:
+        self.events = {v: threading.Event() for v in slow}
+        build = runtime._build
+
+        def gated(name: str, version: int, path: Path) -> Any:
+            event = self.events.get(version)
+            if event is not None:
+                event.wait(30.0)
+            return build(name, version, path)
+
+        runtime._build = gated  # type: ignore[method-assign]
+
+    def release(self, version: int) -> None:
+        self.events[version].set()
+
+
+def _runtime(tmp_path: Path) -> ServingRuntime:
+    return ServingRuntime(_settings(tmp_path), ServiceMetrics(CollectorRegistry()))
+
+
+async def _until(condition: Any) -> None:
+    for _ in range(2000):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition never held")
+
+
+def test_lazy_serve_never_overrides_a_later_serve(onnx_path: Path, tmp_path: Path) -> None:
+    async def main() -> None:
+        runtime = _runtime(tmp_path)
+        gates = _Gates(runtime, {1})
+        try:
+            lazy = asyncio.create_task(runtime.serve("m", 1, onnx_path, if_unserved=True))
+            await asyncio.sleep(0)
+            await runtime.serve("m", 2, onnx_path)  # PUT production -> 2
+            gates.release(1)
+            await lazy
+            assert runtime.served_version("m") == 2
+            assert runtime.is_ready("m")
+        finally:
+            gates.release(1)
+            await runtime.close()
+
+    asyncio.run(main())
+
+
+def test_an_overtaken_serve_neither_moves_the_pointer_nor_retires_the_current(
+    onnx_path: Path, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        runtime = _runtime(tmp_path)
+        gates = _Gates(runtime, {1})
+        try:
+            first = asyncio.create_task(runtime.serve("m", 1, onnx_path))
+            await asyncio.sleep(0)
+            second = asyncio.create_task(runtime.serve("m", 2, onnx_path))
+            await _until(lambda: runtime.served_version("m") == 2)
+            gates.release(1)
+            await asyncio.gather(first, second)
+            assert runtime.served_version("m") == 2
+            assert 2 in runtime.loaded_versions("m")
+            assert runtime.is_ready("m")
+        finally:
+            gates.release(1)
+            await runtime.close()
+
+    asyncio.run(main())
+
+
+def test_unload_during_a_serve_load_leaves_nothing_served(onnx_path: Path, tmp_path: Path) -> None:
+    async def main() -> None:
+        runtime = _runtime(tmp_path)
+        gates = _Gates(runtime, {1})
+        try:
+            serving = asyncio.create_task(runtime.serve("m", 1, onnx_path, if_unserved=True))
+            await _until(lambda: ("m", 1) in runtime._loading)
+            await runtime.unload_model("m")
+            gates.release(1)
+            with pytest.raises(NotFound, match="unloaded"):
+                await serving
+            assert runtime.served_version("m") is None
+            assert runtime.loaded_versions("m") == []
+        finally:
+            gates.release(1)
+            await runtime.close()
+
+    asyncio.run(main())
+
+
+def test_unload_between_load_and_pointer_move_wins(onnx_path: Path, tmp_path: Path) -> None:
+    async def main() -> None:
+        runtime = _runtime(tmp_path)
+        try:
+            await runtime.load("m", 1, onnx_path)
+            lock = runtime._lock("m")
+            await lock.acquire()  # a concurrent serve() holds the pointer
+            serving = asyncio.create_task(runtime.serve("m", 1, onnx_path))
+            unloading = asyncio.create_task(runtime.unload_model("m"))
+            await asyncio.sleep(0.01)
+            lock.release()
+            await asyncio.gather(serving, unloading)
+            assert runtime.served_version("m") is None
+            assert runtime.loaded_versions("m") == []
+        finally:
+            await runtime.close()
+
+    asyncio.run(main())
