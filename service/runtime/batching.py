@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from service.errors import NotReady
+from service.errors import NotReady, ServiceError
 
 __all__ = ["BatchObserver", "Batcher", "RunFn"]
 
@@ -124,10 +124,16 @@ class Batcher:
 
     def start(self) -> None:
         """Start the consumer task (on the running event loop)."""
-        if self._task is None:
+        if self._task is None or self._task.done():  # first start, or after a failure
             self._task = asyncio.get_running_loop().create_task(
                 self._consume(), name=f"batcher {self.name}"
             )
+            self._task.add_done_callback(self._stopped)
+
+    def _stopped(self, task: asyncio.Task[None]) -> None:
+        """A consumer that failed while requests queued behind it is replaced."""
+        if task is self._task and self._queue:
+            self.start()
 
     @property
     def pending(self) -> int:
@@ -153,9 +159,11 @@ class Batcher:
         """Refuse new requests, finish the queued ones, stop the consumer."""
         self._closed = True
         self._wakeup.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
+        while self._task is not None:
+            task = self._task
+            await task
+            if task is self._task:  # else a failed consumer was replaced: drain that one
+                self._task = None
 
     # -- consumer ----------------------------------------------------------------------
 
@@ -198,11 +206,14 @@ class Batcher:
     async def _consume(self) -> None:
         held: deque[_Item] = deque()  # taken from the queue, waiting for a later batch
         runs: set[asyncio.Task[None]] = set()
+        batch: list[_Item] = []
+        slot = False  # a run slot acquired and not yet handed to a run task
         try:
             while True:
                 if not held and not await self._next(None):
                     return
                 await self._slots.acquire()  # a free run slot first: the batch then takes
+                slot = True
                 batch = self._form(held)  # everything that queued meanwhile
                 if self.gathers:
                     batch = await self._grow(batch, held)
@@ -210,6 +221,17 @@ class Batcher:
                 run = asyncio.get_running_loop().create_task(self._execute(batch))
                 runs.add(run)
                 run.add_done_callback(self._finished(runs))
+                slot, batch = False, []
+        except Exception as exc:  # a bug: fail the waiting requests, never hang them
+            log.exception("%s: the batching consumer failed", self.name)
+            error = ServiceError(f"{self.name}: batching failed: {exc}")
+            if slot:
+                self._slots.release()
+            waiting = [*batch, *held, *self._queue]
+            self._queue.clear()
+            for item in waiting:
+                if not item.future.done():
+                    item.future.set_exception(error)
         finally:
             if runs:
                 await asyncio.gather(*runs, return_exceptions=True)

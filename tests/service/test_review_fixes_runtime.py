@@ -8,15 +8,18 @@ import json
 import threading
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 from runtime_helpers import FakeRegistry, build_app, export, make_model
 
-from service.errors import NotFound
+from service.errors import NotFound, ServiceError
 from service.metrics import ServiceMetrics
+from service.runtime.batching import Batcher
 from service.runtime.kserve import HEADER_LENGTH, decode_request
 from service.runtime.runtime import ServingRuntime
 from service.settings import Settings
@@ -187,5 +190,42 @@ def test_unload_between_load_and_pointer_move_wins(onnx_path: Path, tmp_path: Pa
             assert runtime.loaded_versions("m") == []
         finally:
             await runtime.close()
+
+    asyncio.run(main())
+
+
+# -- batcher consumer failure ------------------------------------------------------------
+
+
+def test_a_failed_batching_consumer_fails_its_requests_and_restarts() -> None:
+    def double(feed: dict[str, np.ndarray], rows: int) -> list[np.ndarray]:
+        return [feed["x"] * 2.0]
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(double, executor=pool, max_batch_size=8, max_delay=0.0)
+            grow = batcher._grow
+            failures = [RuntimeError("injected")]
+
+            async def broken(batch: list[Any], held: Any) -> list[Any]:
+                if failures:  # after the run slot was taken and the first item popped
+                    raise failures.pop()
+                return await grow(batch, held)
+
+            batcher._grow = broken  # type: ignore[method-assign]
+            x = np.ones((1, 3), np.float32)
+            first = await asyncio.wait_for(
+                asyncio.gather(
+                    *(batcher.submit({"x": x}, 1) for _ in range(3)), return_exceptions=True
+                ),
+                10.0,
+            )
+            for result in first:
+                assert isinstance(result, ServiceError)
+                assert "batching failed: injected" in str(result)
+            # the consumer is back and the run slot (max_concurrent=1) was given back
+            (out,) = await asyncio.wait_for(batcher.submit({"x": x}, 1), 10.0)
+            np.testing.assert_array_equal(out, x * 2.0)
+            await asyncio.wait_for(batcher.close(), 10.0)
 
     asyncio.run(main())
