@@ -3,6 +3,7 @@ v2 app (the real router and runtime, a fake registry)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -100,7 +101,7 @@ class FakeRegistry:
         versions = self.versions[name]
         if ref is None:
             version = self.aliases[name].get("production", max(versions))
-        elif ref.isdigit():
+        elif re.fullmatch(r"[0-9]+", ref):
             version = int(ref)
         elif ref in self.aliases[name]:
             version = self.aliases[name][ref]

@@ -229,3 +229,10 @@ def test_a_failed_batching_consumer_fails_its_requests_and_restarts() -> None:
             await asyncio.wait_for(batcher.close(), 10.0)
 
     asyncio.run(main())
+
+
+def test_fake_registry_takes_only_ascii_digits_as_versions(onnx_path: Path) -> None:
+    registry = FakeRegistry({1: onnx_path})
+    assert registry.resolve("m", "1") == (1, onnx_path)
+    with pytest.raises(NotFound, match="no alias"):
+        registry.resolve("m", "\u00b9")  # superscript one: str.isdigit() says yes
