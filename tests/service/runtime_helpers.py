@@ -79,6 +79,26 @@ def export(model: nn.Module, path: Path) -> Path:
     return path
 
 
+def export_versions(root: Path) -> dict[int, tuple[TinyNet, Path]]:
+    """Versions 1 and 2 of the tiny model (different seeds), exported under ``root``."""
+    out: dict[int, tuple[TinyNet, Path]] = {}
+    for version, seed in ((1, 0), (2, 1)):
+        model = make_model(seed)
+        out[version] = (model, export(model, root / f"v{version}.onnx"))
+    return out
+
+
+def runtime_settings(home: Path, **overrides: Any) -> Settings:
+    """CPU, one ORT thread, drift watched on every batch; ``overrides`` win."""
+    base: dict[str, Any] = {
+        "home": home,
+        "execution_provider": "cpu",
+        "intra_op_threads": 1,
+        "drift_sample_fraction": 1.0,
+    }
+    return Settings(**{**base, **overrides})
+
+
 def reference_outputs(model: nn.Module, x: np.ndarray) -> np.ndarray:
     """The torch model's float32 logits for ``x``."""
     with torch.no_grad():

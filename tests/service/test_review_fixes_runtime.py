@@ -15,14 +15,19 @@ from typing import Any
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
-from runtime_helpers import FakeRegistry, build_app, export, make_model
+from runtime_helpers import (
+    FakeRegistry,
+    build_app,
+    export,
+    make_model,
+    runtime_settings,
+)
 
 from service.errors import NotFound, ServiceError
 from service.metrics import ServiceMetrics
 from service.runtime.batching import Batcher
 from service.runtime.kserve import HEADER_LENGTH, decode_request
 from service.runtime.runtime import ServingRuntime
-from service.settings import Settings
 
 with warnings.catch_warnings():  # starlette 1.x asks for httpx2 instead of httpx
     warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`", UserWarning)
@@ -34,15 +39,10 @@ def onnx_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export(make_model(0), tmp_path_factory.mktemp("fixes") / "v1.onnx")
 
 
-def _settings(tmp_path: Path, **kwargs: Any) -> Settings:
-    base: dict[str, Any] = {"home": tmp_path, "execution_provider": "cpu", "intra_op_threads": 1}
-    return Settings(**{**base, **kwargs})
-
-
 @pytest.fixture
 def client(onnx_path: Path, tmp_path: Path) -> Iterator[TestClient]:
     # drift on every request: the tapped graph is the one that broke on 0 rows
-    settings = _settings(tmp_path, drift_sample_fraction=1.0)
+    settings = runtime_settings(tmp_path, drift_sample_fraction=1.0)
     with TestClient(build_app(settings, FakeRegistry({1: onnx_path}))) as c:
         yield c
 
@@ -101,7 +101,7 @@ class _Gates:
 
 
 def _runtime(tmp_path: Path) -> ServingRuntime:
-    return ServingRuntime(_settings(tmp_path), ServiceMetrics(CollectorRegistry()))
+    return ServingRuntime(runtime_settings(tmp_path), ServiceMetrics(CollectorRegistry()))
 
 
 async def _until(condition: Any) -> None:

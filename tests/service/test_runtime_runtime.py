@@ -11,7 +11,12 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
-from runtime_helpers import export, make_model, reference_outputs, source_images
+from runtime_helpers import (
+    export_versions,
+    reference_outputs,
+    runtime_settings,
+    source_images,
+)
 
 from service.errors import InvalidInput, NotFound, NotReady
 from service.metrics import ServiceMetrics
@@ -33,22 +38,7 @@ def _run(coro: Awaitable[T]) -> T:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Any]:
-    root = tmp_path_factory.mktemp("runtime")
-    out: dict[int, Any] = {}
-    for version, seed in ((1, 0), (2, 1)):
-        model = make_model(seed)
-        out[version] = (model, export(model, root / f"v{version}.onnx"))
-    return out
-
-
-def _settings(tmp_path: Path, **kwargs: Any) -> Settings:
-    base: dict[str, Any] = {
-        "home": tmp_path,
-        "execution_provider": "cpu",
-        "intra_op_threads": 1,
-        "drift_sample_fraction": 1.0,
-    }
-    return Settings(**{**base, **kwargs})
+    return export_versions(tmp_path_factory.mktemp("runtime"))
 
 
 def _request(x: np.ndarray, **kwargs: Any) -> InferRequest:
@@ -61,7 +51,7 @@ def test_lifecycle_load_serve_infer_unload(models: dict[int, Any], tmp_path: Pat
     x = source_images(3, seed=1)
 
     async def body() -> None:
-        runtime = ServingRuntime(_settings(tmp_path), metrics)
+        runtime = ServingRuntime(runtime_settings(tmp_path), metrics)
         await runtime.start()
         assert not runtime.is_ready("m") and runtime.served_version("m") is None
         with pytest.raises(NotFound, match="no served version"):
@@ -107,7 +97,7 @@ def test_concurrent_loads_build_once(
     monkeypatch.setattr("service.runtime.runtime.create_session", counting)
 
     async def body() -> None:
-        runtime = ServingRuntime(_settings(tmp_path), ServiceMetrics(CollectorRegistry()))
+        runtime = ServingRuntime(runtime_settings(tmp_path), ServiceMetrics(CollectorRegistry()))
         await asyncio.gather(*(runtime.load("m", 1, models[1][1]) for _ in range(5)))
         await runtime.load("m", 1, models[1][1])
         await runtime.close()
@@ -130,7 +120,7 @@ def test_switch_is_zero_downtime_and_retires_the_old_version(
     x = source_images(1, seed=3)
 
     async def body() -> tuple[list[str], list[str], list[int]]:
-        runtime = ServingRuntime(_settings(tmp_path, max_batch_size=4), metrics)
+        runtime = ServingRuntime(runtime_settings(tmp_path, max_batch_size=4), metrics)
         await runtime.serve("m", 1, models[1][1])
         inflight = [asyncio.ensure_future(runtime.infer("m", None, _request(x))) for _ in range(12)]
         await asyncio.sleep(0.005)
@@ -154,7 +144,7 @@ def test_failed_load_leaves_the_old_version_serving(models: dict[int, Any], tmp_
     x = source_images(2, seed=4)
 
     async def body() -> str:
-        runtime = ServingRuntime(_settings(tmp_path), ServiceMetrics(CollectorRegistry()))
+        runtime = ServingRuntime(runtime_settings(tmp_path), ServiceMetrics(CollectorRegistry()))
         await runtime.serve("m", 1, models[1][1])
         with pytest.raises(InvalidInput, match="expected an ONNX model file"):
             await runtime.serve("m", 2, broken)
@@ -170,7 +160,7 @@ def test_recently_pinned_version_stays_loaded(models: dict[int, Any], tmp_path: 
     x = source_images(1, seed=5)
 
     async def body() -> list[int]:
-        runtime = ServingRuntime(_settings(tmp_path), ServiceMetrics(CollectorRegistry()))
+        runtime = ServingRuntime(runtime_settings(tmp_path), ServiceMetrics(CollectorRegistry()))
         await runtime.serve("m", 1, models[1][1])
         await runtime.infer("m", 1, _request(x))  # an explicitly versioned request
         await runtime.serve("m", 2, models[2][1])
@@ -184,7 +174,7 @@ def test_recently_pinned_version_stays_loaded(models: dict[int, Any], tmp_path: 
 
 def test_invalid_inputs_and_outputs_are_refused(models: dict[int, Any], tmp_path: Path) -> None:
     async def body() -> None:
-        runtime = ServingRuntime(_settings(tmp_path), ServiceMetrics(CollectorRegistry()))
+        runtime = ServingRuntime(runtime_settings(tmp_path), ServiceMetrics(CollectorRegistry()))
         await runtime.serve("m", 1, models[1][1])
         with pytest.raises(InvalidInput, match=r"expected shape \[-1, 3, 8, 8\]"):
             await runtime.infer("m", None, _request(np.zeros((1, 3, 4, 4), np.float32)))
@@ -203,12 +193,12 @@ def test_cuda_fallback_is_counted_or_refused(models: dict[int, Any], tmp_path: P
     metrics = ServiceMetrics(CollectorRegistry())
 
     async def body() -> None:
-        warn = ServingRuntime(_settings(tmp_path, execution_provider="cuda"), metrics)
+        warn = ServingRuntime(runtime_settings(tmp_path, execution_provider="cuda"), metrics)
         await warn.serve("m", 1, models[1][1])
         assert warn.metadata("m")["parameters"]["provider_fallback"] is True
         await warn.close()
         fail = ServingRuntime(
-            _settings(tmp_path, execution_provider="cuda", provider_fallback="fail"),
+            runtime_settings(tmp_path, execution_provider="cuda", provider_fallback="fail"),
             ServiceMetrics(CollectorRegistry()),
         )
         with pytest.raises(ProviderUnavailable, match="provider_fallback='fail'"):
@@ -225,7 +215,7 @@ def test_provider_info_metric(models: dict[int, Any], tmp_path: Path) -> None:
     metrics = ServiceMetrics(CollectorRegistry())
 
     async def body() -> None:
-        runtime = ServingRuntime(_settings(tmp_path, execution_provider="auto"), metrics)
+        runtime = ServingRuntime(runtime_settings(tmp_path, execution_provider="auto"), metrics)
         await runtime.serve("m", 1, models[1][1])
         labels = {
             "model": "m",
@@ -252,7 +242,8 @@ def test_drift_sampling_sessions(
 
     async def body() -> tuple[int, dict[str, Any]]:
         runtime = ServingRuntime(
-            _settings(tmp_path, drift_sample_fraction=fraction), ServiceMetrics(CollectorRegistry())
+            runtime_settings(tmp_path, drift_sample_fraction=fraction),
+            ServiceMetrics(CollectorRegistry()),
         )
         await runtime.serve("m", 1, models[1][1])
         entry = runtime._versions[("m", 1)]
@@ -276,7 +267,7 @@ def test_drift_and_reset(models: dict[int, Any], tmp_path: Path) -> None:
 
     async def body() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], Any]:
         runtime = ServingRuntime(
-            _settings(tmp_path, drift_per_layer_metrics=True, drift_threshold=0.0), metrics
+            runtime_settings(tmp_path, drift_per_layer_metrics=True, drift_threshold=0.0), metrics
         )
         empty = runtime.drift("m")
         await runtime.serve("m", 1, models[1][1])

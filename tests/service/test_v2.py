@@ -16,14 +16,13 @@ from pydantic import SecretStr
 from runtime_helpers import (
     FakeRegistry,
     build_app,
-    export,
-    make_model,
+    export_versions,
     reference_outputs,
+    runtime_settings,
     source_images,
 )
 
 from service.runtime.kserve import HEADER_LENGTH, decode_response, encode_request
-from service.settings import Settings
 
 with warnings.catch_warnings():  # starlette 1.x asks for httpx2 instead of httpx
     warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`", UserWarning)
@@ -34,27 +33,14 @@ TOKEN = "s3cret-token"
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Any]:
-    root = tmp_path_factory.mktemp("v2")
-    out = {}
-    for version, seed in ((1, 0), (2, 1)):
-        model = make_model(seed)
-        out[version] = (model, export(model, root / f"v{version}.onnx"))
-    return out
-
-
-def _settings(tmp_path: Path, **kwargs: Any) -> Settings:
-    base: dict[str, Any] = {
-        "home": tmp_path,
-        "execution_provider": "cpu",
-        "intra_op_threads": 1,
-        "drift_sample_fraction": 1.0,
-    }
-    return Settings(**{**base, **kwargs})
+    return export_versions(tmp_path_factory.mktemp("v2"))
 
 
 @pytest.fixture
 def client(models: dict[int, Any], tmp_path: Path) -> Iterator[TestClient]:
-    app = build_app(_settings(tmp_path), FakeRegistry({v: p for v, (_, p) in models.items()}))
+    app = build_app(
+        runtime_settings(tmp_path), FakeRegistry({v: p for v, (_, p) in models.items()})
+    )
     with TestClient(app) as c:
         yield c
 
@@ -177,7 +163,9 @@ def test_truncated_binary_body_400(client: TestClient) -> None:
 
 
 def test_request_body_limit_413(models: dict[int, Any], tmp_path: Path) -> None:
-    app = build_app(_settings(tmp_path, max_request_bytes=1024), FakeRegistry({1: models[1][1]}))
+    app = build_app(
+        runtime_settings(tmp_path, max_request_bytes=1024), FakeRegistry({1: models[1][1]})
+    )
     body, header = encode_request({"input": np.zeros((2, 3, 8, 8), np.float32)})  # > 1 KiB
     with TestClient(app) as c:
         declared = c.post("/v2/models/m/infer", content=body, headers={HEADER_LENGTH: str(header)})
@@ -192,7 +180,7 @@ def test_request_body_limit_413(models: dict[int, Any], tmp_path: Path) -> None:
 
 
 def test_bearer_token(models: dict[int, Any], tmp_path: Path) -> None:
-    settings = _settings(tmp_path, api_token=SecretStr(TOKEN))
+    settings = runtime_settings(tmp_path, api_token=SecretStr(TOKEN))
     app = build_app(settings, FakeRegistry({1: models[1][1]}))
     body, header = encode_request({"input": source_images(1, seed=4)})
     with TestClient(app) as c:
@@ -216,7 +204,7 @@ def test_bearer_token(models: dict[int, Any], tmp_path: Path) -> None:
 
 
 def test_protected_health_and_metrics(models: dict[int, Any], tmp_path: Path) -> None:
-    settings = _settings(
+    settings = runtime_settings(
         tmp_path, api_token=SecretStr(TOKEN), protect_health=True, protect_metrics=True
     )
     with TestClient(build_app(settings, FakeRegistry({1: models[1][1]}))) as c:
@@ -263,7 +251,7 @@ def test_bad_version_reference_on_infer(client: TestClient) -> None:
 
 
 def test_non_bearer_authorization_is_refused(models: dict[int, Any], tmp_path: Path) -> None:
-    settings = _settings(tmp_path, api_token=SecretStr(TOKEN))
+    settings = runtime_settings(tmp_path, api_token=SecretStr(TOKEN))
     body, header = encode_request({"input": source_images(1, seed=7)})
     with TestClient(build_app(settings, FakeRegistry({1: models[1][1]}))) as c:
         basic = c.post(

@@ -16,33 +16,26 @@ import uvicorn
 from runtime_helpers import (
     FakeRegistry,
     build_app,
-    export,
-    make_model,
+    export_versions,
     reference_outputs,
+    runtime_settings,
     source_images,
 )
 from tritonclient.utils import InferenceServerException
-
-from service.settings import Settings
 
 STARTUP_TIMEOUT = 15.0
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Any]:
-    root = tmp_path_factory.mktemp("triton")
-    out = {}
-    for version, seed in ((1, 0), (2, 1)):
-        model = make_model(seed)
-        out[version] = (model, export(model, root / f"v{version}.onnx"))
-    return out
+    return export_versions(tmp_path_factory.mktemp("triton"))
 
 
 @pytest.fixture(scope="module")
 def server(models: dict[int, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """uvicorn in a thread on a free port; stopped (and joined) at the end."""
     home = tmp_path_factory.mktemp("home")
-    settings = Settings(home=home, execution_provider="cpu", intra_op_threads=1)
+    settings = runtime_settings(home)
     app = build_app(settings, FakeRegistry({v: p for v, (_, p) in models.items()}))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
