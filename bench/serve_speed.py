@@ -56,7 +56,6 @@ MODEL_NAME = "bench"
 def _export(kind: str, path: Path) -> tuple[int, ...]:
     """Write the benchmark model to ``path``; returns its per-row input shape."""
     import torch
-    from torch import nn
 
     from recalib.export import export_onnx
 
@@ -65,38 +64,11 @@ def _export(kind: str, path: Path) -> tuple[int, ...]:
         export_onnx(program, torch.zeros(2, 3, 16, 16), path)
         return (3, 16, 16)
 
-    class Block(nn.Module):
-        def __init__(self, cin: int, cout: int, stride: int) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.down: nn.Module = nn.Identity()
-            if stride != 1 or cin != cout:
-                self.down = nn.Sequential(
-                    nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-                )
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = torch.relu(self.bn1(self.conv1(x)))
-            return torch.relu(self.bn2(self.conv2(y)) + self.down(x))
-
-    class ResNetish(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.stem = nn.Sequential(
-                nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU()
-            )
-            self.blocks = nn.Sequential(Block(32, 32, 1), Block(32, 64, 2), Block(64, 128, 2))
-            self.fc = nn.Linear(128, 10)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out: torch.Tensor = self.fc(self.blocks(self.stem(x)).mean(dim=(2, 3)))
-            return out
+    from bench_models import resnet  # the same ResNet-ish network as taps_overhead.py
 
     torch.manual_seed(0)
-    export_onnx(ResNetish().eval(), torch.zeros(2, 3, 32, 32), path)
+    model = resnet([(32, 32, 1), (32, 64, 2), (64, 128, 2)]).eval()
+    export_onnx(model, torch.zeros(2, 3, 32, 32), path)
     return (3, 32, 32)
 
 
