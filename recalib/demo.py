@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .modes import eval_mode
+
 __all__ = [
     "ASSETS",
     "DemoNet",
@@ -112,14 +114,10 @@ def accuracy(
 ) -> float:
     """Top-1 accuracy of ``model`` (eval mode) on ``x`` with labels ``y``."""
     net = model.module() if isinstance(model, torch.export.ExportedProgram) else model
-    flags = [(m, m.training) for m in net.modules()]
-    if not isinstance(model, torch.export.ExportedProgram):
-        net.eval()
     correct = 0
-    with torch.no_grad():
+    from_program = isinstance(model, torch.export.ExportedProgram)
+    with eval_mode(net, via_attribute=from_program), torch.no_grad():
         for i in range(0, len(x), 256):
             logits = net(torch.from_numpy(np.ascontiguousarray(x[i : i + 256])))
             correct += int((logits.argmax(1).numpy() == y[i : i + 256]).sum())
-    for m, flag in flags:
-        m.training = flag
     return correct / len(x)

@@ -48,6 +48,7 @@ from torch.jit import TracerWarning  # type: ignore[attr-defined]
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import NoBatchNormError, RecalibError
+from .modes import eval_mode
 from .onnx_names import (
     VERSION_KEY,
     BnGraphError,
@@ -332,26 +333,6 @@ def _fingerprinted(layers: list[_Layer]) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- export
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module, *, via_attribute: bool) -> Iterator[None]:
-    """Eval mode for the export; each module's own flag is restored afterwards.
-
-    ``ExportedProgram.module()`` refuses ``.train()``/``.eval()``, so its flags are set as
-    attributes (the graph is fixed anyway; the exporter only reads the flag).
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        if via_attribute:
-            for m, _ in flags:
-                m.training = False
-        else:
-            model.eval()
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def _torch_export(
     module: nn.Module,
     args: tuple[Tensor, ...],
@@ -382,7 +363,7 @@ def _torch_export(
             path,
             dynamo=False,
             do_constant_folding=False,  # folding merges BN into the preceding Conv
-            training=torch.onnx.TrainingMode.PRESERVE,  # set by _eval_mode
+            training=torch.onnx.TrainingMode.PRESERVE,  # set by eval_mode
             opset_version=opset,
             input_names=input_names,
             output_names=output_names,
@@ -567,7 +548,7 @@ def export_onnx(
     args = _as_tuple(example_inputs)
     from_program = isinstance(model, torch.export.ExportedProgram)
     module = model.module() if isinstance(model, torch.export.ExportedProgram) else model
-    with _eval_mode(module, via_attribute=from_program), torch.no_grad():
+    with eval_mode(module, via_attribute=from_program), torch.no_grad():
         layers, outputs = _layers_and_outputs(model, module, args, dynamic_batch=dynamic_batch)
         names_in = _names(input_names, len(args), "input", "input")
         names_out = _names(output_names, len(outputs), "output", "output")

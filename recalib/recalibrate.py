@@ -35,9 +35,10 @@ from torch.nn.parameter import UninitializedBuffer
 from .batches import ForwardFn, iterate_batches
 from .distributed import all_gather_moments, distributed_active, global_counts
 from .errors import DataError, LayerMismatchError, NonFiniteError, RecalibError
-from .estimators import METHODS, ExactEstimator, make_estimator
+from .estimators import METHODS, EmaEstimator, ExactEstimator, make_estimator
 from .exported import module_with_norm_layers
 from .layers import NormLayer, find_norm_layers
+from .modes import eval_mode
 from .moments import ChannelMoments, batch_moments
 from .report import LayerReport, RecalibrationReport, compare_stats
 
@@ -110,19 +111,6 @@ def _installed(taps: Sequence[_Tap]) -> Any:
                 mod.__dict__.pop("forward", None)
             else:
                 mod.forward = previous  # type: ignore[method-assign]
-
-
-@contextmanager
-def _eval_everything(model: nn.Module) -> Any:
-    flags = [(m, m.training) for m in model.modules()]
-    for m, _ in flags:
-        # Set the flag directly: unlifted ExportedProgram modules refuse .eval().
-        m.training = False
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def _stats_of(layer: NormLayer) -> tuple[Tensor, Tensor] | None:
@@ -236,7 +224,7 @@ def _run_pass(
 def _finish_pass(taps: list[_Tap], distributed: bool) -> dict[str, ExactEstimator]:
     done = {t.layer.name: t.estimator for t in taps if t.estimator is not None}
     if distributed:
-        if any(type(e).__name__ == "EmaEstimator" for e in done.values()):
+        if any(isinstance(e, EmaEstimator) for e in done.values()):
             raise RecalibError(
                 "method='ema' depends on the batch order and is not defined across processes; "
                 "use method='exact' or 'prior' with torch.distributed"
@@ -357,7 +345,7 @@ def recalibrate(
     finals: dict[str, ExactEstimator] = {}
     bar = _progress_bar(progress, f"recalibrate ({method}/{mode})")
     try:
-        with torch.no_grad(), _eval_everything(net):
+        with torch.no_grad(), eval_mode(net):
             for p in range(passes):
                 # eval mode's first pass normalises by batch statistics where a batch has
                 # more than one value per channel (an AdaBN start), later passes by the
