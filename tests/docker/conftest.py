@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 from promhelpers import names_from_exposition, require_binary
 
@@ -21,12 +19,9 @@ def prometheus_binary() -> str:
 @pytest.fixture(scope="session")
 def exported_metrics(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     """Metric names a live ``/metrics`` of ``create_app(Settings(home=tmp))`` exposes."""
-    with warnings.catch_warnings():
-        # starlette >= 1.x warns at import when it finds httpx instead of httpx2.
-        warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
-        from fastapi.testclient import TestClient
-    from service.app import create_app
+    from fastapi.testclient import TestClient
 
+    from service.app import create_app
     from service.settings import Settings
 
     settings = Settings(home=tmp_path_factory.mktemp("home"), drift_per_layer_metrics=True)

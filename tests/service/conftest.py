@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,16 +17,13 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from fastapi.testclient import TestClient
 from onnx import TensorProto, helper
 from prometheus_client import CollectorRegistry
 
 from service.app import create_app
 from service.errors import InvalidInput, NotFound
 from service.settings import Settings
-
-with warnings.catch_warnings():  # starlette 1.x asks for httpx2 instead of httpx
-    warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`", UserWarning)
-    from fastapi.testclient import TestClient
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

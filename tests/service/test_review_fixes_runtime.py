@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 from runtime_helpers import (
     FakeRegistry,
@@ -28,10 +28,6 @@ from service.metrics import ServiceMetrics
 from service.runtime.batching import Batcher
 from service.runtime.kserve import HEADER_LENGTH, decode_request
 from service.runtime.runtime import ServingRuntime
-
-with warnings.catch_warnings():  # starlette 1.x asks for httpx2 instead of httpx
-    warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`", UserWarning)
-    from fastapi.testclient import TestClient
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from runtime_helpers import (
     FakeRegistry,
@@ -23,10 +23,6 @@ from runtime_helpers import (
 )
 
 from service.runtime.kserve import HEADER_LENGTH, decode_response, encode_request
-
-with warnings.catch_warnings():  # starlette 1.x asks for httpx2 instead of httpx
-    warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`", UserWarning)
-    from fastapi.testclient import TestClient
 
 TOKEN = "s3cret-token"
 
