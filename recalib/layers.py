@@ -10,8 +10,9 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -20,7 +21,15 @@ from torch.nn.parameter import UninitializedBuffer
 
 from .errors import NoBatchNormError
 
-__all__ = ["NormLayer", "find_norm_layers", "layer_signature", "norm_layers_of"]
+__all__ = [
+    "NormLayer",
+    "find_norm_layers",
+    "layer_signature",
+    "norm_layers_of",
+    "select_by_name",
+]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -51,21 +60,37 @@ def _has_running_stats(m: _BatchNorm) -> bool:
     return bool(m.track_running_stats) and m.running_mean is not None
 
 
-def _select(found: list[NormLayer], patterns: Sequence[str]) -> list[NormLayer]:
-    chosen: list[NormLayer] = []
-    for pattern in patterns:
+def select_by_name(
+    items: Sequence[T],
+    patterns: str | Sequence[str] | None,
+    names: Callable[[T], Sequence[str]],
+    *,
+    what: str,
+) -> list[T]:
+    """The ``items`` any of whose ``names`` equals or ``fnmatch``-es one of ``patterns``.
+
+    Items keep their order; ``None`` selects everything. A pattern that matches nothing is
+    an error listing the first name of every item.
+
+    Raises:
+        NoBatchNormError: a pattern matched no item.
+    """
+    if patterns is None:
+        return list(items)
+    chosen: set[int] = set()
+    for pattern in [patterns] if isinstance(patterns, str) else list(patterns):
         hits = [
-            lay for lay in found if lay.name == pattern or fnmatch.fnmatchcase(lay.name, pattern)
+            i
+            for i, item in enumerate(items)
+            if any(n == pattern or fnmatch.fnmatchcase(n, pattern) for n in names(item))
         ]
         if not hits:
-            names = ", ".join(lay.name for lay in found)
+            listing = ", ".join(dict.fromkeys(names(item)[0] for item in items))
             raise NoBatchNormError(
-                f"layers pattern {pattern!r} matched no normalization layer; expected one of: "
-                f"{names}"
+                f"layers pattern {pattern!r} matched no {what}; expected one of: {listing}"
             )
-        chosen.extend(h for h in hits if h not in chosen)
-    order = {lay.name: i for i, lay in enumerate(found)}
-    return sorted(chosen, key=lambda lay: order[lay.name])
+        chosen.update(hits)
+    return [item for i, item in enumerate(items) if i in chosen]
 
 
 def find_norm_layers(
@@ -99,8 +124,7 @@ def find_norm_layers(
             "expected a model with BatchNorm/BatchRenorm layers that track running statistics "
             f"(got {type(model).__name__} with none{extra})"
         )
-    if layers is not None:
-        found = _select(found, [layers] if isinstance(layers, str) else list(layers))
+    found = select_by_name(found, layers, lambda lay: [lay.name], what="normalization layer")
     return found, skipped
 
 

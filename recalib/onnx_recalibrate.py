@@ -67,7 +67,6 @@ torch core, and get the same statistics. Only the main graph is searched (not ``
 
 from __future__ import annotations
 
-import fnmatch
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -83,6 +82,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .batches import iterate_batches
 from .errors import DataError, NoBatchNormError, NonFiniteError, RecalibError
 from .estimators import ExactEstimator, make_estimator
+from .layers import select_by_name
 from .moments import ChannelMoments
 from .onnx_names import (
     BN_MAP_KEY,
@@ -188,27 +188,9 @@ def _bn_map(model: onnx.ModelProto) -> dict[str, BnNodeInfo]:
 
 
 def _select(infos: dict[str, BnNodeInfo], layers: str | Sequence[str] | None) -> list[BnNodeInfo]:
-    found = list(infos.values())
-    if layers is None:
-        return found
-    patterns = [layers] if isinstance(layers, str) else list(layers)
-    chosen: set[str] = set()
-    for pattern in patterns:
-        hits = [
-            i.node
-            for i in found
-            if pattern in (i.layer, i.node)
-            or fnmatch.fnmatchcase(i.layer, pattern)
-            or fnmatch.fnmatchcase(i.node, pattern)
-        ]
-        if not hits:
-            names = ", ".join(dict.fromkeys(i.layer for i in found))
-            raise NoBatchNormError(
-                f"layers pattern {pattern!r} matched no BatchNormalization node; expected "
-                f"one of: {names}"
-            )
-        chosen.update(hits)
-    return [i for i in found if i.node in chosen]
+    return select_by_name(
+        list(infos.values()), layers, lambda i: [i.layer, i.node], what="BatchNormalization node"
+    )
 
 
 def _graph_nodes(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:

@@ -37,7 +37,7 @@ from .distributed import all_gather_moments, distributed_active, global_counts
 from .errors import DataError, LayerMismatchError, NonFiniteError, RecalibError
 from .estimators import METHODS, EmaEstimator, ExactEstimator, make_estimator
 from .exported import module_with_norm_layers
-from .layers import NormLayer, find_norm_layers
+from .layers import NormLayer, find_norm_layers, select_by_name
 from .modes import eval_mode
 from .moments import ChannelMoments, batch_moments
 from .report import LayerReport, RecalibrationReport, compare_stats
@@ -310,9 +310,9 @@ def recalibrate(
     else:
         selected, skipped = pre, []
         if layers is not None:
-            from .layers import _select
-
-            selected = _select(selected, [layers] if isinstance(layers, str) else list(layers))
+            selected = select_by_name(
+                selected, layers, lambda lay: [lay.name], what="normalization layer"
+            )
     dev = torch.device(device) if device is not None else None
     dist_on = distributed_active() if distributed is None else distributed
     sources: dict[str, tuple[Tensor, Tensor]] = {}
