@@ -11,13 +11,15 @@ ONNX Runtime sessions are built by the runtime when the app starts. The lifespan
 Request bodies are limited by a small ASGI middleware: ``Content-Length`` above the limit
 is refused up front, and a body without one (chunked) is counted as it streams; either
 way the answer is 413 with the usual ``{"error": ...}`` body. Uploads (``POST /v1/models``,
-``POST /v1/datasets``) may be ``max_upload_bytes``, every other body ``max_request_bytes``.
+``POST /v1/models/{name}/versions``, ``POST /v1/datasets``) may be ``max_upload_bytes``,
+every other body ``max_request_bytes``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -40,7 +42,7 @@ __all__ = ["BodyLimit", "create_app"]
 
 log = logging.getLogger(__name__)
 
-_UPLOAD_PATHS = ("/v1/models", "/v1/datasets")
+_UPLOAD_PATHS = re.compile(r"/v1/(models|datasets|models/[^/]+/versions)")
 
 
 class BodyLimit:
@@ -58,7 +60,7 @@ class BodyLimit:
         self.request_bytes = request_bytes
 
     def _limit(self, scope: Scope) -> int:
-        upload = scope["method"] == "POST" and scope["path"].rstrip("/") in _UPLOAD_PATHS
+        upload = scope["method"] == "POST" and _UPLOAD_PATHS.fullmatch(scope["path"].rstrip("/"))
         return self.upload_bytes if upload else self.request_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -19,6 +19,7 @@ from recalib.errors import RecalibError
 
 __all__ = [
     "Conflict",
+    "Incompatible",
     "InvalidInput",
     "NotFound",
     "NotReady",
@@ -63,6 +64,13 @@ class Conflict(ServiceError):
     """The resource exists already, or the transition is not allowed now (409)."""
 
     status = 409
+
+
+class Incompatible(ServiceError):
+    """A valid artifact that does not fit the model it is added to, e.g. another input
+    signature than the model's versions (422)."""
+
+    status = 422
 
 
 class PayloadTooLarge(ServiceError):

@@ -14,6 +14,12 @@ serves: pointing it elsewhere first has the runtime load and warm the version
 (``runtime.serve``) and only then commits the alias, so a version that fails to load
 leaves the alias and the traffic where they were. Registering a model creates version 1
 and points ``production`` at it, so it serves right away.
+
+Versions come from recalibration jobs (:meth:`Registry.add_version`) or are *pushed*: an
+uploaded artifact added to an existing model (:meth:`Registry.push_version`), checked like
+a registration, with the signature of the model's versions, optionally under a given
+number (so inference replicas can mirror the control replica's numbering). Version
+numbers of a model only increase and are never reused.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from pydantic import BaseModel, Field
 
 from .datasets import Upload, copy_upload, upload_suffix
 from .db import Database, dumps, loads, utcnow
-from .errors import Conflict, InvalidInput, NotFound
+from .errors import Conflict, Incompatible, InvalidInput, NotFound, ServiceError
 from .names import check_alias, check_name, is_number
 
 __all__ = [
@@ -289,8 +295,18 @@ def _convert_pt2(staging: Path) -> tuple[Signature, list[str], dict[str, Any]]:
     return onnx_signature(model), layers, report.to_dict() | {"path": ARTIFACT_FILES["onnx"]}
 
 
-def _prepare_upload(upload: Upload, staging: Path, suffix: str, max_bytes: int) -> dict[str, Any]:
-    """Write and validate the files of version 1 in ``staging``; returns the report."""
+def _prepare_upload(
+    upload: Upload,
+    staging: Path,
+    suffix: str,
+    max_bytes: int,
+    *,
+    kind: Literal["registration", "upload"] = "registration",
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write and validate the files of an uploaded version in ``staging``; returns the
+    report (``kind``: version 1 of a registration, or a pushed version with its
+    ``metadata``)."""
     fmt = suffix[1:]
     copy_upload(upload.file, staging / ARTIFACT_FILES[fmt], max_bytes=max_bytes)
     export: dict[str, Any] | None = None
@@ -298,13 +314,15 @@ def _prepare_upload(upload: Upload, staging: Path, suffix: str, max_bytes: int) 
         signature, layers = _check_onnx(staging / ARTIFACT_FILES["onnx"])
     else:
         signature, layers, export = _convert_pt2(staging)
-    report = {
-        "kind": "registration",
+    report: dict[str, Any] = {
+        "kind": kind,
         "source_format": fmt,
         "bn_layers": layers,
         "export": export,
         "signature": signature.model_dump(),
     }
+    if kind == "upload":
+        report["metadata"] = metadata or {}
     (staging / ARTIFACT_FILES["report"]).write_text(json.dumps(report, indent=2))
     return report
 
@@ -329,11 +347,70 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
             "source_format": report["source_format"],
             "bn_layers": len(report["bn_layers"]),
         }
+    if report.get("kind") == "upload":
+        return {
+            "kind": "upload",
+            "source_format": report["source_format"],
+            "bn_layers": len(report["bn_layers"]),
+            "metadata": report.get("metadata", {}),
+        }
     keep = ("method", "mode", "passes", "converged", "residual", "samples", "batches", "seconds")
     out = {k: report[k] for k in keep if k in report}
     out["kind"] = "recalibration"
     out.update(report.get("totals", {}))
     return out
+
+
+def _new_version_number(latest: int, version: int | None) -> int:
+    """The number a new version gets: ``version``, else ``latest + 1``.
+
+    Raises:
+        Conflict: ``version`` is not above ``latest`` (numbers only increase).
+    """
+    if version is None:
+        return latest + 1
+    if version <= latest:
+        raise Conflict(
+            f"expected a version number above {latest}, the model's highest (got {version}): "
+            "versions are immutable and their numbers only increase"
+        )
+    return version
+
+
+def _shape_text(shape: list[int | str | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _same_shape(a: list[int | str | None], b: list[int | str | None]) -> bool:
+    """Same rank; each axis the same size, or dynamic in both (dimension names may differ)."""
+    return len(a) == len(b) and all(
+        x == y if isinstance(x, int) or isinstance(y, int) else True
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def _signature_difference(expected: Signature, got: Signature) -> str | None:
+    """How ``got`` differs from ``expected`` (first difference only), or ``None``.
+
+    Inputs and outputs must have the same names (in any order), dtypes and shapes.
+    """
+    for what, want, have in (
+        ("input", expected.inputs, got.inputs),
+        ("output", expected.outputs, got.outputs),
+    ):
+        new = {spec.name: spec for spec in have}
+        for spec in want:
+            other = new.pop(spec.name, None)
+            if other is None:
+                return f"{what} {spec.name!r} is missing"
+            if other.dtype != spec.dtype or not _same_shape(spec.shape, other.shape):
+                return (
+                    f"{what} {spec.name!r} is {other.dtype} {_shape_text(other.shape)}, "
+                    f"expected {spec.dtype} {_shape_text(spec.shape)}"
+                )
+        if new:
+            return f"{what} {next(iter(new))!r} is new"
+    return None
 
 
 class Registry:
@@ -600,19 +677,23 @@ class Registry:
         recalibration: dict[str, Any] | None = None,
         validation: dict[str, Any] | None = None,
     ) -> int:
-        """Move ``staging`` in as a version of ``model_id`` and commit its row."""
+        """Move ``staging`` in as a version of ``model_id`` and commit its row.
+
+        ``version``: the number to give it (above every existing one), ``None`` for the
+        next. The number is chosen and checked in the same transaction as the insert.
+
+        Raises:
+            Conflict: ``version`` is not above the model's highest version.
+        """
         artifacts = {k: v.model_dump() for k, v in _hash_artifacts(staging).items()}
         if "onnx" not in artifacts:
             raise InvalidInput("expected a model.onnx in the new version (got none)")
         (self.root / model_id).mkdir(parents=True, exist_ok=True)
         with self.db.transaction() as conn:
-            if version is None:
-                version = int(
-                    conn.execute(
-                        "SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE model_id = ?",
-                        (model_id,),
-                    ).fetchone()[0]
-                )
+            latest = conn.execute(
+                "SELECT COALESCE(MAX(version), 0) FROM versions WHERE model_id = ?", (model_id,)
+            ).fetchone()[0]
+            version = _new_version_number(int(latest), version)
             final = self.root / model_id / str(version)
             staging.rename(final)
             try:
@@ -675,6 +756,134 @@ class Registry:
         )
         log.info("model %s: version %d added by job %s", name, version, job)
         return self.version(name, version)
+
+    def _latest(self, model_id: str) -> sqlite3.Row | None:
+        """The row of a model's highest version (``None`` if it has none)."""
+        return self.db.query_one(
+            "SELECT * FROM versions WHERE model_id = ? ORDER BY version DESC LIMIT 1", (model_id,)
+        )
+
+    async def push_version(
+        self,
+        runtime: Runtime,
+        name: str,
+        *,
+        upload: Upload,
+        max_bytes: int,
+        version: int | None = None,
+        parent: int | str | None = None,
+        metadata: dict[str, Any] | None = None,
+        alias: str | None = None,
+    ) -> VersionInfo:
+        """Add a version to an existing model from an uploaded artifact; optionally move
+        ``alias`` to it.
+
+        The file is checked as in :meth:`register` (``.onnx``; ``.pt2`` too when the model
+        was registered from one, exported to ONNX with its stat bank). Its signature must
+        equal the model's highest version's: the same input and output names, dtypes and
+        shapes (a dynamic axis matches any dynamic axis, whatever its name). ``version``
+        (default: the next number) must be above every existing version. ``parent`` (a
+        number or an alias of this model) is recorded as ``parent_version``; ``metadata``
+        goes into the version's report. All of this is all-or-nothing: the files are
+        staged and the row committed under the model's lock, or nothing is left.
+
+        ``alias`` is then pointed at the new version with :meth:`set_alias` (for
+        ``production``: loaded and warmed first). If that fails, the version stays (it is
+        immutable and its number is taken), the alias is unchanged, and the error is raised
+        with a message saying so.
+
+        Raises:
+            NotFound: no such model, or ``parent`` names no version of it;
+            InvalidInput: bad file type or file, malformed alias or version number;
+            Conflict: ``version`` is not above the model's highest version;
+            Incompatible: another signature than the model's versions;
+            PayloadTooLarge: upload above ``max_bytes``; RecalibError: export failures;
+            whatever the alias switch raises (the version is stored then).
+        """
+        model = self._model_row(name)
+        fmt = str(model["source_format"])
+        suffix = upload_suffix(upload.filename, _MODEL_SUFFIXES, "model")
+        if suffix != ".onnx" and fmt != "pt2":
+            raise InvalidInput(
+                f"expected an .onnx file for model {name!r}, registered from {fmt} (got "
+                f"{upload.filename!r}: a .pt2 can only be added to a model registered from one)"
+            )
+        if alias is not None:
+            check_alias(alias)
+        if version is not None and not 1 <= version <= MAX_VERSION:
+            raise InvalidInput(f"expected a version number in 1..{MAX_VERSION} (got {version})")
+        parent_version = None if parent is None else self.resolve_version(name, parent)
+        latest = self._latest(model["id"])
+        # Checked again when committing; here so a doomed push does no work.
+        _new_version_number(0 if latest is None else int(latest["version"]), version)
+        staging = self.home / "tmp" / f"version-{uuid.uuid4().hex}"
+        staging.mkdir(parents=True)
+        try:
+            report = await asyncio.to_thread(
+                _prepare_upload,
+                upload,
+                staging,
+                suffix,
+                max_bytes,
+                kind="upload",
+                metadata=metadata,
+            )
+            async with self._lock(model["id"]):
+                if self._model_row(name)["id"] != model["id"]:  # deleted and registered anew
+                    raise NotFound(f"model {name!r} was deleted while the version was checked")
+                latest = self._latest(model["id"])
+                signature = Signature.model_validate(report["signature"])
+                if latest is not None:
+                    expected = Signature.model_validate(loads(latest["signature"]))
+                    difference = _signature_difference(expected, signature)
+                    if difference is not None:
+                        raise Incompatible(
+                            f"expected the signature of version {latest['version']} of model "
+                            f"{name!r} (got one whose {difference}): all versions of a model "
+                            "take the same inputs and give the same outputs; register a new "
+                            "model for another signature"
+                        )
+                number = self._commit_version(
+                    model["id"],
+                    staging,
+                    version=version,
+                    report=report,
+                    signature=report["signature"],
+                    parent_version=parent_version,
+                )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        log.info("model %s: version %d pushed from %s", name, number, suffix)
+        if alias is not None:
+            await self._move_alias_to_pushed(runtime, name, alias, number)
+        return self.version(name, number)
+
+    async def _move_alias_to_pushed(
+        self, runtime: Runtime, name: str, alias: str, version: int
+    ) -> None:
+        """:meth:`set_alias` for a just-pushed version; a failure says the version stays."""
+        from recalib.errors import RecalibError
+
+        try:
+            await self.set_alias(runtime, name, alias, version)
+            return
+        # Any failure of the switch (ONNX Runtime raises its own types) is reported the
+        # same way: the version exists, the alias did not move.
+        except Exception as exc:
+            try:
+                where = f"it still points at version {self.alias(name, alias).version}"
+            except NotFound:
+                where = "it does not exist"
+            message = (
+                f"version {version} of model {name!r} was stored, but alias {alias!r} was not "
+                f"moved to it ({where}): {exc}. The version stays; point the alias at it "
+                "again once the cause is fixed"
+            )
+            if isinstance(exc, ServiceError):
+                raise type(exc)(message) from exc
+            if isinstance(exc, RecalibError):
+                raise InvalidInput(message) from exc
+            raise ServiceError(message) from exc
 
     async def set_alias(self, runtime: Runtime, name: str, alias: str, version: int) -> AliasInfo:
         """Point ``alias`` at ``version``; for ``production`` the runtime serves it first.

@@ -1,4 +1,5 @@
-"""``/v1/models``: register, list, delete models; versions, artifacts, aliases, drift.
+"""``/v1/models``: register, list, delete models; versions (read, push), artifacts, aliases,
+drift.
 
 Routes only translate HTTP to registry and runtime calls (:mod:`service.registry`);
 errors are the domain's, mapped to HTTP in :mod:`service.errors`.
@@ -14,6 +15,7 @@ from fastapi.responses import FileResponse
 
 from ..errors import InvalidInput
 from ..registry import (
+    MAX_VERSION,
     AliasInfo,
     AliasList,
     AliasUpdate,
@@ -23,7 +25,7 @@ from ..registry import (
     VersionInfo,
     VersionList,
 )
-from .deps import ERROR_RESPONSES, RegistryDep, RuntimeDep, SettingsDep, require_token
+from .deps import ERROR_RESPONSES, ErrorBody, RegistryDep, RuntimeDep, SettingsDep, require_token
 
 __all__ = ["router"]
 
@@ -92,6 +94,65 @@ async def delete_model(registry: RegistryDep, runtime: RuntimeDep, name: str) ->
 @router.get("/{name}/versions", summary="List a model's versions")
 def list_versions(registry: RegistryDep, name: str) -> VersionList:
     return VersionList(versions=registry.versions(name))
+
+
+@router.post(
+    "/{name}/versions",
+    status_code=201,
+    summary="Add a version from an uploaded artifact (optionally move an alias to it)",
+    responses={
+        422: {
+            "model": ErrorBody,
+            "description": "Malformed request (fields, types), or an artifact whose signature "
+            "differs from the model's versions",
+        }
+    },
+)
+async def push_version(
+    registry: RegistryDep,
+    runtime: RuntimeDep,
+    settings: SettingsDep,
+    response: Response,
+    name: str,
+    file: Annotated[
+        UploadFile,
+        File(description=".onnx with BatchNormalization (or .pt2 for a model registered from one)"),
+    ],
+    version: Annotated[
+        int | None,
+        Form(
+            ge=1,
+            # lt, not le=MAX_VERSION: OpenAPI carries bounds as floats (see AliasUpdate).
+            lt=MAX_VERSION + 1,
+            description="number of the new version, above every existing one (default: next)",
+        ),
+    ] = None,
+    parent: Annotated[
+        str | None,
+        Form(description="lineage: the version (number or alias) of this model it came from"),
+    ] = None,
+    metadata: Annotated[
+        str | None, Form(description="JSON object kept in the version's report")
+    ] = None,
+    alias: Annotated[
+        str | None,
+        Form(description="alias to point at the new version (production: loaded and warmed first)"),
+    ] = None,
+) -> VersionInfo:
+    """The artifact must have the signature of the model's versions (else 422). If moving
+    ``alias`` fails, the version stays stored and the error says so."""
+    info = await registry.push_version(
+        runtime,
+        name,
+        upload=file,
+        max_bytes=settings.max_upload_bytes,
+        version=version,
+        parent=parent,
+        metadata=_metadata(metadata),
+        alias=alias,
+    )
+    response.headers["Location"] = f"/v1/models/{name}/versions/{info.version}"
+    return info
 
 
 @router.get("/{name}/versions/{version}", summary="Get a version and its lineage")
