@@ -1,23 +1,32 @@
-"""Recalibration speed on CPU, measured side by side in one run.
+"""Recalibration speed, measured side by side in one run (CPU or CUDA).
 
     python bench/recalib_speed.py [--batches 20] [--batch-size 32] [--repeats 3]
+    python bench/recalib_speed.py --model resnet50 --device cuda --size 224 \
+        --batch-size 64 --batches 20 --verify 4          # the GPU run of docs/benchmarks.md
 
 Compares, on the same model and the same data: a plain eval forward pass over the data,
 ``torch.optim.swa_utils.update_bn``, ``recalibrate(method="exact", mode="train")`` and
 ``recalibrate(mode="eval")`` to convergence. Each is repeated, interleaved, and the median
-is reported with its ratio to update_bn and to the plain forward.
+is reported with its ratio to update_bn and to the plain forward. On CUDA the data is
+placed on the GPU first and each case ends with ``torch.cuda.synchronize()``.
+
+``--verify N`` also recalibrates (exact/train) on the first N batches on the device and on
+the CPU from the same weights, and prints the largest difference between the two sets of
+statistics: mean differences in units of the CPU standard deviation, variances relative.
+On CUDA it does so twice: with cuDNN's default TF32 convolutions and with TF32 off.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
-from bench_models import resnet
+from bench_models import resnet, resnet50
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
@@ -40,8 +49,60 @@ def resnet_small() -> nn.Module:
     )
 
 
+def _stats(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {
+        name: (m.running_mean.double().cpu(), m.running_var.double().cpu())
+        for name, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d)
+        and m.running_mean is not None
+        and m.running_var is not None
+    }
+
+
+def _largest_difference(
+    got: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    want: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[float, float]:
+    """Largest |mean difference| / CPU std and |variance difference| / CPU variance."""
+    dm = dv = 0.0
+    for name, (wm, wv) in want.items():
+        gm, gv = got[name]
+        std = wv.clamp_min(1e-12).sqrt()
+        dm = max(dm, float(((gm - wm).abs() / std).max()))
+        dv = max(dv, float(((gv - wv).abs() / wv.clamp_min(1e-12)).max()))
+    return dm, dv
+
+
+def verify(
+    model: nn.Module, data: list[torch.Tensor], device: torch.device, n: int
+) -> list[tuple[str, float, float]]:
+    """exact/train statistics on ``device`` vs on the CPU, from the same weights."""
+    state = copy.deepcopy(model.state_dict())
+    cpu_model = copy.deepcopy(model).cpu()
+    cpu_model.load_state_dict(state)
+    recalibrate(cpu_model, [x.cpu() for x in data[:n]], method="exact", mode="train")
+    want = _stats(cpu_model)
+    rows: list[tuple[str, float, float]] = []
+    settings = [("default", None)]
+    if device.type == "cuda":
+        settings = [("TF32 (cuDNN default)", True), ("TF32 off", False)]
+    for label, tf32 in settings:
+        model.load_state_dict(state)
+        if tf32 is None:
+            recalibrate(model, data[:n], method="exact", mode="train")
+        else:
+            with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32):
+                recalibrate(model, data[:n], method="exact", mode="train")
+        rows.append((label, *_largest_difference(_stats(model), want)))
+    model.load_state_dict(state)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=("small", "resnet50"), default="small")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--verify", type=int, default=0, metavar="N", help="compare stats vs CPU")
     ap.add_argument("--batches", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--size", type=int, default=64)
@@ -50,9 +111,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = resnet_small()
-    data = [torch.randn(args.batch_size, 3, args.size, args.size) for _ in range(args.batches)]
+    device = torch.device(args.device)
+    model = (resnet50() if args.model == "resnet50" else resnet_small()).to(device)
+    data = [
+        torch.randn(args.batch_size, 3, args.size, args.size, device=device)
+        for _ in range(args.batches)
+    ]
     state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     passes: dict[str, int] = {}
 
     def forward() -> None:
@@ -78,22 +148,31 @@ def main() -> None:
         "exact/eval (to tol 1e-3)": eval_fixed_point,
     }
     times: dict[str, list[float]] = {k: [] for k in cases}
-    forward()  # warm-up (allocator, oneDNN primitives)
+    forward()  # warm-up (allocator, oneDNN primitives / cuDNN algorithm choice)
+    swa_update_bn()
+    model.load_state_dict(state)
+    sync()
     for _ in range(args.repeats):
         for name, fn in cases.items():
             model.load_state_dict(state)
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    where = f"{platform.processor() or platform.machine()}, {args.threads} threads"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        where = f"{props.name} ({props.total_memory >> 30} GiB), CUDA {torch.version.cuda}"
+        where += f", cuDNN {torch.backends.cudnn.version()}"
+    print(f"machine: {where}, torch {torch.__version__}")
+    shape = "ResNet-50" if args.model == "resnet50" else "ResNet-18-shaped width 32"
     print(
-        f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, "
-        f"torch {torch.__version__}"
-    )
-    print(
-        f"model: ResNet-18-shaped width 32, {n_bn} BN layers; data: {args.batches} batches "
-        f"x {args.batch_size} x 3x{args.size}x{args.size}; median of {args.repeats}\n"
+        f"model: {shape}, {n_bn} BN layers; data: {args.batches} batches "
+        f"x {args.batch_size} x 3x{args.size}x{args.size} on {device}; median of "
+        f"{args.repeats}\n"
     )
     print(f"{'case':28}{'seconds':>10}{'vs update_bn':>14}{'vs forward':>12}")
     for name, t in med.items():
@@ -103,6 +182,11 @@ def main() -> None:
         f"({med['exact/eval (to tol 1e-3)'] / passes.get('eval', 1) / med['eval forward']:.2f}x "
         "forward per pass)"
     )
+    if args.verify:
+        print(f"\nstatistics on {device} vs CPU (exact/train, first {args.verify} batches)")
+        print(f"{'convolutions':24}{'max |dmean|/std':>18}{'max |dvar|/var':>16}")
+        for label, dm, dv in verify(model, data, device, args.verify):
+            print(f"{label:24}{dm:>18.2e}{dv:>16.2e}")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,11 +91,15 @@ def _serve(args: argparse.Namespace) -> None:
     path = Path(args.serve)
     settings = Settings(
         home=Path(tempfile.mkdtemp()),
-        execution_provider="cpu",
+        execution_provider=args.provider,
+        provider_fallback="fail",  # a benchmark must not measure a silent CPU fallback
         dynamic_batching=args.batching == "on",
         drift_sample_fraction=args.drift,
         max_queue_delay_ms=args.delay_ms,
         intra_op_threads=args.threads,
+        max_batch_size=args.max_batch,
+        warmup_batch_sizes=sorted({1, 8, 32, args.max_batch}),
+        max_request_bytes=1 << 30,
     )
 
     class OneModel:
@@ -138,6 +143,12 @@ def _serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """Settings of the service process that other benchmarks change too."""
+    parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--max-batch", type=int, default=32, help="max_batch_size")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -148,7 +159,9 @@ def _free_port() -> int:
 class Server:
     """The service in a subprocess, ready when ``/v2/health/ready`` says so."""
 
-    def __init__(self, model: Path, *, batching: bool, args: argparse.Namespace) -> None:
+    def __init__(
+        self, model: Path, *, batching: bool, args: argparse.Namespace, startup: float = 60.0
+    ) -> None:
         self.port = _free_port()
         cmd = [
             sys.executable,
@@ -165,10 +178,14 @@ class Server:
             str(args.delay_ms),
             "--threads",
             str(args.threads),
+            "--provider",
+            args.provider,
+            "--max-batch",
+            str(args.max_batch),
         ]
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": path})
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + startup
         url = f"http://127.0.0.1:{self.port}/v2/models/{MODEL_NAME}/ready"
         while True:
             try:
@@ -207,21 +224,14 @@ class Result:
         return float(np.percentile(self.latencies, q)) * 1e3
 
 
-def in_process(model: Path, x: np.ndarray, concurrency: int, seconds: float) -> Result:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    for _ in range(20):
-        session.run(None, {"input": x})
+def run_threads(call: Callable[[], object], concurrency: int, seconds: float) -> Result:
+    """``call()`` in a closed loop from ``concurrency`` threads for ``seconds``."""
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     stop = time.perf_counter() + seconds
 
     def worker(out: list[float]) -> None:
-        while True:
-            t0 = time.perf_counter()
-            if t0 > stop:
-                return
-            session.run(None, {"input": x})
+        while (t0 := time.perf_counter()) <= stop:
+            call()
             out.append(time.perf_counter() - t0)
 
     threads = [threading.Thread(target=worker, args=(lat,)) for lat in latencies]
@@ -233,6 +243,15 @@ def in_process(model: Path, x: np.ndarray, concurrency: int, seconds: float) -> 
     elapsed = time.perf_counter() - start
     flat = [v for lat in latencies for v in lat]
     return Result(len(flat), elapsed, flat)
+
+
+def in_process(model: Path, x: np.ndarray, concurrency: int, seconds: float) -> Result:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    for _ in range(20):
+        session.run(None, {"input": x})
+    return run_threads(lambda: session.run(None, {"input": x}), concurrency, seconds)
 
 
 def _http_request(port: int, x: np.ndarray, binary: bool) -> bytes:
@@ -312,6 +331,7 @@ def main() -> None:
     parser.add_argument("--drift", type=float, default=1.0, help="drift_sample_fraction")
     parser.add_argument("--delay-ms", type=float, default=2.0, help="max_queue_delay_ms")
     parser.add_argument("--threads", type=int, default=0, help="intra_op_threads (0: ORT's)")
+    add_server_arguments(parser)
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--batching", choices=("on", "off"), help=argparse.SUPPRESS)

@@ -9,6 +9,8 @@
 # VARIANT is "cpu" or "gpu". Uses the `python` / `pip` first on PATH (the image's venv).
 # Environment:
 #   TORCH_VERSION    default 2.13.0 (the pin the project is tested with)
+#   ORT_VERSION      default 1.31.1 (onnxruntime / onnxruntime-gpu release; the GPU build must be
+#                    the one built for the base image's CUDA major, see docs/deployment.md)
 #   TORCH_CUDA       default cu130 (PyTorch wheel index tag for the GPU build; must match the
 #                    CUDA major of the base image and of onnxruntime-gpu, see docs/deployment.md)
 #   TORCH_INDEX_URL  override the torch wheel index; set to the empty string to use pip's
@@ -22,10 +24,11 @@ step=${1:?usage: install-python-deps.sh torch|project|check cpu|gpu [SRC]}
 variant=${2:?usage: install-python-deps.sh torch|project|check cpu|gpu [SRC]}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 TORCH_CUDA=${TORCH_CUDA:-cu130}
+ORT_VERSION=${ORT_VERSION:-1.31.1}
 
 case "$variant" in
-    cpu) default_index="https://download.pytorch.org/whl/cpu" ;;
-    gpu) default_index="https://download.pytorch.org/whl/${TORCH_CUDA}" ;;
+    cpu) default_index="https://download.pytorch.org/whl/cpu"; ort=onnxruntime ;;
+    gpu) default_index="https://download.pytorch.org/whl/${TORCH_CUDA}"; ort=onnxruntime-gpu ;;
     *) echo "expected VARIANT cpu or gpu (got '$variant')" >&2; exit 2 ;;
 esac
 index=${TORCH_INDEX_URL-$default_index}
@@ -42,10 +45,12 @@ case "$step" in
         ;;
     project)
         src=${3:?usage: install-python-deps.sh project cpu|gpu SRC}
-        pip install --no-cache-dir "${src}[${variant}]"
+        # The extra names the ONNX Runtime package; the pin keeps it on the CUDA major the
+        # base image provides (a newer onnxruntime-gpu may be built for another one).
+        pip install --no-cache-dir "${src}[${variant}]" "${ort}==${ORT_VERSION}"
         ;;
     check)
-        python - "$variant" "$TORCH_VERSION" <<'PY'
+        python - "$variant" "$TORCH_VERSION" "$ORT_VERSION" <<'PY'
 import sys
 from importlib import metadata
 
@@ -58,12 +63,14 @@ def installed(name: str) -> bool:
     return True
 
 
-variant, torch_version = sys.argv[1], sys.argv[2]
+variant, torch_version, ort_version = sys.argv[1], sys.argv[2], sys.argv[3]
 want = "onnxruntime-gpu" if variant == "gpu" else "onnxruntime"
 have = [name for name in ("onnxruntime", "onnxruntime-gpu") if installed(name)]
 if have != [want]:
     sys.exit(f"expected exactly {want} installed (got {have or 'none'}): "
              "onnxruntime and onnxruntime-gpu side by side break the CUDA provider")
+if metadata.version(want) != ort_version:
+    sys.exit(f"expected {want} {ort_version} (got {metadata.version(want)})")
 torch_installed = metadata.version("torch")
 if torch_installed.split("+")[0] != torch_version:
     sys.exit(f"expected torch {torch_version} (got {torch_installed})")

@@ -122,6 +122,16 @@ def _stats_of(layer: NormLayer) -> tuple[Tensor, Tensor] | None:
     return m.running_mean.detach().clone(), m.running_var.detach().clone()
 
 
+def _stats_device(layers: Sequence[NormLayer]) -> torch.device | None:
+    """Where the first selected layer keeps its running statistics (the report's device
+    when ``device=`` was not given)."""
+    for layer in layers:
+        mean = layer.module.running_mean
+        if isinstance(mean, Tensor) and not isinstance(mean, UninitializedBuffer):
+            return mean.device
+    return None
+
+
 def _write(layer: NormLayer, mean: Tensor, var: Tensor) -> None:
     m = layer.module
     if m.running_mean is None or m.running_var is None:
@@ -413,7 +423,7 @@ def recalibrate(
         items=items,
         batches=batches,
         seconds=time.perf_counter() - start,
-        device=dev,
+        device=dev if dev is not None else _stats_device(selected),
         params={
             "prior_strength": prior_strength,
             "momentum": momentum,
@@ -478,6 +488,6 @@ def _build_report(
         samples=items,
         batches=batches,
         seconds=seconds,
-        device=str(device) if device is not None else "cpu",
+        device=str(device) if device is not None else "cpu",  # no layer has statistics
         params=params,
     )

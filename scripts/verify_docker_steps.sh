@@ -1,19 +1,31 @@
 #!/usr/bin/env bash
 # Verify the image's Python install steps without a Docker engine.
 #
-# Runs docker/install-python-deps.sh - the very script docker/Dockerfile runs - for the CPU
-# variant in a fresh venv in a temp directory: torch==2.13.0 first, then `pip install .[cpu]`,
-# then the image's own check (exactly one ONNX Runtime, imports, `recalib --help`). Then a
-# smoke test of the image's entry point: `recalib serve` on loopback with a temp home must
-# answer the HEALTHCHECK's request to /v2/health/ready.
+# Runs docker/install-python-deps.sh - the very script docker/Dockerfile runs - for one
+# variant in a fresh venv in a temp directory: torch==2.13.0 first, then
+# `pip install .[VARIANT] onnxruntime(-gpu)==ORT_VERSION`, then the image's own check
+# (exactly one ONNX Runtime, imports, `recalib --help`). Then a smoke test of the image's
+# entry point: `recalib serve` on loopback with a temp home (and the image's
+# RECALIB_EXECUTION_PROVIDER) must answer the HEALTHCHECK's request to /v2/health/ready.
 #
-#   scripts/verify_docker_steps.sh              # pip's configured index for torch
+#   scripts/verify_docker_steps.sh [cpu]        # CPU image: onnxruntime
+#   scripts/verify_docker_steps.sh gpu          # GPU image's Python steps: onnxruntime-gpu
 #   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu scripts/verify_docker_steps.sh
 #
 # TORCH_INDEX_URL defaults to "" (pip's configured index), because the PyTorch index is not
-# reachable everywhere; the image itself uses the PyTorch CPU / CUDA index.
+# reachable everywhere; the image itself uses the PyTorch CPU / CUDA index. For `gpu` on a
+# machine without the cu130 index that means the CPU torch: what is verified is the project's
+# resolution with onnxruntime-gpu (and never onnxruntime) beside torch 2.13.0, the image's
+# check, and - where CUDA cannot run - tests/service/test_ort_gpu_build.py: the real GPU
+# build lists CUDAExecutionProvider, falls back to CPU silently, and the service notices.
 set -euo pipefail
 
+variant=${1:-cpu}
+case "$variant" in
+    cpu) provider=cpu ;;
+    gpu) provider=cuda ;;
+    *) echo "expected variant cpu or gpu (got '$variant')" >&2; exit 2 ;;
+esac
 repo=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-python3}
 work=$(mktemp -d "${TMPDIR:-/tmp}/recalib-docker-steps.XXXXXX")
@@ -39,16 +51,25 @@ mkdir "$work/src"
 cp -r "$repo/pyproject.toml" "$repo/README.md" "$repo/recalib" "$repo/service" "$work/src/"
 find "$work/src" -name __pycache__ -prune -exec rm -rf {} +
 
-step "install-python-deps.sh torch cpu"
-bash "$repo/docker/install-python-deps.sh" torch cpu
-step "install-python-deps.sh project cpu"
-bash "$repo/docker/install-python-deps.sh" project cpu "$work/src"
-step "install-python-deps.sh check cpu"
-(cd "$work" && bash "$repo/docker/install-python-deps.sh" check cpu)
+step "install-python-deps.sh torch $variant"
+bash "$repo/docker/install-python-deps.sh" torch "$variant"
+step "install-python-deps.sh project $variant"
+bash "$repo/docker/install-python-deps.sh" project "$variant" "$work/src"
+step "install-python-deps.sh check $variant"
+(cd "$work" && bash "$repo/docker/install-python-deps.sh" check "$variant")
+
+if [[ "$variant" == gpu ]]; then
+    # pytest and httpx (the tests' TestClient) only, not the dev extra. The tests skip
+    # where CUDA really works; run from $work so `recalib`/`service` come from the venv.
+    step "provider tests against the installed onnxruntime-gpu"
+    pip install --quiet pytest httpx
+    (cd "$work" && python -m pytest -c "$repo/pyproject.toml" --rootdir "$repo" -p no:cacheprovider \
+        -rs "$repo/tests/service/test_ort_gpu_build.py" "$repo/tests/service/test_runtime_sessions.py")
+fi
 
 step "entry point: recalib serve + the HEALTHCHECK command"
 port=$("$work/venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-(cd "$work" && exec env RECALIB_HOME="$work/home" recalib serve --host 127.0.0.1 --port "$port" \
+(cd "$work" && exec env RECALIB_HOME="$work/home" RECALIB_EXECUTION_PROVIDER="$provider" recalib serve --host 127.0.0.1 --port "$port" \
     >"$work/serve.log" 2>&1) &
 server_pid=$!
 healthy=
@@ -66,4 +87,4 @@ if [[ -z "$healthy" ]]; then
     exit 1
 fi
 pip list --format=freeze 2>/dev/null | grep -iE '^(torch|onnxruntime|onnxruntime-gpu|onnx|numpy|fastapi|uvicorn|recalib)==' || true
-step "OK: the CPU image's install steps work in a fresh venv"
+step "OK: the $variant image's install steps work in a fresh venv"

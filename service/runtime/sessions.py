@@ -19,8 +19,14 @@ input/output signature in Open Inference Protocol terms) from the service settin
   the session shares its cores with the event loop and other sessions (a spinning pool
   burns the CPU the HTTP side needs between runs).
 * Graph optimisation ``ORT_ENABLE_ALL`` (Conv+BN fusion happens here).
-* On CUDA, :meth:`ModelSession.run` uses IOBinding: inputs are copied to the device once,
-  outputs are written straight into host memory.
+* On CUDA, :meth:`ModelSession.run` uses IOBinding: each input is copied to the device
+  into an ``OrtValue`` *before* ``run_with_iobinding`` (one synchronous host-to-device copy
+  per input, not a staging copy inside the run), outputs are bound to device memory that
+  ONNX Runtime allocates at the right shape, and are copied to the host once, after the
+  run. ``binding=True`` forces the same path on CPU (tests exercise it there).
+* :func:`cuda_usable` says whether CUDA really runs here: ``get_available_providers()``
+  lists the providers a build *contains* (an onnxruntime-gpu wheel lists CUDA on a machine
+  without a GPU or without the CUDA 13 / cuDNN 9 libraries, then silently runs on CPU).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +54,7 @@ __all__ = [
     "TensorSpec",
     "choose_providers",
     "create_session",
+    "cuda_usable",
     "warmup_sizes",
 ]
 
@@ -190,7 +198,9 @@ class ModelSession:
         fell_back: CUDA was asked for but the session runs elsewhere (policy "warn").
     """
 
-    def __init__(self, session: Any, requested: str, fell_back: bool) -> None:
+    def __init__(
+        self, session: Any, requested: str, fell_back: bool, *, binding: bool | None = None
+    ) -> None:
         self.session = session
         self.inputs = tuple(_spec(a) for a in session.get_inputs())
         self.outputs = tuple(_spec(a) for a in session.get_outputs())
@@ -198,7 +208,8 @@ class ModelSession:
         providers = list(session.get_providers())
         self.provider = providers[0] if providers else CPU
         self.fell_back = fell_back
-        self._use_binding = self.provider == CUDA
+        self.uses_binding = self.provider == CUDA if binding is None else binding
+        self._device = "cuda" if self.provider == CUDA else "cpu"
 
     @property
     def output_names(self) -> list[str]:
@@ -210,15 +221,20 @@ class ModelSession:
         """Run the graph on ``feed`` (input name to array); outputs in ``output_names`` order
         (all graph outputs when ``None``)."""
         names = list(output_names) if output_names is not None else self.output_names
-        if not self._use_binding:
+        if not self.uses_binding:
             return list(self.session.run(names, dict(feed)))
         binding = self.session.io_binding()
-        for name, value in feed.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        # Keep the device copies referenced until the run is over.
+        staged = [
+            ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self._device, 0)
+            for value in feed.values()
+        ]
+        for name, value in zip(feed, staged, strict=True):
+            binding.bind_ortvalue_input(name, value)
         for name in names:
-            binding.bind_output(name, "cpu")
+            binding.bind_output(name, self._device, 0)
         self.session.run_with_iobinding(binding)
-        return list(binding.copy_outputs_to_cpu())
+        return [value.numpy() for value in binding.get_outputs()]
 
     def warm_up(self, batch_sizes: Sequence[int], output_names: Sequence[str] | None = None) -> int:
         """Run zero inputs once per batch size (first runs per shape are slow: memory
@@ -255,6 +271,45 @@ class ModelSession:
                 ) from exc
             runs += 1
         return runs
+
+
+_PROBE_INPUT = "x"
+
+
+@cache
+def _probe_model() -> bytes:
+    """A one-node ``Relu`` graph (IR 8, opset 13: loadable by every supported ORT)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", [_PROBE_INPUT], ["y"])],
+        "cuda_probe",
+        [helper.make_tensor_value_info(_PROBE_INPUT, TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    return bytes(model.SerializeToString())
+
+
+@cache
+def cuda_usable() -> bool:
+    """Whether ONNX Runtime can really run on CUDA here (cached for the process).
+
+    ``CUDAExecutionProvider`` in ``get_available_providers()`` only says the build has it;
+    this builds a one-node session on CUDA and checks that CUDA is the provider it got
+    (ONNX Runtime falls back to CPU silently when the driver, a GPU, or the CUDA / cuDNN
+    libraries are missing).
+    """
+    if CUDA not in ort.get_available_providers():
+        return False
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4  # the probe's failure is the answer, not an error
+    try:
+        session = ort.InferenceSession(_probe_model(), sess_options=opts, providers=[CUDA, CPU])
+    except Exception:  # ORT raises its own (non-exported) exception types
+        log.debug("CUDA probe session failed", exc_info=True)
+        return False
+    return bool(session.get_providers()) and session.get_providers()[0] == CUDA
 
 
 def warmup_sizes(settings: Settings) -> list[int]:

@@ -16,6 +16,7 @@ from service.runtime import sessions
 from service.runtime.sessions import (
     CPU,
     CUDA,
+    ModelSession,
     ProviderUnavailable,
     choose_providers,
     create_session,
@@ -35,20 +36,34 @@ class _Arg:
         self.name, self.type, self.shape = name, type_, shape
 
 
+class _FakeOrtValue:
+    """Stands in for ``OrtValue``: an array and the device it was staged on."""
+
+    def __init__(self, value: np.ndarray, device: str) -> None:
+        self.value, self.device = value, device
+
+    @classmethod
+    def ortvalue_from_numpy(cls, value: np.ndarray, device: str, device_id: int) -> _FakeOrtValue:
+        return cls(value.copy(), device)
+
+    def numpy(self) -> np.ndarray:
+        return self.value
+
+
 class _FakeBinding:
     def __init__(self) -> None:
-        self.inputs: dict[str, np.ndarray] = {}
+        self.inputs: dict[str, _FakeOrtValue] = {}
         self.outputs: list[tuple[str, str]] = []
 
-    def bind_cpu_input(self, name: str, value: np.ndarray) -> None:
+    def bind_ortvalue_input(self, name: str, value: _FakeOrtValue) -> None:
         self.inputs[name] = value
 
-    def bind_output(self, name: str, device: str) -> None:
+    def bind_output(self, name: str, device: str, device_id: int) -> None:
         self.outputs.append((name, device))
 
-    def copy_outputs_to_cpu(self) -> list[np.ndarray]:
+    def get_outputs(self) -> list[_FakeOrtValue]:
         x = self.inputs["x"]
-        return [x * 2.0 for _ in self.outputs]
+        return [_FakeOrtValue(x.value * 2.0, device) for _, device in self.outputs]
 
 
 class _FakeSession:
@@ -87,6 +102,7 @@ def fake_ort(monkeypatch: pytest.MonkeyPatch) -> type[_FakeSession]:
     _FakeSession.created = []
     _FakeSession.actual = [CPU]
     monkeypatch.setattr(ort, "InferenceSession", _FakeSession)
+    monkeypatch.setattr(ort, "OrtValue", _FakeOrtValue)
     return _FakeSession
 
 
@@ -139,8 +155,10 @@ def test_auto_with_cuda_uses_cuda_and_iobinding(
     x = np.arange(4, dtype=np.float32).reshape(2, 2)
     (y,) = session.run({"x": x})
     np.testing.assert_array_equal(y, x * 2.0)
-    assert session.session.ran_with_binding
-    assert session.session.binding.outputs == [("y", "cpu")]
+    assert session.session.ran_with_binding and session.uses_binding
+    # Inputs staged on the device before the run, outputs left on the device by the run.
+    assert {k: v.device for k, v in session.session.binding.inputs.items()} == {"x": "cuda"}
+    assert session.session.binding.outputs == [("y", "cuda")]
 
 
 def test_silent_cuda_fallback_fails_with_policy_fail(
@@ -194,6 +212,41 @@ def test_real_session_on_cpu(onnx_path: Path) -> None:
     assert out.shape == (2, 3)
 
 
+def test_iobinding_path_on_cpu_matches_plain_run(onnx_path: Path) -> None:
+    """The IOBinding code CUDA uses, run with CPU OrtValues: same outputs as ``run``,
+    any output order, a non-contiguous input."""
+    settings = Settings(execution_provider="cpu", intra_op_threads=1)
+    plain = create_session(onnx_path, settings)
+    bound = ModelSession(plain.session, "cpu", False, binding=True)
+    assert bound.uses_binding and not plain.uses_binding
+    x = np.random.default_rng(1).standard_normal((3, 3, 8, 16)).astype(np.float32)[..., ::2]
+    assert not x.flags.c_contiguous
+    (want,) = plain.run({"input": x})
+    (got,) = bound.run({"input": x})
+    np.testing.assert_array_equal(got, want)
+    assert bound.warm_up([1, 2]) == 2
+
+
+def test_cuda_usable_is_false_without_cuda_and_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    sessions.cuda_usable.cache_clear()
+    _available(monkeypatch, [CPU])
+    assert sessions.cuda_usable() is False
+    sessions.cuda_usable.cache_clear()
+
+
+def test_cuda_usable_sees_a_silent_fallback(
+    monkeypatch: pytest.MonkeyPatch, fake_ort: type[_FakeSession]
+) -> None:
+    """Listed is not usable: the probe session is created and came out on CPU."""
+    _available(monkeypatch, [CUDA, CPU])
+    for actual, usable in (([CPU], False), ([CUDA, CPU], True)):
+        sessions.cuda_usable.cache_clear()
+        fake_ort.actual = actual
+        assert sessions.cuda_usable() is usable
+    assert fake_ort.created[-1] == {"providers": [CUDA, CPU]}
+    sessions.cuda_usable.cache_clear()
+
+
 def test_bad_model_is_invalid_input() -> None:
     with pytest.raises(InvalidInput, match="ONNX Runtime cannot load the model"):
         create_session(b"not an onnx model", Settings(execution_provider="cpu"), label="m v1")
@@ -229,7 +282,7 @@ def test_warm_up_runs_each_size(onnx_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(CUDA not in ort.get_available_providers(), reason="needs onnxruntime-gpu")
+@pytest.mark.skipif(not sessions.cuda_usable(), reason="needs onnxruntime-gpu and a CUDA GPU")
 def test_cuda_session_with_iobinding_matches_cpu(onnx_path: Path) -> None:
     x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
     cpu = create_session(onnx_path, Settings(execution_provider="cpu"))
