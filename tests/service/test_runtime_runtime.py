@@ -23,7 +23,7 @@ from service.metrics import ServiceMetrics
 from service.runtime import runtime as runtime_module
 from service.runtime.kserve import InferRequest, decode_request, encode_request
 from service.runtime.runtime import ServingRuntime
-from service.runtime.sessions import ProviderUnavailable, create_session
+from service.runtime.sessions import CPU, CUDA, ProviderUnavailable, create_session, cuda_usable
 from service.settings import Settings
 
 T = TypeVar("T")
@@ -221,7 +221,7 @@ def test_provider_info_metric(models: dict[int, Any], tmp_path: Path) -> None:
             "model": "m",
             "version": "1",
             "requested": "auto",
-            "provider": "CPUExecutionProvider",
+            "provider": CUDA if cuda_usable() else CPU,  # auto: CUDA where it really runs
         }
         assert metrics.registry.get_sample_value("recalib_execution_provider_info", labels) == 1
         assert metrics.registry.get_sample_value("recalib_loaded_versions") == 1
