@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +41,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import RecalibError
+from .onnx_graph import GraphIndex
 
 __all__ = [
     "BN_MAP_KEY",
@@ -48,6 +49,8 @@ __all__ = [
     "BnGraphError",
     "BnNodeInfo",
     "bn_node_stats",
+    "bn_nodes",
+    "checked_stat_values",
     "read_bn_map",
     "set_bn_node_stats",
     "untie_bn_stats",
@@ -92,59 +95,6 @@ class BnNodeInfo:
     epsilon: float
 
 
-class _Index:
-    """Lookup tables over the main graph, rebuilt after every structural edit."""
-
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.graph = graph
-        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
-        self.producers = {out: n for n in graph.node for out in n.output}
-        self.graph_inputs = {i.name for i in graph.input}
-        self.uses: Counter[str] = Counter(_used_names(graph))
-        self.uses.update(o.name for o in graph.output)
-
-    def const(self, name: str) -> onnx.TensorProto | None:
-        """The tensor stored under ``name`` (initializer or ``Constant`` value), if any."""
-        if name in self.initializers:
-            return self.initializers[name]
-        node = self.producers.get(name)
-        if node is not None and node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    tensor: onnx.TensorProto = attr.t
-                    return tensor
-        return None
-
-    def resolve(self, name: str) -> str:
-        """Follow ``Identity`` nodes back to the tensor they copy."""
-        seen: set[str] = set()
-        node = self.producers.get(name)
-        while node is not None and node.op_type == "Identity" and name not in seen:
-            seen.add(name)
-            name = node.input[0]
-            node = self.producers.get(name)
-        return name
-
-    def is_stat_source(self, name: str) -> bool:
-        """Whether a BN statistic named ``name`` is stored (or fed), not computed."""
-        src = self.resolve(name)
-        return self.const(src) is not None or (
-            src in self.graph_inputs and src not in self.producers
-        )
-
-
-def _used_names(graph: onnx.GraphProto) -> Iterator[str]:
-    """Every tensor name read by a node, including reads from inside subgraphs."""
-    for node in graph.node:
-        yield from (i for i in node.input if i)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _used_names(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _used_names(g)
-
-
 def _is_inference_bn(node: onnx.NodeProto) -> bool:
     if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
         return False
@@ -152,7 +102,7 @@ def _is_inference_bn(node: onnx.NodeProto) -> bool:
     return training == 0 and len(node.input) >= 5
 
 
-def _bn_nodes(index: _Index) -> list[tuple[str, onnx.NodeProto]]:
+def bn_nodes(index: GraphIndex) -> list[tuple[str, onnx.NodeProto]]:
     """``(key, node)`` of every inference BN node whose statistics are stored or fed."""
     found: list[tuple[str, onnx.NodeProto]] = []
     keys: set[str] = set()
@@ -167,7 +117,7 @@ def _bn_nodes(index: _Index) -> list[tuple[str, onnx.NodeProto]]:
     return found
 
 
-def _channels(index: _Index, node: onnx.NodeProto) -> int:
+def _channels(index: GraphIndex, node: onnx.NodeProto) -> int:
     tensor = index.const(index.resolve(node.input[_MEAN]))
     if tensor is not None and len(tensor.dims) == 1:
         return int(tensor.dims[0])
@@ -178,7 +128,7 @@ def _epsilon(node: onnx.NodeProto) -> float:
     return next((float(a.f) for a in node.attribute if a.name == "epsilon"), 1e-5)
 
 
-def _info(index: _Index, key: str, node: onnx.NodeProto, layer: str) -> BnNodeInfo:
+def _info(index: GraphIndex, key: str, node: onnx.NodeProto, layer: str) -> BnNodeInfo:
     return BnNodeInfo(
         node=key,
         layer=layer,
@@ -212,8 +162,8 @@ def read_bn_map(model: onnx.ModelProto) -> dict[str, BnNodeInfo]:
         BnGraphError: the metadata is not valid JSON or does not describe this graph (a
             node was renamed, removed or fused, or its statistics were rewired after export).
     """
-    index = _Index(model.graph)
-    nodes = _bn_nodes(index)
+    index = GraphIndex(model.graph)
+    nodes = bn_nodes(index)
     raw = _metadata(model, BN_MAP_KEY)
     if raw is None:
         return {key: _info(index, key, node, key) for key, node in nodes}
@@ -256,8 +206,8 @@ def write_bn_map(model: onnx.ModelProto, layers: Mapping[str, str]) -> dict[str,
     Raises:
         BnGraphError: ``layers`` does not name exactly the graph's BN nodes.
     """
-    index = _Index(model.graph)
-    nodes = _bn_nodes(index)
+    index = GraphIndex(model.graph)
+    nodes = bn_nodes(index)
     if set(layers) != {key for key, _ in nodes}:
         raise BnGraphError(
             f"expected a layer for each BN node {sorted(k for k, _ in nodes)} "
@@ -279,7 +229,7 @@ def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
     model.metadata_props.add(key=key, value=value)
 
 
-def _stored(index: _Index, key: str, name: str, what: str) -> onnx.TensorProto:
+def _stored(index: GraphIndex, key: str, name: str, what: str) -> onnx.TensorProto:
     tensor = index.const(index.resolve(name))
     if tensor is None:
         raise BnGraphError(
@@ -301,16 +251,22 @@ def bn_node_stats(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndar
     Raises:
         BnGraphError: a node's statistics are a graph input, not stored in the file.
     """
-    index = _Index(model.graph)
+    index = GraphIndex(model.graph)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for key, node in _bn_nodes(index):
+    for key, node in bn_nodes(index):
         mean = numpy_helper.to_array(_stored(index, key, node.input[_MEAN], "input_mean"))
         var = numpy_helper.to_array(_stored(index, key, node.input[_VAR], "input_var"))
         out[key] = (mean.copy(), var.copy())
     return out
 
 
-def _checked_values(key: str, what: str, value: np.ndarray, old: np.ndarray) -> np.ndarray:
+def checked_stat_values(key: str, what: str, value: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """``value`` for the statistic ``what`` of BN node ``key``, checked against the stored
+    ``old`` (same shape, finite, a variance not negative).
+
+    Raises:
+        BnGraphError: it is not.
+    """
     arr = np.asarray(value)
     if arr.shape != old.shape:
         raise BnGraphError(
@@ -352,8 +308,8 @@ def set_bn_node_stats(
             through ``Identity``, a shape mismatch, non-finite or negative values, a value
             the stored dtype cannot hold, or conflicting writes to a shared initializer.
     """
-    index = _Index(model.graph)
-    nodes = dict(_bn_nodes(index))
+    index = GraphIndex(model.graph)
+    nodes = dict(bn_nodes(index))
     unknown = sorted(set(stats) - set(nodes))
     if unknown:
         raise BnGraphError(f"no inference BN node named {unknown} (got nodes {sorted(nodes)})")
@@ -364,7 +320,7 @@ def set_bn_node_stats(
         for slot, what, value in ((_MEAN, "mean", mean), (_VAR, "var", var)):
             name = node.input[slot]
             tensor = _direct(index, key, name, what)
-            new = _checked_values(key, what, value, numpy_helper.to_array(tensor))
+            new = checked_stat_values(key, what, value, numpy_helper.to_array(tensor))
             if name in writes and not np.array_equal(writes[name][1], new):
                 raise BnGraphError(
                     f"tensor {name!r} is shared by several BN nodes and got different "
@@ -383,7 +339,7 @@ def set_bn_node_stats(
         tensor.CopyFrom(numpy_helper.from_array(new, name=tensor.name))
 
 
-def _direct(index: _Index, key: str, name: str, what: str) -> onnx.TensorProto:
+def _direct(index: GraphIndex, key: str, name: str, what: str) -> onnx.TensorProto:
     tensor = index.const(name)
     if tensor is not None:
         return tensor
@@ -411,10 +367,10 @@ def untie_bn_stats(model: onnx.ModelProto) -> int:
     Returns:
         The number of statistics rewired.
     """
-    index = _Index(model.graph)
+    index = GraphIndex(model.graph)
     taken = set(index.initializers) | set(index.producers) | index.graph_inputs
     detached: list[str] = []
-    for key, node in _bn_nodes(index):
+    for key, node in bn_nodes(index):
         for slot, what in ((_MEAN, "input_mean"), (_VAR, "input_var")):
             name = node.input[slot]
             if name in index.initializers and index.uses[name] == 1:
@@ -446,7 +402,7 @@ def _prune(graph: onnx.GraphProto, names: list[str]) -> None:
     """Remove the producers of ``names`` (and what only they read) once nothing reads them."""
     pending = list(names)
     while pending:
-        index = _Index(graph)
+        index = GraphIndex(graph)
         name = pending.pop()
         if index.uses[name] > 0:
             continue

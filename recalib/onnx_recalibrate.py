@@ -84,22 +84,21 @@ from .errors import DataError, NoBatchNormError, NonFiniteError, RecalibError
 from .estimators import ExactEstimator, make_estimator
 from .layers import select_by_name
 from .moments import ChannelMoments
+from .onnx_graph import GraphIndex, opset_of
 from .onnx_names import (
     BN_MAP_KEY,
     BnGraphError,
     BnNodeInfo,
-    _bn_nodes,
-    _checked_values,
-    _Index,
+    bn_nodes,
+    checked_stat_values,
     read_bn_map,
     set_bn_node_stats,
     untie_bn_stats,
     write_bn_map,
 )
-from .recalibrate import _check_args, _progress_bar, _relative_change
 from .report import LayerReport, RecalibrationReport, compare_stats
-from .taps import TAP_PREFIX, BnTap, _add_outputs, _Builder, _opset, tap_moments
-from .taps import _Index as _TapIndex
+from .run_options import check_run_args, progress_bar, relative_change
+from .taps import TAP_PREFIX, BnTap, TapBuilder, add_tap_outputs, tap_moments
 
 __all__ = ["OnnxModelError", "recalibrate_onnx"]
 
@@ -195,7 +194,7 @@ def _select(infos: dict[str, BnNodeInfo], layers: str | Sequence[str] | None) ->
 
 def _graph_nodes(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     """The inference BN nodes of ``graph`` under :func:`read_bn_map`'s keys (live refs)."""
-    return dict(_bn_nodes(_Index(graph)))
+    return dict(bn_nodes(GraphIndex(graph)))
 
 
 def _unsupported(node: onnx.NodeProto, opset: int) -> str | None:
@@ -208,7 +207,7 @@ def _unsupported(node: onnx.NodeProto, opset: int) -> str | None:
     return None
 
 
-def _stored(index: _Index, info: BnNodeInfo, name: str, what: str) -> np.ndarray:
+def _stored(index: GraphIndex, info: BnNodeInfo, name: str, what: str) -> np.ndarray:
     tensor = index.const(index.resolve(name))
     if tensor is None:
         raise BnGraphError(
@@ -223,7 +222,7 @@ def _stored(index: _Index, info: BnNodeInfo, name: str, what: str) -> np.ndarray
 def _plan(
     model: onnx.ModelProto, infos: list[BnNodeInfo], opset: int
 ) -> tuple[list[_Node], list[dict[str, str]]]:
-    index = _Index(model.graph)
+    index = GraphIndex(model.graph)
     graph_nodes = _graph_nodes(model.graph)
     nodes: list[_Node] = []
     skipped: list[dict[str, str]] = []
@@ -373,7 +372,7 @@ def _working_model(
         for slot, fed in ((3, node.fed_mean), (4, node.fed_var)):
             graph.input.append(helper.make_tensor_value_info(fed, elem, [channels]))
             bn.input[slot] = fed
-    index = _TapIndex(work)
+    index = GraphIndex(work, infer_types=True)
     if batch_stats:
         new_nodes: list[onnx.NodeProto] = []
         sub = _Subgraph(opset, new_nodes, [])
@@ -389,10 +388,10 @@ def _working_model(
         del graph.node[:]
         graph.node.extend(new_nodes)
         graph.initializer.extend(sub.inits)
-    builder = _Builder(graph, index, opset, TensorProto.DOUBLE)
+    builder = TapBuilder(graph, index, opset, TensorProto.DOUBLE)
     for node in by_key.values():
         builder.sums(node.info.input, node.fed_mean, node.tap)
-        _add_outputs(graph, node.tap, TensorProto.DOUBLE, int(node.source[0].shape[0]))
+        add_tap_outputs(graph, node.tap, TensorProto.DOUBLE, int(node.source[0].shape[0]))
     serialised: bytes = work.SerializeToString()
     return serialised
 
@@ -572,17 +571,17 @@ def _update(
     for node in nodes:
         if node.layer not in done:
             mean, var = estimators[node.layer].finalize()
-            new_mean = _checked_values(
+            new_mean = checked_stat_values(
                 node.key, "mean", mean.numpy(), node.source[0].astype(node.dtype)
             )
-            new_var = _checked_values(
+            new_var = checked_stat_values(
                 node.key, "var", var.clamp(min=0.0).numpy(), node.source[1].astype(node.dtype)
             )
             done[node.layer] = (new_mean.astype(np.float64), new_var.astype(np.float64))
             old = current[node.key]
             change = max(
                 change,
-                _relative_change(
+                relative_change(
                     (torch.from_numpy(old[0]), torch.from_numpy(old[1])),
                     (torch.from_numpy(done[node.layer][0]), torch.from_numpy(done[node.layer][1])),
                     node.info.epsilon,
@@ -723,11 +722,11 @@ def recalibrate_onnx(
         >>> model, report = recalibrate_onnx("model.onnx", x_new, mode="eval")
         >>> onnx.save(model, "model_recalibrated.onnx")
     """
-    _check_args(method, mode, max_passes, tol, momentum, prior_strength, init)
+    check_run_args(method, mode, max_passes, tol, momentum, prior_strength, init)
     start = time.perf_counter()
     original = _load(model_or_path)
     infos = _select(_bn_map(original), layers)
-    opset = _opset(original)
+    opset = opset_of(original)
     if opset < _MIN_OPSET:
         raise OnnxModelError(
             f"expected a model of opset >= {_MIN_OPSET} (got {opset}); convert it with "
@@ -748,7 +747,7 @@ def recalibrate_onnx(
     estimators: dict[str, ExactEstimator] = {}
     items = batches = 0
     converged, residual, used = mode == "train", None, 0
-    bar = _progress_bar(progress, f"recalibrate_onnx ({method}/{mode})")
+    bar = progress_bar(progress, f"recalibrate_onnx ({method}/{mode})")
     try:
         for p in range(passes):
             batch_stats = mode == "train" or (p == 0 and init == "batch")

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,19 +35,17 @@ from torch.nn.parameter import UninitializedBuffer
 from .batches import ForwardFn, iterate_batches
 from .distributed import all_gather_moments, distributed_active, global_counts
 from .errors import DataError, LayerMismatchError, NonFiniteError, RecalibError
-from .estimators import METHODS, EmaEstimator, ExactEstimator, make_estimator
+from .estimators import EmaEstimator, ExactEstimator, make_estimator
 from .exported import module_with_norm_layers
 from .layers import NormLayer, find_norm_layers, select_by_name
 from .modes import eval_mode
 from .moments import ChannelMoments, batch_moments
 from .report import LayerReport, RecalibrationReport, compare_stats
+from .run_options import check_run_args, progress_bar, relative_change
 
 __all__ = ["recalibrate"]
 
 log = logging.getLogger(__name__)
-
-Mode = Literal["train", "eval"]
-MODES = ("train", "eval")
 
 
 @dataclass
@@ -140,16 +138,6 @@ def _write(layer: NormLayer, mean: Tensor, var: Tensor) -> None:
     m.running_var.copy_(var.to(m.running_var.device, m.running_var.dtype))
 
 
-def _relative_change(old: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor], eps: float) -> float:
-    """Largest change of a mean (in old standard deviations) or a variance (relative)."""
-    om, ov = (t.double() for t in old)
-    nm, nv = (t.double().to(om.device) for t in new)
-    scale = ov.clamp(min=0) + eps
-    dm = ((nm - om).abs() / scale.sqrt()).max()
-    dv = ((nv - ov).abs() / scale).max()
-    return float(torch.maximum(dm, dv))
-
-
 def _resolve_model(model: Any) -> tuple[nn.Module, list[NormLayer] | None]:
     if isinstance(model, torch.export.ExportedProgram):
         wrapped = module_with_norm_layers(model)
@@ -160,41 +148,6 @@ def _resolve_model(model: Any) -> tuple[nn.Module, list[NormLayer] | None]:
             f"expected an nn.Module or torch.export.ExportedProgram (got {type(model).__name__})"
         )
     return model, None
-
-
-def _check_args(
-    method: str,
-    mode: str,
-    max_passes: int,
-    tol: float,
-    momentum: float | None,
-    prior_strength: float | None,
-    init: str,
-) -> None:
-    if method == "ema" and momentum is not None and not 0.0 < momentum <= 1.0:
-        raise ValueError(f"expected momentum in (0, 1] or None (got {momentum})")
-    if method == "prior" and prior_strength is None:
-        raise ValueError("method='prior' needs prior_strength, the source's pseudo sample size")
-    if method == "prior" and not (prior_strength is not None and prior_strength >= 0.0):
-        raise ValueError(f"expected prior_strength >= 0 (got {prior_strength})")
-    if method not in METHODS:
-        raise ValueError(f"expected method in {METHODS} (got {method!r})")
-    if init not in ("batch", "source"):
-        raise ValueError(f"expected init in ('batch', 'source') (got {init!r})")
-    if mode not in MODES:
-        raise ValueError(f"expected mode in {MODES} (got {mode!r})")
-    if max_passes < 1:
-        raise ValueError(f"expected max_passes >= 1 (got {max_passes})")
-    if not tol >= 0:
-        raise ValueError(f"expected tol >= 0 (got {tol})")
-
-
-def _progress_bar(enabled: bool, desc: str) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm  # lazy: only the CLI and explicit callers want it
-
-    return tqdm(desc=desc, unit="batch", leave=False)
 
 
 def _run_pass(
@@ -312,7 +265,7 @@ def recalibrate(
         >>> report = recalibrate(model, loader, method="exact", mode="eval")
         >>> report.layers[0].sym_kl
     """
-    _check_args(method, mode, max_passes, tol, momentum, prior_strength, init)
+    check_run_args(method, mode, max_passes, tol, momentum, prior_strength, init)
     start = time.perf_counter()
     net, pre = _resolve_model(model)
     if pre is None:
@@ -353,7 +306,7 @@ def recalibrate(
     residual: float | None = None
     items = batches = 0
     finals: dict[str, ExactEstimator] = {}
-    bar = _progress_bar(progress, f"recalibrate ({method}/{mode})")
+    bar = progress_bar(progress, f"recalibrate ({method}/{mode})")
     try:
         with torch.no_grad(), eval_mode(net):
             for p in range(passes):
@@ -387,7 +340,7 @@ def recalibrate(
                     current = _stats_of(lay)
                     if current is not None:
                         change = max(
-                            change, _relative_change(current, (new_mean, new_var), lay.module.eps)
+                            change, relative_change(current, (new_mean, new_var), lay.module.eps)
                         )
                     _write(lay, new_mean, new_var)
                 passes_used = p + 1

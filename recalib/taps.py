@@ -71,14 +71,17 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .drift import MomentWindow
 from .errors import NoBatchNormError
+from .onnx_graph import GraphIndex, opset_of
 
 __all__ = [
     "TAP_METADATA_KEY",
     "TAP_PREFIX",
     "BnTap",
+    "TapBuilder",
     "TapDtype",
     "TapSource",
     "add_drift_taps",
+    "add_tap_outputs",
     "read_taps",
     "reference_stats",
     "tap_moments",
@@ -131,52 +134,6 @@ class BnTap:
         return self.count, self.sum, self.sumsq
 
 
-class _Index:
-    """Look-ups over the main graph: producers, consumer counts, constants, element types."""
-
-    def __init__(self, model: onnx.ModelProto, *, infer_types: bool = True) -> None:
-        graph = model.graph
-        self.initializers = {t.name: t for t in graph.initializer}
-        self.graph_inputs = {v.name for v in graph.input}
-        self.graph_outputs = {v.name for v in graph.output}
-        self.producers = {out: node for node in graph.node for out in node.output if out}
-        self.consumers = Counter(name for node in graph.node for name in node.input if name)
-        self.names = (
-            set(self.initializers) | self.graph_inputs | self.graph_outputs | set(self.producers)
-        )
-        self.elem_types: dict[str, int] = {t.name: t.data_type for t in graph.initializer}
-        if not infer_types:
-            return
-        inferred = onnx.shape_inference.infer_shapes(model).graph
-        for info in (*inferred.input, *inferred.output, *inferred.value_info):
-            if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
-                self.elem_types[info.name] = info.type.tensor_type.elem_type
-
-    def constant(self, name: str) -> FloatArray | None:
-        """Float64 value of ``name`` if constant (initializer, Constant, Identity chain)."""
-        while name not in self.graph_inputs:
-            if name in self.initializers:
-                return numpy_helper.to_array(self.initializers[name]).astype(np.float64)
-            node = self.producers.get(name)
-            if node is None:
-                return None
-            if node.op_type == "Identity":
-                name = node.input[0]
-            elif node.op_type == "Constant":
-                attr = next((a for a in node.attribute if a.name == "value"), None)
-                return None if attr is None else numpy_helper.to_array(attr.t).astype(np.float64)
-            else:
-                return None
-        return None
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return int(entry.version)
-    raise ValueError("expected a default-domain (ai.onnx) opset import (got none)")
-
-
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     for a in node.attribute:
         if a.name == name:
@@ -203,7 +160,7 @@ class _Affine:
     eps: float
 
     @classmethod
-    def of(cls, index: _Index, node: onnx.NodeProto) -> _Affine:
+    def of(cls, index: GraphIndex, node: onnx.NodeProto) -> _Affine:
         scale, bias, mean, var = (index.constant(node.input[i]) for i in (1, 2, 3, 4))
         return cls(scale, bias, mean, var, float(_attr(node, "epsilon", 1e-5)))
 
@@ -224,20 +181,15 @@ def _output_tap_problem(node: onnx.NodeProto, k: _Affine) -> str | None:
     return None
 
 
-def _keeps_fusion(index: _Index, node: onnx.NodeProto) -> bool:
+def _keeps_fusion(index: GraphIndex, node: onnx.NodeProto) -> bool:
     """True when X is a Conv/MatMul output that only this BN reads (what ORT's fusion needs)."""
     x = node.input[0]
     producer = index.producers.get(x)
-    return (
-        producer is not None
-        and producer.op_type in _FUSING_PRODUCERS
-        and index.consumers[x] == 1
-        and x not in index.graph_outputs
-    )
+    return producer is not None and producer.op_type in _FUSING_PRODUCERS and index.uses[x] == 1
 
 
 def _choose_source(
-    index: _Index, node: onnx.NodeProto, k: _Affine, layer: str, source: TapSource
+    index: GraphIndex, node: onnx.NodeProto, k: _Affine, layer: str, source: TapSource
 ) -> Literal["input", "output"]:
     if source == "input":
         return "input"
@@ -272,10 +224,10 @@ def _wants_centre(source: str, k: _Affine, center: bool | None, dtype: str) -> b
     return bool(np.max(1.0 + c * c / spread2) > _MAX_KAPPA)
 
 
-class _Builder:
+class TapBuilder:
     """Appends tap nodes, constants and outputs to a graph, with deterministic names."""
 
-    def __init__(self, graph: onnx.GraphProto, index: _Index, opset: int, dtype: int) -> None:
+    def __init__(self, graph: onnx.GraphProto, index: GraphIndex, opset: int, dtype: int) -> None:
         self.graph = graph
         self.index = index
         self.opset = opset
@@ -369,7 +321,8 @@ def _tap_json(node: onnx.NodeProto, tap: BnTap, centred: bool) -> dict[str, Any]
     }
 
 
-def _add_outputs(graph: onnx.GraphProto, tap: BnTap, dtype: int, channels: int | None) -> None:
+def add_tap_outputs(graph: onnx.GraphProto, tap: BnTap, dtype: int, channels: int | None) -> None:
+    """Declare ``tap``'s count, sum and sum-of-squares rows as graph outputs."""
     graph.output.append(helper.make_tensor_value_info(tap.count, TensorProto.INT64, []))
     for name in (tap.sum, tap.sumsq):
         graph.output.append(helper.make_tensor_value_info(name, dtype, [None, channels]))
@@ -414,7 +367,7 @@ def add_drift_taps(
         raise ValueError("expected a model without drift taps (it already has them)")
     model = onnx.ModelProto()
     model.CopyFrom(onnx_model)
-    opset = _opset(model)
+    opset = opset_of(model)
     if opset < 7:
         raise ValueError(f"expected opset >= 7 (got {opset})")
     bn_nodes = [n for n in model.graph.node if n.op_type == "BatchNormalization" and not n.domain]
@@ -422,11 +375,11 @@ def add_drift_taps(
         raise NoBatchNormError("expected BatchNormalization nodes in the main graph (got none)")
     names = _layer_names(bn_nodes)
     selected = _select(names, layers)
-    index = _Index(model)
+    index = GraphIndex(model, infer_types=True)
     taken = sorted(n for n in index.names if n.startswith(f"{TAP_PREFIX}::"))
     if taken:
         raise ValueError(f"expected no names starting with {TAP_PREFIX}:: (got {taken[:4]})")
-    builder = _Builder(model.graph, index, opset, _DTYPES[dtype])
+    builder = TapBuilder(model.graph, index, opset, _DTYPES[dtype])
     entries: dict[str, dict[str, Any]] = {}
     for node, layer in zip(bn_nodes, names, strict=True):
         if layer not in selected:
@@ -440,7 +393,7 @@ def add_drift_taps(
         tapped = node.output[0] if src == "output" else node.input[0]
         centre_name = (node.input[2] if src == "output" else node.input[3]) if centred else None
         builder.sums(tapped, centre_name, tap)
-        _add_outputs(model.graph, tap, _DTYPES[dtype], None if k.mean is None else k.mean.size)
+        add_tap_outputs(model.graph, tap, _DTYPES[dtype], None if k.mean is None else k.mean.size)
         entries[layer] = _tap_json(node, tap, centred)
     payload = {"format": _FORMAT, "layers": entries}
     props = {p.key: p.value for p in model.metadata_props}
@@ -460,7 +413,7 @@ def _select(names: list[str], layers: Iterable[str] | None) -> set[str]:
     return set(wanted)
 
 
-def _tap_from_json(index: _Index, layer: str, entry: Mapping[str, Any]) -> BnTap:
+def _tap_from_json(index: GraphIndex, layer: str, entry: Mapping[str, Any]) -> BnTap:
     names = {key: entry[key] for key in ("scale", "bias", "mean", "var")}
     consts = {key: index.constant(name) for key, name in names.items()}
     k = _Affine(consts["scale"], consts["bias"], consts["mean"], consts["var"], entry["epsilon"])
@@ -496,7 +449,7 @@ def read_taps(onnx_model: onnx.ModelProto) -> dict[str, BnTap]:
     payload = json.loads(raw)
     if payload.get("format") != _FORMAT:
         raise ValueError(f"expected drift-tap format {_FORMAT} (got {payload.get('format')!r})")
-    index = _Index(onnx_model, infer_types=False)
+    index = GraphIndex(onnx_model, infer_types=False)
     return {
         layer: _tap_from_json(index, layer, entry) for layer, entry in payload["layers"].items()
     }
@@ -562,7 +515,7 @@ def reference_stats(
         mapping: the taps; read from ``onnx_model`` when ``None``.
     """
     taps = read_taps(onnx_model) if mapping is None else mapping
-    index = _Index(onnx_model, infer_types=False)
+    index = GraphIndex(onnx_model, infer_types=False)
     out: dict[str, tuple[FloatArray, FloatArray]] = {}
     for layer, tap in taps.items():
         mean, var = index.constant(tap.mean), index.constant(tap.var)

@@ -1,0 +1,121 @@
+"""Look-ups over an ONNX graph, shared by the name map, the drift taps and in-graph
+recalibration: producers, reads, constants (through ``Identity`` chains), element types and
+the default-domain opset.
+
+:class:`GraphIndex` is a snapshot: rebuild it after a structural edit of the graph.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import numpy_helper
+
+__all__ = ["GraphIndex", "opset_of", "used_names"]
+
+
+def used_names(graph: onnx.GraphProto) -> Iterator[str]:
+    """Every tensor name read by a node, including reads from inside subgraphs."""
+    for node in graph.node:
+        yield from (i for i in node.input if i)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from used_names(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from used_names(g)
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    """The model's default-domain (``ai.onnx``) opset version.
+
+    Raises:
+        ValueError: the model imports no default-domain opset.
+    """
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    raise ValueError("expected a default-domain (ai.onnx) opset import (got none)")
+
+
+class GraphIndex:
+    """Look-up tables over a model's main graph.
+
+    Args:
+        model: a ``ModelProto`` (needed for ``infer_types``) or its main ``GraphProto``.
+        infer_types: run ONNX shape inference to fill :attr:`elem_types` for every value
+            it can type (otherwise only initializers are typed).
+
+    Attributes:
+        graph: the indexed graph.
+        initializers: name to ``TensorProto``.
+        producers: tensor name to the node that outputs it.
+        graph_inputs, graph_outputs: names of the graph's inputs and outputs.
+        uses: how often each name is read: node inputs (subgraphs included) plus graph
+            outputs.
+        elem_types: ``TensorProto`` element type per typed name.
+    """
+
+    def __init__(self, model: onnx.ModelProto | onnx.GraphProto, *, infer_types: bool = False):
+        graph = model.graph if isinstance(model, onnx.ModelProto) else model
+        self.graph = graph
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        self.producers = {out: node for node in graph.node for out in node.output if out}
+        self.graph_inputs = {v.name for v in graph.input}
+        self.graph_outputs = {v.name for v in graph.output}
+        self.uses: Counter[str] = Counter(used_names(graph))
+        self.uses.update(o.name for o in graph.output)
+        self.elem_types: dict[str, int] = {t.name: t.data_type for t in graph.initializer}
+        if infer_types:
+            if not isinstance(model, onnx.ModelProto):
+                raise TypeError("expected a ModelProto for infer_types=True (got a GraphProto)")
+            inferred = onnx.shape_inference.infer_shapes(model).graph
+            for info in (*inferred.input, *inferred.output, *inferred.value_info):
+                if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
+                    self.elem_types[info.name] = info.type.tensor_type.elem_type
+
+    @property
+    def names(self) -> set[str]:
+        """Every name the graph defines or exposes."""
+        return set(self.initializers) | self.graph_inputs | self.graph_outputs | set(self.producers)
+
+    def const(self, name: str) -> onnx.TensorProto | None:
+        """The tensor stored under ``name`` (initializer or ``Constant`` value), if any."""
+        if name in self.initializers:
+            return self.initializers[name]
+        node = self.producers.get(name)
+        if node is not None and node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    tensor: onnx.TensorProto = attr.t
+                    return tensor
+        return None
+
+    def resolve(self, name: str) -> str:
+        """Follow ``Identity`` nodes back to the tensor they copy."""
+        seen: set[str] = set()
+        node = self.producers.get(name)
+        while node is not None and node.op_type == "Identity" and name not in seen:
+            seen.add(name)
+            name = node.input[0]
+            node = self.producers.get(name)
+        return name
+
+    def constant(self, name: str) -> npt.NDArray[np.float64] | None:
+        """Float64 value of ``name`` if it is constant (not fed as a graph input)."""
+        name = self.resolve(name)
+        if name in self.graph_inputs:
+            return None
+        tensor = self.const(name)
+        return None if tensor is None else numpy_helper.to_array(tensor).astype(np.float64)
+
+    def is_stat_source(self, name: str) -> bool:
+        """Whether a statistic named ``name`` is stored (or fed), not computed."""
+        src = self.resolve(name)
+        return self.const(src) is not None or (
+            src in self.graph_inputs and src not in self.producers
+        )
