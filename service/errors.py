@@ -19,6 +19,7 @@ from recalib.errors import RecalibError
 
 __all__ = [
     "Conflict",
+    "Forbidden",
     "Incompatible",
     "InvalidInput",
     "NotFound",
@@ -52,6 +53,13 @@ class Unauthorized(ServiceError):
     """Missing or wrong bearer token (401)."""
 
     status = 401
+
+
+class Forbidden(ServiceError):
+    """Valid and authenticated, but not something this process does: e.g. a recalibration
+    job sent to an inference replica (``RECALIB_ROLE=inference``) (403)."""
+
+    status = 403
 
 
 class NotFound(ServiceError):

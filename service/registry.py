@@ -462,6 +462,10 @@ class Registry:
         """Raises: NotFound (InvalidInput for a malformed name)."""
         return self._model_info(self._model_row(name))
 
+    def model_names(self) -> list[str]:
+        """Every model's name, sorted (one query: the readiness probe asks often)."""
+        return [r["name"] for r in self.db.query("SELECT name FROM models ORDER BY name")]
+
     def models(self) -> list[ModelInfo]:
         """Every model, by name."""
         return [self._model_info(r) for r in self.db.query("SELECT * FROM models ORDER BY name")]

@@ -82,6 +82,17 @@ class Settings(BaseSettings):
     drift_per_layer_metrics: bool = False
     """Export a per-layer drift gauge (one series per BN layer: mind cardinality)."""
 
+    role: Literal["all", "inference"] = "all"
+    """``all``: every endpoint. ``inference``: an inference replica - serves models and
+    takes pushed versions and alias moves, but refuses data set uploads and recalibration
+    jobs (403), which belong on the control replica."""
+
+    expect_models: list[str] = Field(default_factory=list)
+    """Models this process must serve before ``/v2/health/ready`` says ready (JSON list,
+    e.g. ``RECALIB_EXPECT_MODELS='["demo"]'``): a new inference replica starts empty and
+    stays out of the load balancer until the rollout step has pushed them. Every
+    registered model's production version must be loaded too, expected or not."""
+
     job_workers: int = Field(default=1, ge=1)
     """Recalibration jobs run at once (each in its own worker process)."""
 

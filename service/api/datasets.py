@@ -7,7 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Response, UploadFile
 
 from ..datasets import DatasetInfo, DatasetList
-from .deps import ERROR_RESPONSES, DatasetsDep, SettingsDep, require_token
+from .deps import (
+    ERROR_RESPONSES,
+    FORBIDDEN_RESPONSE,
+    DatasetsDep,
+    SettingsDep,
+    require_control_role,
+    require_token,
+)
 
 __all__ = ["router"]
 
@@ -19,7 +26,13 @@ router = APIRouter(
 )
 
 
-@router.post("", status_code=201, summary="Upload a data set (.npz, .npy or .safetensors)")
+@router.post(
+    "",
+    status_code=201,
+    summary="Upload a data set (.npz, .npy or .safetensors)",
+    dependencies=[Depends(require_control_role)],
+    responses=FORBIDDEN_RESPONSE,
+)
 async def upload_dataset(
     datasets: DatasetsDep,
     settings: SettingsDep,

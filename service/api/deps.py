@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from ..auth import check_bearer
 from ..datasets import DatasetStore
+from ..errors import Forbidden
 from ..jobs import JobManager
 from ..registry import Registry, Runtime
 from ..settings import Settings
@@ -27,6 +28,7 @@ __all__ = [
     "ERROR_RESPONSES",
     "AuthDep",
     "DatasetsDep",
+    "FORBIDDEN_RESPONSE",
     "ErrorBody",
     "JobsDep",
     "MetricsDep",
@@ -39,6 +41,7 @@ __all__ = [
     "get_registry",
     "get_runtime",
     "get_settings",
+    "require_control_role",
     "require_health_token",
     "require_metrics_token",
     "require_token",
@@ -105,6 +108,22 @@ def _presented(credentials: HTTPAuthorizationCredentials | None) -> str | None:
 async def require_token(request: Request, credentials: _Credentials) -> None:
     """The bearer token, when one is configured (every /v1 route and inference)."""
     check_bearer(get_settings(request).api_token, _presented(credentials))
+
+
+async def require_control_role(request: Request) -> None:
+    """Refuse work that belongs on the control replica when ``role`` is ``inference``."""
+    if get_settings(request).role == "inference":
+        raise Forbidden(
+            f"this replica runs with RECALIB_ROLE=inference: it serves models and takes "
+            f"pushed versions, but {request.method} {request.url.path} (data sets and "
+            f"recalibration jobs) belongs on the control replica (RECALIB_ROLE=all)"
+        )
+
+
+FORBIDDEN_RESPONSE: dict[int | str, dict[str, Any]] = {
+    403: {"model": ErrorBody, "description": "Refused by this replica's role (inference)"}
+}
+"""The 403 of the routes guarded by :func:`require_control_role`, for the OpenAPI document."""
 
 
 async def require_health_token(request: Request, credentials: _Credentials) -> None:

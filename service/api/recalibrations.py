@@ -6,7 +6,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Response
 
 from ..jobs import JobInfo, JobList, RecalibrationRequest
-from .deps import ERROR_RESPONSES, JobsDep, require_token
+from .deps import (
+    ERROR_RESPONSES,
+    FORBIDDEN_RESPONSE,
+    JobsDep,
+    require_control_role,
+    require_token,
+)
 
 __all__ = ["router"]
 
@@ -22,6 +28,8 @@ router = APIRouter(
     "/models/{name}/recalibrations",
     status_code=202,
     summary="Start a recalibration job (runs in a worker process)",
+    dependencies=[Depends(require_control_role)],
+    responses=FORBIDDEN_RESPONSE,
 )
 async def start_recalibration(
     jobs: JobsDep, name: str, body: RecalibrationRequest, response: Response

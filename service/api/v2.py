@@ -77,6 +77,11 @@ class ServerLive(BaseModel):
 
 class ServerReady(BaseModel):
     ready: bool
+    waiting_for: list[str] = Field(
+        default_factory=list,
+        description="Models (registered, or expected via RECALIB_EXPECT_MODELS) that this "
+        "process does not serve yet; the server is ready when this is empty.",
+    )
 
 
 class ModelReady(BaseModel):
@@ -297,9 +302,18 @@ async def server_live(_: HealthAuth) -> dict[str, bool]:
     responses={400: {"model": ServerReady, "description": "not ready"}, 401: _ERRORS[401]},
 )
 async def server_ready(request: Request, _: HealthAuth) -> JSONResponse:
-    """200 when the runtime accepts inference, 400 when not (the protocol's 4xx = false)."""
-    ready = _runtime(request).started
-    return JSONResponse({"ready": ready}, status_code=200 if ready else 400)
+    """200 when every model is ready for inference, 400 when not (the protocol's 4xx =
+    false): the runtime runs, every registered model's production version is loaded, and
+    every model in ``RECALIB_EXPECT_MODELS`` is registered and loaded. A model that failed
+    to load at start-up keeps the server not ready (``waiting_for`` names it)."""
+    runtime = _runtime(request)
+    if not runtime.started:
+        return JSONResponse({"ready": False, "waiting_for": []}, status_code=400)
+    names = set(request.app.state.registry.model_names())
+    names.update(deps.get_settings(request).expect_models)
+    waiting = sorted(n for n in names if runtime.served_version(n) is None)
+    ready = not waiting
+    return JSONResponse({"ready": ready, "waiting_for": waiting}, status_code=200 if ready else 400)
 
 
 async def _metadata(request: Request, name: str, ref: str | None) -> JSONResponse:

@@ -51,6 +51,9 @@ class FakeRuntime:
             raise InvalidInput(f"could not load {name} version {version}")
         self.served[name] = version
 
+    def served_version(self, name: str) -> int | None:
+        return self.served.get(name)
+
     async def unload_model(self, name: str) -> None:
         self.calls.append(("unload", name))
         self.served.pop(name, None)

@@ -114,6 +114,9 @@ class FakeRegistry:
         self.aliases = {"m": {"production": 1, "staging": 2}}
         self.calls: list[tuple[str, str | None]] = []
 
+    def model_names(self) -> list[str]:
+        return sorted(self.versions)
+
     def resolve(self, name: str, ref: str | None) -> tuple[int, Path]:
         self.calls.append((name, ref))
         if name not in self.versions:
@@ -139,6 +142,9 @@ def build_app(settings: Settings, registry: Any) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
+        for name in registry.model_names():  # as the app's start-up does (serve_all)
+            version, path = registry.resolve(name, None)
+            await runtime.serve(name, version, path)
         yield
         await runtime.close()
 

@@ -57,7 +57,7 @@ def test_server_metadata_and_health(client: TestClient) -> None:
     assert meta["version"]
     assert client.get("/v2/health/live").json() == {"live": True}
     ready = client.get("/v2/health/ready")
-    assert ready.status_code == 200 and ready.json() == {"ready": True}
+    assert ready.status_code == 200 and ready.json() == {"ready": True, "waiting_for": []}
 
 
 def test_model_metadata_and_ready(client: TestClient) -> None:
