@@ -17,6 +17,9 @@ Metrics (labels in braces):
 * ``recalib_drift_score{model,version}``, ``recalib_layer_drift_score{model,version,layer}``
   (only with ``Settings.drift_per_layer_metrics``), ``recalib_drift_threshold_exceeded``
   (0/1), ``recalib_drift_window_samples``.
+* ``recalib_drift_threshold`` - the configured drift threshold (``RECALIB_DRIFT_THRESHOLD``,
+  one for every model), exported once the serving runtime has set it; dashboards draw it
+  next to ``recalib_drift_score``.
 * ``recalib_recalibration_jobs_total{outcome}`` and
   ``recalib_recalibration_job_duration_seconds`` - recalibration jobs by final state.
 * ``recalib_loaded_versions`` - model versions with live sessions.
@@ -132,6 +135,13 @@ class ServiceMetrics:
             mv,
             registry=registry,
         )
+        # Registered by set_drift_threshold(): an unset threshold is absent, not 0.
+        self.drift_threshold = Gauge(
+            "recalib_drift_threshold",
+            "Configured drift threshold (RECALIB_DRIFT_THRESHOLD) the drift score is compared to.",
+            registry=None,
+        )
+        self._threshold_registered = False
         self.jobs = Counter(
             "recalib_recalibration_jobs_total",
             "Recalibration jobs by final outcome.",
@@ -230,6 +240,14 @@ class ServiceMetrics:
         for layer, value in layers.items():
             self.layer_drift_score.labels(model, v, layer).set(value)
         self._layers[key] = set(layers)
+
+    def set_drift_threshold(self, threshold: float) -> None:
+        """Publish the drift threshold (``Settings.drift_threshold``); the serving runtime
+        calls this when it is created. The gauge is registered on the first call."""
+        if not self._threshold_registered:
+            self.registry.register(self.drift_threshold)
+            self._threshold_registered = True
+        self.drift_threshold.set(threshold)
 
     # -- providers and loaded versions -------------------------------------------------
 

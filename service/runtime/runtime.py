@@ -180,7 +180,8 @@ class ServingRuntime:
 
     Args:
         settings: provider, threads, batching, warm-up and drift settings.
-        metrics: where request, batch, drift, provider and loaded-version metrics go.
+        metrics: where request, batch, drift, provider and loaded-version metrics go (the
+            drift threshold is published there on construction).
 
     Examples::
 
@@ -194,6 +195,8 @@ class ServingRuntime:
     def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
+        # One threshold for every model version (DriftMonitor(threshold=...) below).
+        metrics.set_drift_threshold(settings.drift_threshold)
         self._versions: dict[tuple[str, int], _Version] = {}
         self._served: dict[str, int] = {}
         self._loading: dict[tuple[str, int], asyncio.Task[_Version]] = {}

@@ -5,8 +5,12 @@
   the test locally but fails it under ``CI=true``, so CI cannot go green without them.
 * :func:`metric_names`: the metric names a PromQL expression selects.
 * :func:`rule_exprs`: the ``expr`` of every rule in a Prometheus rules file (no YAML
-  library needed); :func:`dashboard_targets`: every query of the Grafana dashboard.
-* :func:`names_from_exposition`: sample names in a ``/metrics`` text.
+  library needed), :func:`rule_label_refs`: the ``$labels.x`` its templates use;
+  :func:`dashboard_panels` / :func:`dashboard_targets`: every panel (rows' nested panels
+  included) and every query of the Grafana dashboard; :func:`dashboard_variable`.
+* :func:`scrape_config`: job names and static target labels of ``prometheus.yml``.
+* :func:`names_from_exposition`, :func:`labels_from_exposition`: sample names, and the
+  label names of each sample, in a ``/metrics`` text.
 """
 
 from __future__ import annotations
@@ -15,7 +19,11 @@ import json
 import os
 import re
 import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +34,8 @@ DASHBOARD = DOCKER / "grafana" / "dashboards" / "recalib.json"
 
 # Synthetic series Prometheus itself adds to every target.
 PROMETHEUS_BUILTIN = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
+# Labels Prometheus puts on every scraped series (plus the static ones of prometheus.yml).
+TARGET_LABELS = frozenset({"job", "instance"})
 
 _PROMQL_KEYWORDS = frozenset(
     {"by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool"}
@@ -102,14 +112,101 @@ def rule_exprs(path: Path) -> dict[str, str]:
     return out
 
 
-def dashboard_targets() -> list[tuple[str, str]]:
-    """``(panel title, expr)`` for every query of the Grafana dashboard."""
-    dashboard = json.loads(DASHBOARD.read_text())
-    out = []
-    for panel in dashboard["panels"]:
-        for target in panel.get("targets", []):
-            out.append((f"{panel['title']} [{target['refId']}]", target["expr"]))
+def rule_label_refs(path: Path) -> dict[str, set[str]]:
+    """``{alert name: labels}`` its annotations and labels read as ``$labels.<name>``."""
+    out: dict[str, set[str]] = {}
+    name = None
+    for line in path.read_text().splitlines():
+        head = re.match(r"\s*-\s*(?:alert|record):\s*(\S+)", line)
+        if head:
+            name = head.group(1)
+            out[name] = set()
+        elif name is not None:
+            out[name] |= set(re.findall(r"\$labels\.(\w+)", line))
     return out
+
+
+def load_dashboard() -> dict[str, Any]:
+    dashboard: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return dashboard
+
+
+def dashboard_panels(dashboard: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """Every panel of ``dashboard`` (default: the shipped one), depth first: a row's
+    ``panels`` (collapsed rows keep theirs there) follow the row."""
+    stack = list(reversed((dashboard or load_dashboard())["panels"]))
+    while stack:
+        panel = stack.pop()
+        yield panel
+        stack.extend(reversed(panel.get("panels", [])))
+
+
+def dashboard_target_dicts(
+    dashboard: dict[str, Any] | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
+    """``(panel title [refId], target)`` for every query of the dashboard."""
+    return [
+        (f"{panel['title']} [{target['refId']}]", target)
+        for panel in dashboard_panels(dashboard)
+        for target in panel.get("targets", [])
+    ]
+
+
+def dashboard_targets(dashboard: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    """``(panel title [refId], expr)`` for every query of the Grafana dashboard."""
+    return [(where, target["expr"]) for where, target in dashboard_target_dicts(dashboard)]
+
+
+def dashboard_variable(name: str, dashboard: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The template variable called ``name``."""
+    for variable in (dashboard or load_dashboard())["templating"]["list"]:
+        if variable["name"] == name:
+            found: dict[str, Any] = variable
+            return found
+    raise KeyError(f"the dashboard has no variable {name!r}")
+
+
+def variable_query(variable: dict[str, Any]) -> str:
+    """The query of a query variable (a string, or ``{"query": ...}`` in newer Grafana)."""
+    query = variable["query"]
+    text: str = query["query"] if isinstance(query, dict) else query
+    return text
+
+
+def scrape_config(path: Path | None = None) -> tuple[frozenset[str], frozenset[str]]:
+    """``(job names, static target label names)`` of ``prometheus.yml``."""
+    text = (path or PROMETHEUS_DIR / "prometheus.yml").read_text()
+    jobs = frozenset(re.findall(r"^\s*-\s*job_name:\s*[\"']?([\w-]+)", text, re.MULTILINE))
+    labels: set[str] = set()
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        found = re.match(r"(\s*)labels:\s*$", line)
+        if not found:
+            continue
+        for nxt in lines[i + 1 :]:
+            if len(nxt) - len(nxt.lstrip()) <= len(found.group(1)):
+                break
+            key = re.match(r"\s*(\w+):", nxt)
+            if key:
+                labels.add(key.group(1))
+    return jobs, frozenset(labels)
+
+
+@dataclass(frozen=True)
+class Exposition:
+    """A ``/metrics`` text and the ``ServiceMetrics`` methods that ran to produce it
+    (the ``service_exposition`` fixture)."""
+
+    text: str
+    called: frozenset[str]
+    public_methods: frozenset[str]
+
+
+def run_promtool(promtool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``promtool ARGS`` (its output captured; a non-zero exit is the caller's to check)."""
+    return subprocess.run(
+        [promtool, *args], capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def require_binary(name: str) -> str:
@@ -140,3 +237,15 @@ def names_from_exposition(text: str) -> set[str]:
         elif line and not line.startswith("#"):
             names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
     return names
+
+
+def labels_from_exposition(text: str) -> dict[str, frozenset[str]]:
+    """``{sample name: label names}`` over every sample of a Prometheus text exposition
+    (parsed by prometheus_client's own parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, set()).update(sample.labels)
+    return {name: frozenset(labels) for name, labels in out.items()}

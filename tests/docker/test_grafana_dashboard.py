@@ -6,16 +6,19 @@ accepted by Prometheus' parser (``promtool check rules`` on the queries as recor
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from promhelpers import (
     DASHBOARD,
     DOCKER,
+    dashboard_panels,
     dashboard_targets,
+    dashboard_variable,
     grafana_to_promql,
     metric_names,
+    run_promtool,
+    variable_query,
 )
 
 PROVISIONED_UID = "recalib-prometheus"
@@ -37,10 +40,32 @@ def test_metric_name_parser() -> None:
     assert metric_names('sum by (model) (rate(m{model=~"$model"}[$__rate_interval]))') == {"m"}
 
 
+def test_dashboard_panels_include_nested_rows() -> None:
+    def panel(pid: int, expr: str) -> dict[str, Any]:
+        return {
+            "id": pid,
+            "title": f"p{pid}",
+            "type": "timeseries",
+            "targets": [{"refId": "A", "expr": expr}],
+        }
+
+    collapsed: dict[str, Any] = {"id": 2, "title": "row", "type": "row", "collapsed": True}
+    collapsed["panels"] = [panel(3, "b"), panel(4, "c")]
+    dashboard = {"panels": [panel(1, "a"), collapsed, panel(5, "d")]}
+    assert [p["id"] for p in dashboard_panels(dashboard)] == [1, 2, 3, 4, 5]
+    assert dashboard_targets(dashboard) == [
+        ("p1 [A]", "a"),
+        ("p3 [A]", "b"),
+        ("p4 [A]", "c"),
+        ("p5 [A]", "d"),
+    ]
+    assert dashboard_variable("model")["name"] == "model"
+
+
 def test_dashboard_structure() -> None:
     dashboard = _dashboard()
-    panels = dashboard["panels"]
-    assert isinstance(panels, list) and panels
+    assert isinstance(dashboard["panels"], list) and dashboard["panels"]
+    panels = list(dashboard_panels(dashboard))
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     assert dashboard["uid"] == "recalib-overview"
@@ -75,7 +100,7 @@ def test_dashboard_covers_the_issue() -> None:
         "recalib_queue_wait_seconds_bucket",  # queue wait
         "recalib_recalibration_jobs_total",  # jobs
     }
-    kinds = {p["title"]: p["type"] for p in _dashboard()["panels"]}
+    kinds = {p["title"]: p["type"] for p in dashboard_panels()}
     assert kinds["Per-layer drift (symmetric KL)"] == "heatmap"
     quantiles = [e for _, e in dashboard_targets() if "histogram_quantile" in e]
     assert all("_bucket" in e and "le" in e for e in quantiles)
@@ -83,7 +108,7 @@ def test_dashboard_covers_the_issue() -> None:
 
 def test_dashboard_names_only_exported_metrics(exported_metrics: set[str]) -> None:
     queries = dashboard_targets()
-    variable = _dashboard()["templating"]["list"][1]["query"]["query"]
+    variable = variable_query(dashboard_variable("model"))
     for where, expr in [*queries, ("variable model", variable)]:
         names = metric_names(expr)
         assert names, f"{where}: no metric found in {expr!r}"
@@ -98,12 +123,54 @@ def test_dashboard_queries_parse(promtool: str, tmp_path: Path) -> None:
     ]
     path = tmp_path / "dashboard_rules.yml"  # JSON is YAML
     path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
-    result = subprocess.run(
-        [promtool, "check", "rules", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_promtool(promtool, "check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+
+
+def _query(title: str) -> str:
+    (expr,) = [e for where, e in dashboard_targets() if where.startswith(f"{title} [")]
+    return grafana_to_promql(expr)
+
+
+def test_counter_panels_count_series_new_in_the_window(promtool: str, tmp_path: Path) -> None:
+    """A labelled counter series first appears already at 1 (the first failed job, the jobs
+    marked interrupted at a restart, a provider fallback at load); ``increase()`` needs two
+    samples and shows 0 for it. The job and fallback panels count such a series with its
+    whole value (``promtool test rules`` evaluates them on synthetic series)."""
+    jobs = _query("Recalibration jobs by outcome")
+    fallbacks = _query("Provider fallbacks (24 h)")
+    target = 'job="recalib",instance="a:8000"'
+    series = [
+        # a job succeeds every minute from t=0
+        (f'recalib_recalibration_jobs_total{{{target},outcome="succeeded"}}', "0+1x150"),
+        # one job fails at 30m: the series appears at 1 and stays there
+        (f'recalib_recalibration_jobs_total{{{target},outcome="failed"}}', "_x30 1x120"),
+        # a session falls back when the version loads at 10m
+        (f'recalib_provider_fallbacks_total{{{target},model="demo",version="1"}}', "_x10 1x140"),
+    ]
+
+    def case(expr: str, at: str, expected: dict[str, float]) -> dict[str, Any]:
+        samples = [{"labels": labels, "value": value} for labels, value in expected.items()]
+        return {"expr": expr, "eval_time": at, "exp_samples": samples}
+
+    old_jobs = "sum by (outcome) (increase(recalib_recalibration_jobs_total[1h]))"
+    cases = [
+        case(jobs, "40m", {'{outcome="failed"}': 1, '{outcome="succeeded"}': 40}),
+        case(jobs, "85m", {'{outcome="failed"}': 1, '{outcome="succeeded"}': 60}),
+        # the failure is more than an hour ago
+        case(jobs, "100m", {'{outcome="failed"}': 0, '{outcome="succeeded"}': 60}),
+        # what plain increase() shows for the failure within the hour
+        case(old_jobs, "85m", {'{outcome="failed"}': 0, '{outcome="succeeded"}': 60}),
+        case(fallbacks, "5m", {"{}": 0}),
+        case(fallbacks, "2h", {"{}": 1}),
+    ]
+    test = {
+        "interval": "1m",
+        "input_series": [{"series": name, "values": values} for name, values in series],
+        "promql_expr_test": cases,
+    }
+    path = tmp_path / "dashboard_test.yml"  # JSON is YAML
+    path.write_text(json.dumps({"rule_files": [], "tests": [test]}))
+    result = run_promtool(promtool, "test", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr

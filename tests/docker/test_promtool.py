@@ -4,7 +4,6 @@ pass their unit tests, and every alert names only metrics the service exports.""
 from __future__ import annotations
 
 import shutil
-import subprocess
 
 import pytest
 from promhelpers import (
@@ -13,6 +12,7 @@ from promhelpers import (
     metric_names,
     require_binary,
     rule_exprs,
+    run_promtool,
 )
 
 CONFIG = PROMETHEUS_DIR / "prometheus.yml"
@@ -20,26 +20,20 @@ ALERTS = PROMETHEUS_DIR / "alerts.yml"
 ALERT_TESTS = PROMETHEUS_DIR / "alerts_test.yml"
 
 
-def _promtool(promtool: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [promtool, *args], capture_output=True, text=True, timeout=60, check=False
-    )
-
-
 def test_config_is_valid(promtool: str) -> None:
-    result = _promtool(promtool, "check", "config", str(CONFIG))
+    result = run_promtool(promtool, "check", "config", str(CONFIG))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 rule files found" in result.stdout  # alerts.yml is wired in, and checked too
 
 
 def test_rules_are_valid(promtool: str) -> None:
-    result = _promtool(promtool, "check", "rules", str(ALERTS))
+    result = run_promtool(promtool, "check", "rules", str(ALERTS))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(rule_exprs(ALERTS))} rules found" in result.stdout
 
 
 def test_alert_unit_tests_pass(promtool: str) -> None:
-    result = _promtool(promtool, "test", "rules", str(ALERT_TESTS))
+    result = run_promtool(promtool, "test", "rules", str(ALERT_TESTS))
     assert result.returncode == 0, result.stdout + result.stderr
 
 

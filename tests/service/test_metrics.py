@@ -17,6 +17,7 @@ EXPECTED = {
     "recalib_layer_drift_score": ("gauge", {"model", "version", "layer"}),
     "recalib_drift_threshold_exceeded": ("gauge", {"model", "version"}),
     "recalib_drift_window_samples": ("gauge", {"model", "version"}),
+    "recalib_drift_threshold": ("gauge", set()),
     "recalib_recalibration_jobs": ("counter", {"outcome"}),
     "recalib_recalibration_job_duration_seconds": ("histogram", set()),
     "recalib_loaded_versions": ("gauge", set()),
@@ -30,6 +31,7 @@ def _exercise(m: ServiceMetrics) -> None:
     m.observe_batch("demo", 1, 4, [0.001, 0.002])
     m.inflight_add("demo", 1)
     m.set_drift("demo", 1, score=0.2, exceeded=False, samples=40, layers={"bn1": 0.3})
+    m.set_drift_threshold(0.75)
     m.job_finished("succeeded", 12.0)
     m.set_loaded_versions(1)
     m.set_provider("demo", 1, "auto", "CPUExecutionProvider")
@@ -62,12 +64,21 @@ def test_values() -> None:
     assert get("recalib_layer_drift_score", {**mv, "layer": "bn1"}) == pytest.approx(0.3)
     assert get("recalib_drift_window_samples", mv) == 40
     assert get("recalib_drift_threshold_exceeded", mv) == 0
+    assert get("recalib_drift_threshold") == 0.75
     assert get("recalib_recalibration_jobs_total", {"outcome": "succeeded"}) == 1
     assert get("recalib_recalibration_job_duration_seconds_sum") == 12.0
     assert get("recalib_loaded_versions") == 1
     assert get("recalib_provider_fallbacks_total", mv) == 1
     info = {**mv, "requested": "auto", "provider": "CPUExecutionProvider"}
     assert get("recalib_execution_provider_info", info) == 1
+
+
+def test_drift_threshold_absent_until_set() -> None:
+    m = ServiceMetrics(CollectorRegistry())
+    assert "recalib_drift_threshold" not in {f.name for f in m.registry.collect()}
+    m.set_drift_threshold(2.0)
+    m.set_drift_threshold(1.5)  # registered once, updated
+    assert m.registry.get_sample_value("recalib_drift_threshold") == 1.5
 
 
 def test_registries_are_independent() -> None:
