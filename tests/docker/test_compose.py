@@ -1,0 +1,101 @@
+"""``docker/compose.yaml`` and its CPU override parse, and say what docs/deployment.md says.
+
+No ``docker compose`` here: the files are read with PyYAML (``!reset`` / ``!override``, the
+Compose merge tags, loaded as markers) and the one merge rule the override relies on is
+applied by hand: ``!reset`` drops the key from the merged service.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DOCKER = Path(__file__).resolve().parents[2] / "docker"
+
+
+class _Reset:
+    """``!reset``: the key is removed from the merged file (its value is ignored)."""
+
+
+class _Override:
+    """``!override``: the value replaces the base file's instead of merging into it."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _reset(loader: yaml.SafeLoader, node: yaml.Node) -> _Reset:
+    return _Reset()
+
+
+def _override(loader: yaml.SafeLoader, node: yaml.Node) -> _Override:
+    if isinstance(node, yaml.MappingNode):
+        return _Override(loader.construct_mapping(node, deep=True))
+    if isinstance(node, yaml.SequenceNode):
+        return _Override(loader.construct_sequence(node, deep=True))
+    return _Override(loader.construct_scalar(node))  # type: ignore[arg-type]
+
+
+_Loader.add_constructor("!reset", _reset)
+_Loader.add_constructor("!override", _override)
+
+
+def _load(name: str) -> dict[str, Any]:
+    return yaml.load((DOCKER / name).read_text(), Loader=_Loader)
+
+
+def _merge(base: Any, override: Any) -> Any:
+    """Compose's merge, as far as compose.cpu.yaml needs it: mappings merge key by key,
+    ``!reset`` removes a key, ``!override`` and anything else replace."""
+    if isinstance(override, _Override):
+        return override.value
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            if isinstance(value, _Reset):
+                merged.pop(key, None)
+            else:
+                merged[key] = _merge(base.get(key), value)
+        return merged
+    return override
+
+
+def test_prometheus_and_grafana_listen_on_loopback_only() -> None:
+    services = _load("compose.yaml")["services"]
+    for name in ("prometheus", "grafana"):
+        for port in services[name]["ports"]:
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+
+
+def test_secrets_are_required_not_defaulted() -> None:
+    services = _load("compose.yaml")["services"]
+    assert services["recalib"]["environment"]["RECALIB_API_TOKEN"].startswith(
+        "${RECALIB_API_TOKEN:?"
+    )
+    assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"].startswith(
+        "${GF_SECURITY_ADMIN_PASSWORD:?"
+    )
+
+
+def test_gpu_by_default() -> None:
+    recalib = _load("compose.yaml")["services"]["recalib"]
+    devices = recalib["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+
+
+def test_cpu_override_builds_cpu_without_a_gpu_reservation() -> None:
+    base = _load("compose.yaml")
+    override = _load("compose.cpu.yaml")
+    assert set(override["services"]) == {"recalib"}
+    recalib = _merge(base, override)["services"]["recalib"]
+    assert "deploy" not in recalib
+    assert recalib["build"]["args"]["VARIANT"] == "cpu"
+    assert recalib["build"]["dockerfile"] == "docker/Dockerfile"  # merged, not replaced
+    assert recalib["image"] == "recalib:cpu"
+    assert recalib["environment"] == base["services"]["recalib"]["environment"]
