@@ -46,9 +46,16 @@ from starlette.routing import Route
 from service.api import deps
 from service.api.deps import require_health_token
 from service.auth import check_bearer
-from service.errors import InvalidInput, NotFound, PayloadTooLarge, ServiceError
+from service.errors import (
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    Unauthorized,
+)
 from service.runtime.kserve import HEADER_LENGTH, decode_request, encode_response
 from service.runtime.runtime import ServingRuntime
+from service.settings import Settings
 
 __all__ = ["SERVER_NAME", "router"]
 
@@ -80,7 +87,8 @@ class ServerReady(BaseModel):
     waiting_for: list[str] = Field(
         default_factory=list,
         description="Models (registered, or expected via RECALIB_EXPECT_MODELS) that this "
-        "process does not serve yet; the server is ready when this is empty.",
+        "process does not serve yet; the server is ready when this is empty. Omitted for a "
+        "caller without the bearer token when one is configured (health is open to probes).",
     )
 
 
@@ -309,11 +317,23 @@ async def server_ready(request: Request, _: HealthAuth) -> JSONResponse:
     runtime = _runtime(request)
     if not runtime.started:
         return JSONResponse({"ready": False, "waiting_for": []}, status_code=400)
+    settings = deps.get_settings(request)
     names = set(request.app.state.registry.model_names())
-    names.update(deps.get_settings(request).expect_models)
+    names.update(settings.expect_models)
     waiting = sorted(n for n in names if runtime.served_version(n) is None)
     ready = not waiting
+    if waiting and not _may_see_names(settings, request):
+        # health is open to probes by default: model names only for token holders
+        return JSONResponse({"ready": False}, status_code=400)
     return JSONResponse({"ready": ready, "waiting_for": waiting}, status_code=200 if ready else 400)
+
+
+def _may_see_names(settings: Settings, request: Request) -> bool:
+    try:
+        check_bearer(settings.api_token, _bearer_token(request))
+    except Unauthorized:
+        return False
+    return True
 
 
 async def _metadata(request: Request, name: str, ref: str | None) -> JSONResponse:

@@ -36,6 +36,23 @@ def test_expected_models_keep_the_server_unready_until_they_are_served(
     assert api.client.get("/v2/health/live").status_code == 200
 
 
+def test_names_in_waiting_for_only_for_token_holders(
+    make_api: Callable[..., Api], settings: Settings
+) -> None:
+    api = make_api(settings.model_copy(update={"expect_models": ["secret-model"]}))
+    for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}):
+        anonymous = api.client.get("/v2/health/ready", headers=headers)
+        assert (anonymous.status_code, anonymous.json()) == (400, {"ready": False})
+    assert _ready(api) == (400, {"ready": False, "waiting_for": ["secret-model"]})
+    open_api = make_api(
+        settings.model_copy(
+            update={"api_token": None, "expect_models": ["m"], "home": settings.home.parent / "open-home"}
+        )
+    )
+    plain = open_api.client.get("/v2/health/ready", headers={"Authorization": ""})
+    assert plain.json() == {"ready": False, "waiting_for": ["m"]}
+
+
 def test_a_model_that_failed_to_load_at_start_keeps_the_server_unready(
     make_api: Callable[..., Api], settings: Settings, bn_onnx: bytes
 ) -> None:
