@@ -46,7 +46,11 @@ def test_names_in_waiting_for_only_for_token_holders(
     assert _ready(api) == (400, {"ready": False, "waiting_for": ["secret-model"]})
     open_api = make_api(
         settings.model_copy(
-            update={"api_token": None, "expect_models": ["m"], "home": settings.home.parent / "open-home"}
+            update={
+                "api_token": None,
+                "expect_models": ["m"],
+                "home": settings.home.parent / "open-home",
+            }
         )
     )
     plain = open_api.client.get("/v2/health/ready", headers={"Authorization": ""})
