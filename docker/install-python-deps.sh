@@ -73,9 +73,10 @@ case "$step" in
     deps)
         src=${3:?usage: install-python-deps.sh deps cpu|gpu SRC}
         # [project] dependencies and the VARIANT extra, read from pyproject.toml alone (the
-        # code is not there yet; tomllib: Python >= 3.11, as in both images). The extra names the ONNX Runtime package; the pin keeps it
-        # on the CUDA major the base image provides (a newer onnxruntime-gpu may be built
-        # for another one). torch is already installed and satisfies the project's range.
+        # code is not there yet; tomllib: Python >= 3.11, as in both images). The extra
+        # names the ONNX Runtime package; the pin keeps it on the CUDA major the base image
+        # provides (a newer onnxruntime-gpu may be built for another one). torch is already
+        # installed and satisfies the project's range.
         requirements=$(mktemp)
         python - "$src/pyproject.toml" "$variant" >"$requirements" <<'PY'
 import sys
