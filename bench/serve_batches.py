@@ -49,7 +49,7 @@ def export_model(kind: str, size: int, path: Path) -> None:
     import torch
     from bench_models import resnet, resnet50
 
-    from recalib.export import export_onnx
+    from recalib.onnx.export import export_onnx
 
     torch.manual_seed(0)
     model = resnet50() if kind == "resnet50" else resnet([(32, 32, 1), (32, 64, 2), (64, 128, 2)])

@@ -58,7 +58,7 @@ def _export(kind: str, path: Path) -> tuple[int, ...]:
     """Write the benchmark model to ``path``; returns its per-row input shape."""
     import torch
 
-    from recalib.export import export_onnx
+    from recalib.onnx.export import export_onnx
 
     if kind == "demo":
         program = torch.export.load(str(ROOT / "recalib/demo_assets/demo_model.pt2"))

@@ -32,7 +32,7 @@ from bench_models import resnet
 from onnx import TensorProto, helper
 from torch import nn
 
-from recalib.taps import add_drift_taps
+from recalib.onnx.taps import add_drift_taps
 
 LEVELS = {
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

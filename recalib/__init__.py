@@ -11,31 +11,41 @@ The public API::
 """
 
 from .errors import (
+    BatchNormFoldedError,
+    BnGraphError,
     DataError,
+    ExportError,
+    ExportParityError,
     LayerMismatchError,
     NoBatchNormError,
     NonFiniteError,
+    OnnxModelError,
+    OptionsError,
     RecalibError,
     StatBankMismatchError,
 )
-from .export import ExportReport, export_onnx
 from .layers import NormLayer, find_norm_layers
 from .moments import ChannelMoments
-from .onnx_recalibrate import OnnxModelError, recalibrate_onnx
+from .onnx.export import ExportReport, export_onnx
+from .onnx.recalibrate import recalibrate_onnx
+from .onnx.taps import add_drift_taps
 from .recalibrate import recalibrate
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .report import LayerReport, RecalibrationReport
 from .statbank import StatBank, apply_stat_bank, load_stat_bank, save_stat_bank
-from .taps import add_drift_taps
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNormFoldedError",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
+    "BnGraphError",
     "ChannelMoments",
     "DataError",
+    "ExportError",
+    "ExportParityError",
     "ExportReport",
     "LayerMismatchError",
     "LayerReport",
@@ -43,6 +53,7 @@ __all__ = [
     "NonFiniteError",
     "NormLayer",
     "OnnxModelError",
+    "OptionsError",
     "RecalibError",
     "RecalibrationReport",
     "StatBank",

@@ -80,7 +80,7 @@ def _write_model(
         torch.export.save(program, str(out))
         return {"path": str(out)}
     if out.suffix == ".onnx":
-        from .export import export_onnx
+        from .onnx.export import export_onnx
 
         rep = export_onnx(program, example[: max(2, min(len(example), 8))], out, opset=args.opset)
         return rep.to_dict()
@@ -128,7 +128,7 @@ def _recalibrate_onnx_file(model: Any, args: argparse.Namespace) -> tuple[Any, d
     import onnx
 
     from .datafiles import load_input_array
-    from .onnx_recalibrate import recalibrate_onnx
+    from .onnx.recalibrate import recalibrate_onnx
 
     out = Path(args.out)
     if out.suffix != ".onnx":

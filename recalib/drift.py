@@ -2,7 +2,7 @@
 
 A BN layer stores a Gaussian summary ``N(mu_ref, var_ref)`` of each channel of its input.
 At serving time the same per-channel moments of the *live* input (collected by the ONNX
-taps in :mod:`recalib.taps`) give ``N(mu_live, var_live)``; comparing the two per channel
+taps in :mod:`recalib.onnx.taps`) give ``N(mu_live, var_live)``; comparing the two per channel
 and averaging is a cheap, label-free drift score (MECTA; Song et al. 2019). Everything here
 is NumPy float64.
 
@@ -541,7 +541,7 @@ def score_model(
     Args:
         windows: live per-layer windows (e.g. :meth:`RollingWindow.total`); each non-empty.
         reference: stored running statistics per layer; must cover every layer scored
-            (:func:`recalib.taps.reference_stats` reads them from the ONNX model).
+            (:func:`recalib.onnx.taps.reference_stats` reads them from the ONNX model).
         eps: variance guard, see the module docstring.
     """
     if not windows:

@@ -7,11 +7,19 @@ place. Messages say what was expected and what arrived.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
+    "BatchNormFoldedError",
+    "BnGraphError",
     "DataError",
+    "ExportError",
+    "ExportParityError",
     "LayerMismatchError",
     "NoBatchNormError",
     "NonFiniteError",
+    "OnnxModelError",
+    "OptionsError",
     "RecalibError",
     "StatBankMismatchError",
 ]
@@ -47,3 +55,36 @@ class LayerMismatchError(RecalibError):
 
 class StatBankMismatchError(RecalibError):
     """A statistics bank was saved from a model with a different layer signature."""
+
+
+class OptionsError(RecalibError):
+    """An option of a recalibration run is out of range or of the wrong type."""
+
+
+class BnGraphError(RecalibError):
+    """An ONNX graph's BN statistics cannot be found, read or written as asked."""
+
+
+class OnnxModelError(RecalibError):
+    """The ONNX model cannot be read, loaded by ONNX Runtime, or recalibrated as given."""
+
+
+class ExportError(RecalibError):
+    """The model cannot be exported with its BN layers kept and identified."""
+
+
+class BatchNormFoldedError(ExportError):
+    """The exported graph has fewer BN nodes than the model has BN calls."""
+
+
+class ExportParityError(ExportError):
+    """ONNX Runtime's outputs differ from torch's by more than the tolerance.
+
+    Attributes:
+        report: the :class:`~recalib.onnx.export.ExportReport` of the failed check (the
+            file was not written).
+    """
+
+    def __init__(self, message: str, report: Any) -> None:
+        super().__init__(message)
+        self.report = report

@@ -22,93 +22,27 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 from torch.nn.parameter import UninitializedBuffer
 
 from .batches import ForwardFn, iterate_batches
 from .distributed import all_gather_moments, distributed_active, global_counts
-from .errors import DataError, LayerMismatchError, NonFiniteError, RecalibError
+from .errors import DataError, LayerMismatchError, RecalibError
 from .estimators import EmaEstimator, ExactEstimator, make_estimator
 from .exported import module_with_norm_layers
 from .layers import NormLayer, find_norm_layers, select_by_name
 from .modes import eval_mode
-from .moments import ChannelMoments, batch_moments
 from .report import LayerReport, RecalibrationReport, compare_stats
 from .run_options import check_run_args, progress_bar, relative_change
+from .tapping import LayerTap, installed
 
 __all__ = ["recalibrate"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Tap:
-    """Replaces one layer's forward during a pass; collects its input moments."""
-
-    layer: NormLayer
-    use_batch_stats: bool
-    make: Callable[[NormLayer], ExactEstimator]
-    strict_batch_stats: bool = True
-    batch_index: int = 0
-    estimator: ExactEstimator | None = None
-    batches: int = field(default=0)
-
-    def __call__(self, input: Tensor) -> Tensor:
-        m = self.layer.module
-        m._check_input_dim(input)  # type: ignore[no-untyped-call]
-        rm, rv = m.running_mean, m.running_var
-        if rm is None or rv is None:
-            raise LayerMismatchError(f"layer {self.layer.name!r} lost its running statistics")
-        if input.dim() < 2 or input.shape[1] != rm.numel():
-            got = tuple(input.shape)
-            raise LayerMismatchError(
-                f"layer {self.layer.name!r} expected input (N, {rm.numel()}, *) with "
-                f"{rm.numel()} channels (got shape {got})"
-            )
-        var, mean, n = batch_moments(input)
-        moments = ChannelMoments.from_var_mean(var, mean, n)
-        if not bool(torch.isfinite(moments.m2).all() and torch.isfinite(moments.mean).all()):
-            raise NonFiniteError(batch=self.batch_index, layer=self.layer.name)
-        batch_stats = self.use_batch_stats and (n >= 2 or self.strict_batch_stats)
-        if batch_stats and n < 2:
-            raise DataError(
-                f"mode='train' needs more than 1 value per channel in layer "
-                f"{self.layer.name!r} (got input size {list(input.shape)}); use mode='eval', "
-                "which works with any batch size"
-            )
-        if self.estimator is None:
-            self.estimator = self.make(self.layer)
-        self.estimator.update(moments, int(input.shape[0]))
-        self.batches += 1
-        if batch_stats:
-            mean_n, var_n = mean.to(rm.dtype), var.to(rv.dtype)
-        else:
-            mean_n, var_n = rm, rv
-        return F.batch_norm(input, mean_n, var_n, m.weight, m.bias, False, 0.0, m.eps)
-
-
-@contextmanager
-def _installed(taps: Sequence[_Tap]) -> Any:
-    saved = []
-    for tap in taps:
-        mod = tap.layer.module
-        saved.append((mod, mod.__dict__.get("forward")))
-        mod.forward = tap  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        for mod, previous in saved:
-            if previous is None:
-                mod.__dict__.pop("forward", None)
-            else:
-                mod.forward = previous  # type: ignore[method-assign]
 
 
 def _stats_of(layer: NormLayer) -> tuple[Tensor, Tensor] | None:
@@ -153,7 +87,7 @@ def _resolve_model(model: Any) -> tuple[nn.Module, list[NormLayer] | None]:
 def _run_pass(
     model: nn.Module,
     data: Any,
-    taps: list[_Tap],
+    taps: list[LayerTap],
     *,
     batch_size: int,
     max_samples: int | None,
@@ -162,7 +96,7 @@ def _run_pass(
     bar: Any,
 ) -> tuple[int, int]:
     items = batches = 0
-    with _installed(taps):
+    with installed(taps):
         for batch in iterate_batches(
             data, batch_size=batch_size, max_samples=max_samples, device=device, forward=forward
         ):
@@ -184,7 +118,7 @@ def _run_pass(
     return items, batches
 
 
-def _finish_pass(taps: list[_Tap], distributed: bool) -> dict[str, ExactEstimator]:
+def _finish_pass(taps: list[LayerTap], distributed: bool) -> dict[str, ExactEstimator]:
     done = {t.layer.name: t.estimator for t in taps if t.estimator is not None}
     if distributed:
         if any(isinstance(e, EmaEstimator) for e in done.values()):
@@ -316,7 +250,7 @@ def recalibrate(
                 # cuts the passes needed on deep networks.
                 warm = mode == "eval" and p == 0 and init == "batch"
                 taps = [
-                    _Tap(lay, mode == "train" or warm, make, strict_batch_stats=mode == "train")
+                    LayerTap(lay, mode == "train" or warm, make, strict_batch_stats=mode == "train")
                     for lay in selected
                 ]
                 items, batches = _run_pass(

@@ -219,7 +219,7 @@ def _check_onnx(path: Path) -> tuple[Signature, list[str]]:
     import onnx
     from google.protobuf.message import DecodeError
 
-    from recalib.onnx_names import read_bn_map
+    from recalib.onnx.names import read_bn_map
 
     try:
         model = onnx.load(str(path))
@@ -275,7 +275,7 @@ def _convert_pt2(staging: Path) -> tuple[Signature, list[str], dict[str, Any]]:
     import onnx
     import torch
 
-    from recalib.export import export_onnx
+    from recalib.onnx.export import export_onnx
     from recalib.statbank import save_stat_bank
 
     try:

@@ -8,9 +8,9 @@ bounded thread count, so inference keeps its cores.
 Steps (progress is written to the job's row as it goes, at most a few times a second):
 
 1. load the base version: its ``model.pt2`` when it has one (recalibrated with
-   :func:`recalib.recalibrate`, then exported with :func:`recalib.export.export_onnx`,
+   :func:`recalib.recalibrate`, then exported with :func:`recalib.onnx.export.export_onnx`,
    parity-checked, and saved as ``model.pt2`` and a stat bank), else its ``model.onnx``
-   (:func:`recalib.onnx_recalibrate.recalibrate_onnx`);
+   (:func:`recalib.onnx.recalibrate.recalibrate_onnx`);
 2. stream the data set's input array in ``batch_size`` chunks (``.npy`` is memory-mapped),
    counting batches and passes;
 3. optionally validate: top-1 accuracy of the base and the new ONNX model (ONNX Runtime,
@@ -170,7 +170,7 @@ def _example(x: np.ndarray, convert: Callable[[np.ndarray], Any]) -> Any:
 def _recalibrate_pt2(spec: JobSpec, x: np.ndarray, out: Path, progress: _Progress) -> Any:
     import torch
 
-    from recalib.export import export_onnx
+    from recalib.onnx.export import export_onnx
     from recalib.recalibrate import recalibrate
     from recalib.statbank import save_stat_bank
 
@@ -215,10 +215,10 @@ def _recalibrate_onnx(spec: JobSpec, x: np.ndarray, out: Path, progress: _Progre
     import onnx
 
     try:
-        from recalib.onnx_recalibrate import recalibrate_onnx
+        from recalib.onnx.recalibrate import recalibrate_onnx
     except ImportError as exc:
         raise JobError(
-            "recalibrating a model registered as .onnx needs recalib.onnx_recalibrate, which "
+            "recalibrating a model registered as .onnx needs recalib.onnx.recalibrate, which "
             f"this installation lacks ({exc}); register the .pt2 ExportedProgram instead"
         ) from exc
     base = onnx.load(spec.base_onnx)

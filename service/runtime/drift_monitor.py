@@ -1,13 +1,13 @@
 """Drift monitoring of one served model version from its BatchNorm statistics.
 
-The version's ONNX graph is tapped with :func:`recalib.taps.add_drift_taps` (every BN
+The version's ONNX graph is tapped with :func:`recalib.onnx.taps.add_drift_taps` (every BN
 node's input moments become extra outputs). Sampled batches run through the tapped
 session, which produces the predictions too, so a sampled batch costs one run, not two;
 the other batches run on the plain (fully fused) session. A :class:`DriftMonitor` turns
 the tap outputs of each sampled run into per-layer moment windows
-(:func:`recalib.taps.tap_moments`), adds them to a :class:`recalib.drift.RollingWindow`
+(:func:`recalib.onnx.taps.tap_moments`), adds them to a :class:`recalib.drift.RollingWindow`
 (bounded by ``window_seconds``) and scores the window against the version's own stored
-statistics (:func:`recalib.taps.reference_stats`) with :func:`recalib.drift.score_model`.
+statistics (:func:`recalib.onnx.taps.reference_stats`) with :func:`recalib.drift.score_model`.
 
 Sampling is deterministic: with fraction ``f`` an accumulator gains ``f`` per batch and a
 batch is sampled whenever it reaches 1, so exactly ``f`` of the batches are tapped, evenly
@@ -46,8 +46,8 @@ import onnx
 
 from recalib.drift import RollingWindow, score_model
 from recalib.errors import RecalibError
-from recalib.onnx_names import read_bn_map
-from recalib.taps import read_taps, reference_stats, tap_moments, tap_output_names
+from recalib.onnx.names import read_bn_map
+from recalib.onnx.taps import read_taps, reference_stats, tap_moments, tap_output_names
 
 __all__ = ["DriftMonitor", "DriftPublisher"]
 
@@ -76,7 +76,7 @@ class DriftMonitor:
     """Rolling BN-statistics drift of one model version.
 
     Args:
-        tapped_model: the version's graph after :func:`recalib.taps.add_drift_taps`.
+        tapped_model: the version's graph after :func:`recalib.onnx.taps.add_drift_taps`.
         window_seconds: age bound of the rolling window.
         threshold: model score above which drift is flagged.
         sample_fraction: fraction of batches run through the tapped session.

@@ -41,7 +41,7 @@ import onnx
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from recalib.errors import RecalibError
-from recalib.taps import add_drift_taps
+from recalib.onnx.taps import add_drift_taps
 from service.errors import InvalidInput, NotFound, NotReady, ServiceError
 from service.metrics import ServiceMetrics
 from service.settings import Settings

@@ -12,7 +12,7 @@ import torch
 
 from recalib.cli import main
 from recalib.demo import ASSETS
-from recalib.onnx_names import bn_node_stats
+from recalib.onnx.names import bn_node_stats
 
 
 @pytest.fixture(scope="module")

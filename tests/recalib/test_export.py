@@ -1,4 +1,4 @@
-"""Tests of recalib.export: BN kept and named, ONNX Runtime parity, clear refusals."""
+"""Tests of recalib.onnx.export: BN kept and named, ONNX Runtime parity, clear refusals."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from torch.jit import TracerWarning  # type: ignore[attr-defined]
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from recalib import export as export_mod
+from recalib.onnx import export as export_mod
 from recalib.errors import NoBatchNormError, RecalibError
-from recalib.export import (
+from recalib.onnx.export import (
     BatchNormFoldedError,
     ExportError,
     ExportParityError,
@@ -27,7 +27,7 @@ from recalib.export import (
     export_onnx,
     read_bn_map,
 )
-from recalib.onnx_names import BN_MAP_KEY, VERSION_KEY
+from recalib.onnx.names import BN_MAP_KEY, VERSION_KEY
 from recalib.renorm import BatchRenorm2d
 
 

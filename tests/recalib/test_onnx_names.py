@@ -1,4 +1,4 @@
-"""Tests of recalib.onnx_names on hand-built ONNX graphs (no torch export involved)."""
+"""Tests of recalib.onnx.names on hand-built ONNX graphs (no torch export involved)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from recalib.errors import RecalibError
-from recalib.onnx_names import (
+from recalib.onnx.names import (
     BN_MAP_KEY,
     BnGraphError,
     bn_node_stats,

@@ -1,4 +1,4 @@
-"""Tests of recalib.onnx_recalibrate: ONNX-native recalibration.
+"""Tests of recalib.onnx.recalibrate: ONNX-native recalibration.
 
 Three kinds of reference: the torch core (``recalibrate`` then ``export_onnx``) on the same
 model and data; an independent float64 NumPy computation on hand-built graphs (opsets 9,
@@ -21,9 +21,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from recalib.errors import DataError, NoBatchNormError, NonFiniteError
-from recalib.export import export_onnx
-from recalib.onnx_names import BnGraphError, bn_node_stats, read_bn_map
-from recalib.onnx_recalibrate import OnnxModelError, recalibrate_onnx
+from recalib.onnx.export import export_onnx
+from recalib.onnx.names import BnGraphError, bn_node_stats, read_bn_map
+from recalib.onnx.recalibrate import OnnxModelError, recalibrate_onnx
 from recalib.recalibrate import recalibrate
 
 # Torch and ORT compute the activations with different kernels (float32, ~1e-7 apart);
@@ -564,7 +564,7 @@ def test_model_without_batchnorm_names_the_fix() -> None:
 
 
 def test_drift_tapped_model_is_refused() -> None:
-    from recalib.taps import add_drift_taps
+    from recalib.onnx.taps import add_drift_taps
 
     with pytest.raises(OnnxModelError, match="drift taps"):
         recalibrate_onnx(add_drift_taps(_chain(15)), _data())

@@ -1,4 +1,4 @@
-"""Tests of recalib.taps: in-graph BN input moments against float64 NumPy references."""
+"""Tests of recalib.onnx.taps: in-graph BN input moments against float64 NumPy references."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch import nn
 
 from recalib.drift import MomentWindow, RollingWindow, score_model
 from recalib.errors import NoBatchNormError
-from recalib.taps import (
+from recalib.onnx.taps import (
     TAP_METADATA_KEY,
     add_drift_taps,
     read_taps,

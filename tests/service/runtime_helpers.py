@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from torch import Tensor, nn
 
-from recalib.export import export_onnx
+from recalib.onnx.export import export_onnx
 from service.api import metrics_route, v2
 from service.errors import NotFound, install_error_handlers
 from service.metrics import ServiceMetrics

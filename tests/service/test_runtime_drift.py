@@ -21,7 +21,7 @@ from runtime_helpers import export, make_model, shifted_images, source_images
 
 import recalib
 from recalib.drift import MomentWindow, score_model
-from recalib.taps import add_drift_taps
+from recalib.onnx.taps import add_drift_taps
 from service.metrics import ServiceMetrics
 from service.runtime.drift_monitor import DriftMonitor
 from service.runtime.kserve import decode_request, encode_request

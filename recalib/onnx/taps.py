@@ -69,9 +69,9 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .drift import MomentWindow
-from .errors import NoBatchNormError
-from .onnx_graph import GraphIndex, opset_of
+from ..drift import MomentWindow
+from ..errors import NoBatchNormError
+from .graph import GraphIndex, opset_of
 
 __all__ = [
     "TAP_METADATA_KEY",

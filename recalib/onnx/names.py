@@ -2,7 +2,7 @@
 
 An inference ``BatchNormalization`` node computes ``y = scale * (x - mean) / sqrt(var + eps)
 + B`` with ``mean`` and ``var`` as inputs 3 and 4. recalib keeps one such node per BN /
-BatchRenorm call when it exports (:func:`recalib.export.export_onnx`) and records in the
+BatchRenorm call when it exports (:func:`recalib.onnx.export.export_onnx`) and records in the
 model's ``metadata_props`` (key :data:`BN_MAP_KEY`) which torch layer each node came from::
 
     {"/layer1/0/bn1/BatchNormalization":
@@ -40,8 +40,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import RecalibError
-from .onnx_graph import GraphIndex
+from ..errors import BnGraphError
+from .graph import GraphIndex
 
 __all__ = [
     "BN_MAP_KEY",
@@ -64,10 +64,6 @@ VERSION_KEY = "recalib.version"
 """``metadata_props`` key of the recalib version that wrote the file."""
 
 _MEAN, _VAR = 3, 4  # BatchNormalization input slots of the statistics.
-
-
-class BnGraphError(RecalibError):
-    """An ONNX graph's BN statistics cannot be found, read or written as asked."""
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ export the ``k``-th layer's statistics hold a fingerprint, ``mean = -(1 + k)`` a
 the values each node reads name its layer, then the real statistics are written into
 the node's own initializers and the layer's buffers restored. The TorchScript exporter
 deduplicates equal initializers (through ``Identity`` nodes), so the nodes are first
-given initializers of their own (:func:`recalib.onnx_names.untie_bn_stats`). The map is
-stored in the file (see :mod:`recalib.onnx_names`).
+given initializers of their own (:func:`recalib.onnx.names.untie_bn_stats`). The map is
+stored in the file (see :mod:`recalib.onnx.names`).
 
 The check: ``onnx.checker.check_model(full_check=True)``, then ONNX Runtime (CPU) against
 torch on the example inputs and, with a dynamic batch axis, on a batch one larger. An
@@ -47,9 +47,14 @@ from torch import Tensor, nn
 from torch.jit import TracerWarning  # type: ignore[attr-defined]
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import NoBatchNormError, RecalibError
-from .modes import eval_mode
-from .onnx_names import (
+from ..errors import (
+    BatchNormFoldedError,
+    ExportError,
+    ExportParityError,
+    NoBatchNormError,
+)
+from ..modes import eval_mode
+from .names import (
     VERSION_KEY,
     BnGraphError,
     BnNodeInfo,
@@ -77,26 +82,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _PRODUCER_KEY = "recalib.producer"
-
-
-class ExportError(RecalibError):
-    """The model cannot be exported with its BN layers kept and identified."""
-
-
-class BatchNormFoldedError(ExportError):
-    """The exported graph has fewer BN nodes than the model has BN calls."""
-
-
-class ExportParityError(ExportError):
-    """ONNX Runtime's outputs differ from torch's by more than the tolerance.
-
-    Attributes:
-        report: the :class:`ExportReport` of the failed check (the file was not written).
-    """
-
-    def __init__(self, message: str, report: ExportReport) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass

@@ -15,7 +15,7 @@ is run by ONNX Runtime batch by batch:
   then does not fuse Conv+BN, which only costs calibration time);
 * for each selected node, the tensor it normalizes ``X (N, C, *)`` is reshaped to
   ``(N, C, L)``, cast to float64, shifted by the fed mean (conditioning) and reduced over
-  ``L`` in-graph (the drift taps' builder, :mod:`recalib.taps`): per sample and channel
+  ``L`` in-graph (the drift taps' builder, :mod:`recalib.onnx.taps`): per sample and channel
   ``count = L``, ``sum(x - c)`` and ``sum((x - c)**2)`` come back as extra outputs
   ``(N, C)``, whose rows are merged exactly in float64 (:class:`~recalib.moments.ChannelMoments`).
   Activations never leave the graph, and nothing is summed in less than float64 (fp16
@@ -46,13 +46,13 @@ exception on purpose:
   ``Identity`` nodes, as the TorchScript exporter deduplicates equal initializers) are
   written in place when every reader is a recalibrated node getting the same values (a
   layer called twice). Otherwise, and only then, they are untied before writing
-  (:func:`~recalib.onnx_names.untie_bn_stats`: every shared BN statistic gets its own
+  (:func:`~recalib.onnx.names.untie_bn_stats`: every shared BN statistic gets its own
   initializer ``<node>/input_mean`` / ``.../input_var``, the ``Identity`` nodes go), and
   recalib's node-to-layer map in ``metadata_props``, if any, is rewritten to match. The
   report's ``params["untied_stats"]`` counts the rewired statistics (0: nothing untied).
 
 Statistics that are *graph inputs* (fed at run time, no initializer behind them) are
-refused (:class:`~recalib.onnx_names.BnGraphError`): the file holds no source statistics
+refused (:class:`~recalib.onnx.names.BnGraphError`): the file holds no source statistics
 for ``ema``/``prior``, the report or the eval start, and turning the input into an
 initializer would change the model's interface. Exclude such nodes with ``layers=`` (their
 statistics are then fed with the data like any other input), or store the statistics as
@@ -79,13 +79,20 @@ import torch
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
-from .batches import iterate_batches
-from .errors import DataError, NoBatchNormError, NonFiniteError, RecalibError
-from .estimators import ExactEstimator, make_estimator
-from .layers import select_by_name
-from .moments import ChannelMoments
-from .onnx_graph import GraphIndex, opset_of
-from .onnx_names import (
+from ..batches import iterate_batches
+from ..errors import (
+    DataError,
+    NoBatchNormError,
+    NonFiniteError,
+    OnnxModelError,
+)
+from ..estimators import ExactEstimator, make_estimator
+from ..layers import select_by_name
+from ..moments import ChannelMoments
+from ..report import LayerReport, RecalibrationReport, compare_stats
+from ..run_options import check_run_args, progress_bar, relative_change
+from .graph import GraphIndex, opset_of
+from .names import (
     BN_MAP_KEY,
     BnGraphError,
     BnNodeInfo,
@@ -96,8 +103,6 @@ from .onnx_names import (
     untie_bn_stats,
     write_bn_map,
 )
-from .report import LayerReport, RecalibrationReport, compare_stats
-from .run_options import check_run_args, progress_bar, relative_change
 from .taps import TAP_PREFIX, BnTap, TapBuilder, add_tap_outputs, tap_moments
 
 __all__ = ["OnnxModelError", "recalibrate_onnx"]
@@ -125,10 +130,6 @@ _ORT_TYPES: dict[str, Any] = {
     "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
 }
-
-
-class OnnxModelError(RecalibError):
-    """The ONNX model cannot be read, loaded by ONNX Runtime, or recalibrated as given."""
 
 
 @dataclass(frozen=True)
