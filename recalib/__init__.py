@@ -10,6 +10,7 @@ The public API::
 ``recalib.drift`` holds the drift math (symmetric KL, mergeable/rolling windows).
 """
 
+from .adapt import adapt, adapt_onnx
 from .errors import (
     BatchNormFoldedError,
     BnGraphError,
@@ -29,6 +30,7 @@ from .moments import ChannelMoments
 from .onnx.export import ExportReport, export_onnx
 from .onnx.recalibrate import recalibrate_onnx
 from .onnx.taps import add_drift_taps
+from .plans import PlanReport
 from .recalibrate import recalibrate
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .report import LayerReport, RecalibrationReport
@@ -58,7 +60,10 @@ __all__ = [
     "RecalibrationReport",
     "StatBank",
     "StatBankMismatchError",
+    "PlanReport",
     "__version__",
+    "adapt",
+    "adapt_onnx",
     "add_drift_taps",
     "apply_stat_bank",
     "export_onnx",

@@ -48,6 +48,9 @@ class LayerReport:
 class RecalibrationReport:
     """The outcome of :func:`recalib.recalibrate`.
 
+    ``plan`` is set by :func:`recalib.adapt` / :func:`recalib.adapt_onnx`: every candidate
+    plan, its scores and the chosen one (:class:`recalib.plans.PlanReport` as a dict).
+
     ``residual`` is the eval-consistency residual: the largest relative difference between
     the statistics stored at the end and those the model reproduces in eval mode on the
     calibration data (``mode="eval"`` only; ``None`` otherwise).
@@ -65,6 +68,7 @@ class RecalibrationReport:
     seconds: float = 0.0
     device: str = "cpu"
     params: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] | None = None
 
     @property
     def mean_sym_kl(self) -> float:

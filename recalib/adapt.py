@@ -1,0 +1,440 @@
+"""``adapt`` / ``adapt_onnx``: recalibrate, then deploy the plan the evidence supports.
+
+:func:`recalib.recalibrate` and :func:`recalib.recalibrate_onnx` estimate new statistics
+for every selected layer. These two functions run them once, build the candidate plans of
+:mod:`recalib.plans` from the result (source, full, first ``k`` layers, prior mixes), score
+the candidates - on a labeled validation set when one is given, else with the label-free
+confident-agreement guard - and deploy the chosen one. The report carries every candidate
+and the choice in ``report.plan``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+
+from .batches import Batch, ForwardFn, iterate_batches
+from .errors import DataError, OptionsError, RecalibError
+from .exported import module_with_norm_layers
+from .layers import NormLayer, find_norm_layers
+from .modes import eval_mode
+from .onnx.graph import GraphIndex
+from .onnx.names import bn_node_stats, bn_nodes, read_bn_map, set_bn_node_stats
+from .onnx.recalibrate import recalibrate_onnx
+from .plans import FloatArray, Metric, PlanReport, Stats, class_rows, select_plan
+from .recalibrate import recalibrate
+from .report import RecalibrationReport, compare_stats
+
+__all__ = ["GUARD_ITEMS", "adapt", "adapt_onnx"]
+
+GUARD_ITEMS = 512
+"""Calibration items the label-free guard scores each candidate on (the first ones)."""
+
+Validation = tuple[Any, Any]
+
+
+def _labels(validation: Validation | None) -> tuple[Any, np.ndarray] | None:
+    if validation is None:
+        return None
+    if not (isinstance(validation, (tuple, list)) and len(validation) == 2):
+        raise OptionsError(
+            f"expected validation=(inputs, labels) (got {type(validation).__name__})"
+        )
+    x, y = validation
+    labels = y.detach().cpu().numpy() if isinstance(y, Tensor) else np.asarray(y)
+    if labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
+        raise OptionsError(
+            f"expected integer class labels for validation (got {labels.dtype}, "
+            f"{labels.size} values)"
+        )
+    return x, labels
+
+
+def _one_shot(data: Any) -> bool:
+    try:
+        return iter(data) is data
+    except TypeError:
+        return False
+
+
+def _report_for(
+    report: RecalibrationReport, source: Stats, deployed: Stats, eps: dict[str, float]
+) -> None:
+    """Rewrite the per-layer comparison for the deployed statistics, in place.
+
+    ``source`` / ``deployed`` / ``eps`` are keyed by the report's layer names.
+    """
+    rows = []
+    for row in report.layers:
+        if row.name not in deployed or row.name not in source:
+            rows.append(row)
+            continue
+        old = (torch.from_numpy(source[row.name][0]), torch.from_numpy(source[row.name][1]))
+        new = (torch.from_numpy(deployed[row.name][0]), torch.from_numpy(deployed[row.name][1]))
+        changes: dict[str, Any] = compare_stats(old, new, eps.get(row.name, 1e-5))
+        rows.append(dataclasses.replace(row, **changes))
+    report.layers = rows
+
+
+# --------------------------------------------------------------------------- torch
+
+
+def _torch_layers(model: Any, layers: Any) -> tuple[nn.Module, list[NormLayer]]:
+    if isinstance(model, torch.export.ExportedProgram):
+        wrapped = module_with_norm_layers(model)
+        named = wrapped.named_norm_layers()  # type: ignore[operator]
+        return wrapped, [NormLayer(n, m) for n, m in named]
+    if not isinstance(model, nn.Module):
+        raise RecalibError(
+            f"expected an nn.Module or torch.export.ExportedProgram (got {type(model).__name__})"
+        )
+    return model, find_norm_layers(model, layers)[0]
+
+
+def _stats(layer: NormLayer) -> tuple[FloatArray, FloatArray] | None:
+    m = layer.module
+    mean, var = m.running_mean, m.running_var
+    if mean is None or var is None or isinstance(mean, nn.parameter.UninitializedBuffer):
+        return None
+    return mean.detach().cpu().double().numpy().copy(), var.detach().cpu().double().numpy().copy()
+
+
+def _write(layer: NormLayer, stats: tuple[FloatArray, FloatArray]) -> None:
+    m = layer.module
+    assert m.running_mean is not None and m.running_var is not None  # noqa: S101
+    m.running_mean.copy_(torch.from_numpy(stats[0]).to(m.running_mean))
+    m.running_var.copy_(torch.from_numpy(stats[1]).to(m.running_var))
+
+
+@contextlib.contextmanager
+def _call_order(layers: Sequence[NormLayer]) -> Iterator[list[str]]:
+    """Record the order in which ``layers`` are first called (data-flow order)."""
+    order: list[str] = []
+    handles = []
+    for lay in layers:
+
+        def hook(_m: nn.Module, _args: Any, name: str = lay.name) -> None:
+            if name not in order:
+                order.append(name)
+
+        handles.append(lay.module.register_forward_pre_hook(hook))
+    try:
+        yield order
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run_rows(net: nn.Module, batches: Sequence[Batch], forward: ForwardFn | None) -> FloatArray:
+    rows = []
+    with torch.no_grad(), eval_mode(net):
+        for batch in batches:
+            try:
+                out = batch.run(net, forward)
+            except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                raise DataError(
+                    f"the model's forward failed on batch {batch.index}: {exc}"
+                ) from exc
+            rows.append(class_rows(out))
+    return np.concatenate(rows)
+
+
+def adapt(
+    model: nn.Module | torch.export.ExportedProgram,
+    data: Any,
+    *,
+    validation: Validation | None = None,
+    metric: Metric | None = None,
+    plan: str = "auto",
+    z: float = 1.0,
+    confidence: float = 0.9,
+    tolerance: float = 0.25,
+    guard_items: int = GUARD_ITEMS,
+    batch_size: int = 64,
+    layers: str | Sequence[str] | None = None,
+    device: torch.device | str | None = None,
+    forward: ForwardFn | None = None,
+    **options: Any,
+) -> RecalibrationReport:
+    """Recalibrate ``model`` and deploy the plan the evidence supports, in place.
+
+    Args:
+        model: an ``nn.Module`` or ``torch.export.ExportedProgram`` whose outputs are
+            class scores ``(N, classes, *)`` (first item of a tuple/dict output).
+        data: unlabeled calibration data, as for :func:`recalib.recalibrate`; it is read
+            again to score the candidates, so it must be re-iterable.
+        validation: ``(inputs, labels)`` from the new domain: candidates are scored by
+            accuracy (or ``metric``) on it. Without it the label-free guard decides.
+        metric: ``metric(scores, labels) -> float``, higher is better; scores are
+            ``(rows, classes)`` and labels ``(rows,)``.
+        plan: ``"auto"`` (choose), ``"full"`` (every selected layer) or ``"source"``.
+        z: standard errors of the paired difference an adapted plan must beat the source
+            by on the validation set.
+        confidence: source probability counted as confident by the label-free guard.
+        tolerance: the guard's budget (see :mod:`recalib.plans`).
+        guard_items: calibration items the guard scores candidates on.
+        batch_size, layers, device, forward: as for :func:`recalib.recalibrate`.
+        **options: passed to :func:`recalib.recalibrate` (``method``, ``mode``, ...).
+
+    Returns:
+        The :class:`~recalib.report.RecalibrationReport` of the deployed statistics, with
+        ``report.plan`` (a :class:`~recalib.plans.PlanReport` as a dict).
+    """
+    checked = _labels(validation)
+    if guard_items < 1:
+        raise OptionsError(f"expected guard_items >= 1 (got {guard_items})")
+    if plan == "auto" and _one_shot(data):
+        raise DataError(
+            "plan='auto' reads the calibration data again to score candidates; expected a "
+            f"re-iterable (tensor, list, DataLoader) (got a one-shot {type(data).__name__})"
+        )
+    dev = torch.device(device) if device is not None else None
+    net, selected = _torch_layers(model, layers)
+    before = {lay.name: s for lay in selected if (s := _stats(lay)) is not None}
+    guard = list(
+        iterate_batches(
+            data, batch_size=batch_size, max_samples=guard_items, device=dev, forward=forward
+        )
+    )
+    val_batches = (
+        list(iterate_batches(checked[0], batch_size=batch_size, device=dev))
+        if checked is not None
+        else []
+    )
+    report = recalibrate(
+        model,
+        data,
+        batch_size=batch_size,
+        layers=layers,
+        device=device,
+        forward=forward,
+        **options,
+    )
+    done = {row.name for row in report.layers}
+    chosen_layers = [lay for lay in selected if lay.name in done and lay.name in before]
+    after = {lay.name: s for lay in chosen_layers if (s := _stats(lay)) is not None}
+    try:
+        with _call_order(chosen_layers) as order:
+            _run_rows(net, guard[:1], forward)
+        order += [lay.name for lay in chosen_layers if lay.name not in order]
+        by_name = {lay.name: lay for lay in chosen_layers}
+
+        def evaluate(stats: Stats) -> tuple[FloatArray, FloatArray | None]:
+            for name, st in stats.items():
+                _write(by_name[name], st)
+            rows = _run_rows(net, guard, forward)
+            val = _run_rows(net, val_batches, forward) if checked is not None else None
+            return rows, val
+
+        plan_report, deployed = select_plan(
+            order,
+            before,
+            after,
+            report.samples,
+            evaluate,
+            plan=plan,
+            validation_labels=None if checked is None else checked[1],
+            metric=metric,
+            z=z,
+            confidence=confidence,
+            tolerance=tolerance,
+        )
+        for name, st in deployed.items():
+            _write(by_name[name], st)
+    except BaseException:
+        for lay in chosen_layers:
+            _write(lay, before[lay.name])
+        raise
+    _report_for(report, before, deployed, {lay.name: lay.module.eps for lay in chosen_layers})
+    report.plan = plan_report.to_dict()
+    return report
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def _node_order(model: onnx.ModelProto) -> list[str]:
+    return [key for key, _ in bn_nodes(GraphIndex(model.graph))]
+
+
+def _as_float64(stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> Stats:
+    return {k: (m.astype(np.float64), v.astype(np.float64)) for k, (m, v) in stats.items()}
+
+
+class _OrtRunner:
+    """Runs candidate models (statistics written into a copy) on fixed inputs."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        providers: Sequence[str] | None,
+        input_name: str | None,
+    ) -> None:
+        import onnxruntime as ort
+
+        self._ort = ort
+        self._model = model
+        self._providers = list(providers) if providers else ["CPUExecutionProvider"]
+        inits = {i.name for i in model.graph.initializer}
+        inputs = [v for v in model.graph.input if v.name not in inits]
+        self._inputs = {v.name: v for v in inputs}
+        if input_name is None and len(inputs) == 1:
+            input_name = inputs[0].name
+        self._input_name = input_name
+
+    def _feed(self, payload: Any, dtypes: dict[str, np.dtype[Any]]) -> dict[str, np.ndarray]:
+        def arr(v: Any, name: str) -> np.ndarray:
+            a = v.detach().cpu().numpy() if isinstance(v, Tensor) else np.asarray(v)
+            return a.astype(dtypes.get(name, a.dtype), copy=False)
+
+        if isinstance(payload, dict):
+            return {k: arr(v, k) for k, v in payload.items()}
+        if self._input_name is None:
+            raise DataError(
+                f"expected dict batches naming the graph inputs {sorted(self._inputs)} "
+                f"(got {type(payload).__name__})"
+            )
+        return {self._input_name: arr(payload, self._input_name)}
+
+    def rows(self, stats: dict[str, tuple[np.ndarray, np.ndarray]], batches: list[Any]) -> Any:
+        model = copy.deepcopy(self._model)
+        set_bn_node_stats(model, stats)
+        session = self._ort.InferenceSession(model.SerializeToString(), providers=self._providers)
+        dtypes = {
+            i.name: np.dtype(_ORT_TYPES.get(i.type, np.float32)) for i in session.get_inputs()
+        }
+        out = [class_rows(session.run(None, self._feed(b, dtypes))[0]) for b in batches]
+        return np.concatenate(out)
+
+
+_ORT_TYPES: dict[str, Any] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(uint8)": np.uint8,
+}
+
+
+def adapt_onnx(
+    model_or_path: onnx.ModelProto | str | Path,
+    data: Any,
+    *,
+    validation: Validation | None = None,
+    metric: Metric | None = None,
+    plan: str = "auto",
+    z: float = 1.0,
+    confidence: float = 0.9,
+    tolerance: float = 0.25,
+    guard_items: int = GUARD_ITEMS,
+    batch_size: int = 64,
+    input_name: str | None = None,
+    providers: Sequence[str] | None = None,
+    **options: Any,
+) -> tuple[onnx.ModelProto, RecalibrationReport]:
+    """:func:`adapt` for an ONNX model: ``recalibrate_onnx``, then the chosen plan.
+
+    Args:
+        model_or_path: the ONNX model (never modified) or its path.
+        data, validation, metric, plan, z, confidence, tolerance, guard_items: as for
+            :func:`adapt`; the first output of the graph must be class scores.
+        batch_size, input_name, providers: as for :func:`recalib.recalibrate_onnx`.
+        **options: passed to :func:`recalib.recalibrate_onnx` (``method``, ``mode``, ...).
+
+    Returns:
+        ``(model, report)``: a copy deploying the chosen plan, and its report with
+        ``report.plan``.
+    """
+    checked = _labels(validation)
+    if guard_items < 1:
+        raise OptionsError(f"expected guard_items >= 1 (got {guard_items})")
+    if plan == "auto" and _one_shot(data):
+        raise DataError(
+            "plan='auto' reads the calibration data again to score candidates; expected a "
+            f"re-iterable (array, list) (got a one-shot {type(data).__name__})"
+        )
+    full_model, report = recalibrate_onnx(
+        model_or_path,
+        data,
+        batch_size=batch_size,
+        input_name=input_name,
+        providers=providers,
+        **options,
+    )
+    base_model = (
+        model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(model_or_path)
+    )
+    stored = bn_node_stats(full_model)
+    before = _as_float64(bn_node_stats(base_model))
+    after = _as_float64(stored)
+    order = [
+        k
+        for k in _node_order(full_model)
+        if k in before
+        and k in after
+        and not (
+            np.array_equal(before[k][0], after[k][0]) and np.array_equal(before[k][1], after[k][1])
+        )
+    ]
+    runner = _OrtRunner(full_model, providers, input_name)
+    guard = [
+        b.payload for b in iterate_batches(data, batch_size=batch_size, max_samples=guard_items)
+    ]
+    val = (
+        [b.payload for b in iterate_batches(checked[0], batch_size=batch_size)]
+        if checked is not None
+        else []
+    )
+
+    def cast(stats: Stats) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return {
+            k: (m.astype(stored[k][0].dtype), v.astype(stored[k][1].dtype))
+            for k, (m, v) in stats.items()
+        }
+
+    def evaluate(stats: Stats) -> tuple[FloatArray, FloatArray | None]:
+        written = cast(stats)
+        rows = runner.rows(written, guard)
+        return rows, (runner.rows(written, val) if checked is not None else None)
+
+    plan_report, deployed = select_plan(
+        order,
+        {k: before[k] for k in order},
+        {k: after[k] for k in order},
+        report.samples,
+        evaluate,
+        plan=plan,
+        validation_labels=None if checked is None else checked[1],
+        metric=metric,
+        z=z,
+        confidence=confidence,
+        tolerance=tolerance,
+    )
+    out = copy.deepcopy(full_model)
+    if deployed:
+        set_bn_node_stats(out, cast(deployed))
+    infos = read_bn_map(full_model)
+    layer_of = {k: infos[k].layer for k in deployed if k in infos}
+    _report_for(
+        report,
+        {layer_of[k]: before[k] for k in layer_of},
+        {layer_of[k]: deployed[k] for k in layer_of},
+        {layer_of[k]: infos[k].epsilon for k in layer_of},
+    )
+    report.plan = plan_report.to_dict()
+    return out, report
+
+
+def plan_of(report: RecalibrationReport) -> PlanReport | None:
+    """The :class:`PlanReport` stored in ``report.plan`` (``None`` if there is none)."""
+    return None if report.plan is None else PlanReport.from_dict(report.plan)
