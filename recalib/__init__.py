@@ -10,18 +10,21 @@ The public API::
 ``recalib.drift`` holds the drift math (symmetric KL, mergeable/rolling windows).
 """
 
-from .adapt import adapt, adapt_onnx
+from .adapt import adapt, adapt_onnx, data_flow_order
 from .errors import (
     BatchNormFoldedError,
     BnGraphError,
     DataError,
+    DivergedError,
     ExportError,
     ExportParityError,
     LayerMismatchError,
     NoBatchNormError,
     NonFiniteError,
+    NotConvergedError,
     OnnxModelError,
     OptionsError,
+    OutputError,
     RecalibError,
     StatBankMismatchError,
 )
@@ -46,6 +49,7 @@ __all__ = [
     "BnGraphError",
     "ChannelMoments",
     "DataError",
+    "DivergedError",
     "ExportError",
     "ExportParityError",
     "ExportReport",
@@ -54,8 +58,10 @@ __all__ = [
     "NoBatchNormError",
     "NonFiniteError",
     "NormLayer",
+    "NotConvergedError",
     "OnnxModelError",
     "OptionsError",
+    "OutputError",
     "RecalibError",
     "RecalibrationReport",
     "StatBank",
@@ -66,6 +72,7 @@ __all__ = [
     "adapt_onnx",
     "add_drift_taps",
     "apply_stat_bank",
+    "data_flow_order",
     "export_onnx",
     "find_norm_layers",
     "load_stat_bank",

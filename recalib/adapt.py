@@ -34,7 +34,7 @@ from .plans import FloatArray, Metric, PlanReport, Stats, class_rows, select_pla
 from .recalibrate import recalibrate
 from .report import RecalibrationReport, compare_stats
 
-__all__ = ["GUARD_ITEMS", "adapt", "adapt_onnx"]
+__all__ = ["GUARD_ITEMS", "adapt", "adapt_onnx", "data_flow_order", "plan_of"]
 
 GUARD_ITEMS = 512
 """Calibration items the label-free guard scores each candidate on (the first ones)."""
@@ -134,6 +134,22 @@ def _call_order(layers: Sequence[NormLayer]) -> Iterator[list[str]]:
             h.remove()
 
 
+def data_flow_order(
+    model: nn.Module | torch.export.ExportedProgram,
+    data: Any,
+    *,
+    layers: str | Sequence[str] | None = None,
+    forward: ForwardFn | None = None,
+) -> list[str]:
+    """The BN layers of ``model`` in the order its forward first calls them on the first
+    batch of ``data`` (layers never called come last, in module order)."""
+    net, selected = _torch_layers(model, layers)
+    first = list(iterate_batches(data, max_samples=2, forward=forward))
+    with _call_order(selected) as order, torch.no_grad(), eval_mode(net):
+        first[0].run(net, forward)
+    return order + [lay.name for lay in selected if lay.name not in order]
+
+
 def _run_rows(net: nn.Module, batches: Sequence[Batch], forward: ForwardFn | None) -> FloatArray:
     rows = []
     with torch.no_grad(), eval_mode(net):
@@ -223,9 +239,9 @@ def adapt(
     chosen_layers = [lay for lay in selected if lay.name in done and lay.name in before]
     after = {lay.name: s for lay in chosen_layers if (s := _stats(lay)) is not None}
     try:
-        with _call_order(chosen_layers) as order:
-            _run_rows(net, guard[:1], forward)
-        order += [lay.name for lay in chosen_layers if lay.name not in order]
+        with _call_order(chosen_layers) as order, torch.no_grad(), eval_mode(net):
+            guard[0].run(net, forward)
+        order += [lay.name for lay in chosen_layers if lay.name not in order]  # never called
         by_name = {lay.name: lay for lay in chosen_layers}
 
         def evaluate(stats: Stats) -> tuple[FloatArray, FloatArray | None]:
@@ -247,6 +263,7 @@ def adapt(
             z=z,
             confidence=confidence,
             tolerance=tolerance,
+            eps={lay.name: lay.module.eps for lay in chosen_layers},
         )
         for name, st in deployed.items():
             _write(by_name[name], st)
@@ -419,6 +436,7 @@ def adapt_onnx(
         z=z,
         confidence=confidence,
         tolerance=tolerance,
+        eps={k: info.epsilon for k, info in read_bn_map(full_model).items()},
     )
     out = copy.deepcopy(full_model)
     if deployed:

@@ -102,23 +102,53 @@ def _recal_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _plan_kwargs(args: argparse.Namespace, convert: Any) -> dict[str, Any]:
+    """``plan=`` and ``validation=`` for :func:`recalib.adapt` from ``--plan``/``--validation``."""
+    kwargs: dict[str, Any] = {"plan": args.plan}
+    if args.validation is not None:
+        from .datafiles import load_arrays
+
+        path = Path(args.validation)
+        if not path.is_file():
+            raise CliError(f"validation file {str(path)!r} does not exist")
+        arrays = load_arrays(path)
+        if "x" not in arrays or "y" not in arrays:
+            raise CliError(
+                f"expected a validation file with arrays 'x' (inputs) and 'y' (integer "
+                f"labels) (got {sorted(arrays)})"
+            )
+        kwargs["validation"] = (convert(arrays["x"]), np.asarray(arrays["y"]))
+    return kwargs
+
+
 def _cmd_recalibrate(args: argparse.Namespace) -> int:
-    from .recalibrate import recalibrate
+    from .adapt import adapt
 
     model = _load_model(Path(args.model), onnx_ok=True)
     if Path(args.model).suffix == ".onnx":
         report, written = _recalibrate_onnx_file(model, args)
     else:
-        x = _load_data(Path(args.data), args.key, _model_dtype(model))
-        report = recalibrate(model, x, **_recal_kwargs(args))
+        dtype = _model_dtype(model)
+        x = _load_data(Path(args.data), args.key, dtype)
+
+        def convert(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+
+        report = adapt(model, x, **_plan_kwargs(args, convert), **_recal_kwargs(args))
         written = _write_model(model, Path(args.out), x, args)
     if args.report:
         payload = report.to_dict() | {"output": written}
         Path(args.report).write_text(json.dumps(payload, indent=2))
+    if report.plan is not None:
+        from .plans import PlanReport
+
+        print(PlanReport.from_dict(report.plan).table())
+    chosen = "" if report.plan is None else f", plan {report.plan['chosen']}"
     print(
         f"recalibrated {len(report.layers)} layers on {report.samples} samples "
-        f"({report.method}/{report.mode}, {report.passes} pass(es), {report.seconds:.2f} s, "
-        f"mean symmetric KL old->new {report.mean_sym_kl:.4f}) -> {args.out}"
+        f"({report.method}/{report.mode}{chosen}, {report.passes} pass(es), "
+        f"{report.seconds:.2f} s, mean symmetric KL old->new {report.mean_sym_kl:.4f}) "
+        f"-> {args.out}"
     )
     return 0
 
@@ -127,8 +157,8 @@ def _recalibrate_onnx_file(model: Any, args: argparse.Namespace) -> tuple[Any, d
     """``--model x.onnx``: ONNX-native recalibration, written to ``--out y.onnx``."""
     import onnx
 
+    from .adapt import adapt_onnx
     from .datafiles import load_input_array
-    from .onnx.recalibrate import recalibrate_onnx
 
     out = Path(args.out)
     if out.suffix != ".onnx":
@@ -143,7 +173,11 @@ def _recalibrate_onnx_file(model: Any, args: argparse.Namespace) -> tuple[Any, d
     dtype = onnx.helper.tensor_dtype_to_np_dtype(inputs[0].type.tensor_type.elem_type)
     # Data files often hold float64 or float16: feed the model its input dtype.
     x = np.ascontiguousarray(load_input_array(Path(args.data), args.key), dtype=dtype)
-    proto, report = recalibrate_onnx(model, x, **_recal_kwargs(args))
+
+    def convert(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a, dtype=dtype)
+
+    proto, report = adapt_onnx(model, x, **_plan_kwargs(args, convert), **_recal_kwargs(args))
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(out))
     return report, {"path": str(out), "layers": len(report.layers)}
@@ -221,6 +255,18 @@ def _add_recal_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--layers", nargs="*", default=None, help="layer names or globs")
+    p.add_argument(
+        "--plan",
+        choices=["auto", "full", "source"],
+        default="auto",
+        help="auto: choose among source / full / first-k / prior plans by --validation, "
+        "else by the label-free guard; full: every selected layer",
+    )
+    p.add_argument(
+        "--validation",
+        default=None,
+        help="labeled .npz from the new domain (arrays x and y) to choose the plan by",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:

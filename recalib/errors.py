@@ -13,13 +13,16 @@ __all__ = [
     "BatchNormFoldedError",
     "BnGraphError",
     "DataError",
+    "DivergedError",
     "ExportError",
     "ExportParityError",
     "LayerMismatchError",
     "NoBatchNormError",
     "NonFiniteError",
+    "NotConvergedError",
     "OnnxModelError",
     "OptionsError",
+    "OutputError",
     "RecalibError",
     "StatBankMismatchError",
 ]
@@ -47,6 +50,37 @@ class NonFiniteError(DataError):
             f"{what} in the input of layer {layer!r} at batch {batch}; "
             "expected finite values (the model's statistics were left untouched)"
         )
+
+
+class NotConvergedError(RecalibError):
+    """``mode="eval"`` stopped (``max_passes``) before its fixed point was reached to ``tol``.
+
+    Raised after the model's original statistics were restored, unless the run was asked
+    to keep unconverged statistics (``allow_unconverged=True``).
+
+    Attributes:
+        report: the :class:`~recalib.report.RecalibrationReport` of the statistics that
+            were *not* written (``None`` when none could be built).
+    """
+
+    def __init__(self, message: str, report: Any = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class DivergedError(NotConvergedError, NonFiniteError):
+    """The eval fixed-point iteration blew up: NaN/Inf reached a layer, or an estimate left
+    the range of the stored dtype, in a pass that started from earlier passes' estimates.
+
+    Never written, whatever ``allow_unconverged`` says. Also a :class:`NonFiniteError`.
+    """
+
+    def __init__(self, message: str, *, layer: str, batch: int = -1, passes: int = 0) -> None:
+        ValueError.__init__(self, message)
+        self.report = None
+        self.layer = layer
+        self.batch = batch
+        self.passes = passes
 
 
 class LayerMismatchError(RecalibError):
@@ -88,3 +122,7 @@ class ExportParityError(ExportError):
     def __init__(self, message: str, report: Any) -> None:
         super().__init__(message)
         self.report = report
+
+
+class OutputError(RecalibError):
+    """The model's output is not what was needed (class scores ``(N, classes, *)``)."""

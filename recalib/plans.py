@@ -48,7 +48,8 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from .errors import OptionsError
+from .drift import symmetric_kl
+from .errors import OptionsError, OutputError
 
 __all__ = [
     "PLAN_CHOICES",
@@ -73,6 +74,8 @@ PLAN_CHOICES = ("auto", "full", "source")
 _FIRST_FRACTIONS = (0.125, 0.25, 0.5, 0.75)
 _TARGET_WEIGHTS = (0.75, 0.5, 0.25)
 _COLLAPSE_RATIO = 0.5
+_EARLY_DRIFT = 1.0  # the drift monitor's default threshold (mean symmetric KL)
+_EARLY_FRACTION = 0.125
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,8 @@ def class_rows(output: Any) -> FloatArray:
     """Class scores ``(rows, K)`` from a model output ``(N, K, *)`` (class axis 1).
 
     Tuples/lists and dicts give their first item; spatial positions become rows
-    (segmentation). Raises :class:`ValueError` when the output has no class axis.
+    (segmentation). Raises :class:`~recalib.errors.OutputError` when the output has no
+    class axis.
     """
     while isinstance(output, (list, tuple)) and output:
         output = output[0]
@@ -166,7 +170,7 @@ def class_rows(output: Any) -> FloatArray:
         output = output.detach().cpu().double().numpy()
     arr = np.asarray(output, dtype=np.float64)
     if arr.ndim < 2 or arr.shape[1] < 2:
-        raise ValueError(
+        raise OutputError(
             f"expected class scores of shape (N, classes, *) with >= 2 classes "
             f"(got shape {tuple(arr.shape)})"
         )
@@ -180,9 +184,17 @@ def effective_classes(pred: np.ndarray, classes: int) -> float:
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
-def _softmax(rows: FloatArray) -> FloatArray:
+def probabilities(rows: FloatArray) -> FloatArray:
+    """Class probabilities from scores: rows that already are probabilities (non-negative,
+    summing to 1, as from a softmax inside the graph) are kept, log-probabilities are
+    exponentiated, anything else goes through a softmax."""
+    sums = rows.sum(axis=1)
+    if np.all(rows >= 0.0) and np.allclose(sums, 1.0, atol=1e-3):
+        return rows
     z = rows - rows.max(axis=1, keepdims=True)
     e = np.exp(z)
+    if np.all(rows <= 0.0) and np.allclose(np.exp(rows).sum(axis=1), 1.0, atol=1e-3):
+        return np.exp(rows)
     out: FloatArray = e / e.sum(axis=1, keepdims=True)
     return out
 
@@ -358,10 +370,15 @@ def _row(plan: Plan, num_layers: int, items: int) -> CandidateScore:
 
 
 def _choose_label_free(
-    scored: list[_Scored], confidence: float, tolerance: float, num_layers: int, items: int
+    scored: list[_Scored],
+    confidence: float,
+    tolerance: float,
+    num_layers: int,
+    items: int,
+    inputs_shifted: bool,
 ) -> tuple[list[CandidateScore], str, str, bool, float]:
     source = next(s for s in scored if s.plan.kind == "source")
-    probs = _softmax(source.rows)
+    probs = probabilities(source.rows)
     pred0 = probs.argmax(axis=1)
     confident = probs.max(axis=1) >= confidence
     share = float(confident.mean())
@@ -377,7 +394,7 @@ def _choose_label_free(
         row = _row(s.plan, num_layers, items)
         row.flipped_confident = flipped
         row.changed = float(np.mean(pred != pred0))
-        collapsed = src_spread <= _COLLAPSE_RATIO * spread
+        collapsed = inputs_shifted and src_spread <= _COLLAPSE_RATIO * spread
         row.accepted = s.plan.kind == "source" or flipped <= budget or collapsed
         if collapsed and flipped > budget:
             row.note = (
@@ -417,6 +434,7 @@ def choose_plan(
     z: float = 1.0,
     confidence: float = 0.9,
     tolerance: float = 0.25,
+    early_drift: float | None = None,
     seed: int = 0,
 ) -> PlanReport:
     """Score every plan and pick one (see the module docstring).
@@ -433,12 +451,14 @@ def choose_plan(
         z: standard errors an adapted plan must beat the source by (validation).
         confidence: the source probability that counts as confident (label-free).
         tolerance: the label-free guard's ``tolerance``.
+        early_drift: mean symmetric KL between the source and target statistics of the
+            first layers; a collapsed source counts as broken only when it is >= 1.
         seed: the bootstrap's seed (user metrics).
     """
     if not any(p.kind == "source" for p in plans):
         raise OptionsError("expected the source among the candidate plans")
     scored = [_Scored(p, *outputs(p)) for p in plans]
-    params = {"z": z, "confidence": confidence, "tolerance": tolerance}
+    params = {"z": z, "confidence": confidence, "tolerance": tolerance, "early_drift": early_drift}
     scored_items = int(scored[0].rows.shape[0])
     if validation_labels is not None:
         rows, chosen, reason, flagged = _choose_by_validation(
@@ -454,8 +474,9 @@ def choose_plan(
             scored_items=scored_items,
             params=params | {"metric": "accuracy" if metric is None else "custom"},
         )
+    shifted = early_drift is None or early_drift >= _EARLY_DRIFT
     rows, chosen, reason, flagged, share = _choose_label_free(
-        scored, confidence, tolerance, num_layers, items
+        scored, confidence, tolerance, num_layers, items, shifted
     )
     return PlanReport(
         criterion="label-free",
@@ -482,6 +503,7 @@ def select_plan(
     z: float = 1.0,
     confidence: float = 0.9,
     tolerance: float = 0.25,
+    eps: Mapping[str, float] | None = None,
 ) -> tuple[PlanReport, Stats]:
     """Build the candidates from one recalibration, score them, return the choice.
 
@@ -493,11 +515,13 @@ def select_plan(
             deploying ``stats`` on the guard's items and on the validation inputs.
         plan: ``"auto"`` (choose), ``"full"`` or ``"source"`` (forced; not scored).
         validation_labels, metric, z, confidence, tolerance: see :func:`choose_plan`.
+        eps: each layer's ``eps`` (for the early-layer drift; default ``1e-5``).
 
     Returns:
         ``(report, stats)``: the :class:`PlanReport` and the statistics to deploy.
     """
     check_plan_args(plan, z, confidence, tolerance)
+    eps = {} if eps is None else eps
     num = len(order)
     if plan != "auto":
         forced = Plan(plan, "full" if plan == "full" else "source")
@@ -511,6 +535,10 @@ def select_plan(
         return report, plan_stats(forced, order, source, full, items)
     plans = candidate_plans(num, items)
     by_name = {p.name: plan_stats(p, order, source, full, items) for p in plans}
+    early = order[: max(1, round(_EARLY_FRACTION * num))]
+    drift = float(
+        np.mean([np.mean(symmetric_kl(*full[n], *source[n], eps=eps.get(n, 1e-5))) for n in early])
+    )
     try:
         report = choose_plan(
             plans,
@@ -522,9 +550,10 @@ def select_plan(
             z=z,
             confidence=confidence,
             tolerance=tolerance,
+            early_drift=drift,
         )
-    except ValueError as exc:
-        if validation_labels is not None or isinstance(exc, OptionsError):
+    except OutputError as exc:
+        if validation_labels is not None:
             raise
         # No class scores to guard with: deploy full adaptation, flagged (not promoted).
         report = PlanReport(

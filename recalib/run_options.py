@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from .errors import OptionsError
 from .estimators import METHODS
 
 __all__ = ["MODES", "Mode", "check_run_args", "progress_bar", "relative_change"]
@@ -25,23 +26,23 @@ def check_run_args(
     prior_strength: float | None,
     init: str,
 ) -> None:
-    """Raise ``ValueError`` naming what was expected and what arrived for a bad option."""
+    """Raise :class:`OptionsError` naming what was expected and what arrived for a bad option."""
     if method == "ema" and momentum is not None and not 0.0 < momentum <= 1.0:
-        raise ValueError(f"expected momentum in (0, 1] or None (got {momentum})")
+        raise OptionsError(f"expected momentum in (0, 1] or None (got {momentum})")
     if method == "prior" and prior_strength is None:
-        raise ValueError("method='prior' needs prior_strength, the source's pseudo sample size")
+        raise OptionsError("method='prior' needs prior_strength, the source's pseudo sample size")
     if method == "prior" and not (prior_strength is not None and prior_strength >= 0.0):
-        raise ValueError(f"expected prior_strength >= 0 (got {prior_strength})")
+        raise OptionsError(f"expected prior_strength >= 0 (got {prior_strength})")
     if method not in METHODS:
-        raise ValueError(f"expected method in {METHODS} (got {method!r})")
+        raise OptionsError(f"expected method in {METHODS} (got {method!r})")
     if init not in ("batch", "source"):
-        raise ValueError(f"expected init in ('batch', 'source') (got {init!r})")
+        raise OptionsError(f"expected init in ('batch', 'source') (got {init!r})")
     if mode not in MODES:
-        raise ValueError(f"expected mode in {MODES} (got {mode!r})")
+        raise OptionsError(f"expected mode in {MODES} (got {mode!r})")
     if max_passes < 1:
-        raise ValueError(f"expected max_passes >= 1 (got {max_passes})")
+        raise OptionsError(f"expected max_passes >= 1 (got {max_passes})")
     if not tol >= 0:
-        raise ValueError(f"expected tol >= 0 (got {tol})")
+        raise OptionsError(f"expected tol >= 0 (got {tol})")
 
 
 def relative_change(old: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor], eps: float) -> float:
