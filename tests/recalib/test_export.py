@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from torch.jit import TracerWarning  # type: ignore[attr-defined]
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from recalib.onnx import export as export_mod
 from recalib.errors import NoBatchNormError, RecalibError
+from recalib.onnx import export as export_mod
 from recalib.onnx.export import (
     BatchNormFoldedError,
     ExportError,
