@@ -2,7 +2,10 @@
 
 A layer qualifies when it is a :class:`torch.nn.modules.batchnorm._BatchNorm` (BatchNorm1d/2d/3d,
 SyncBatchNorm, the lazy variants, recalib's BatchRenorm1d/2d/3d, and any user subclass) that
-tracks running statistics. Layers that do not track them are reported and skipped.
+tracks running statistics. Layers that do not track them are reported and skipped, and so
+is frozen BN (torchvision's ``FrozenBatchNorm2d``, detectron2's, timm's
+``FrozenBatchNormAct2d``): no ``_BatchNorm``, its statistics are fixed on purpose and it
+exports as a scale and shift, so neither an exported program nor ONNX could recalibrate it.
 """
 
 from __future__ import annotations
@@ -60,6 +63,27 @@ def _has_running_stats(m: _BatchNorm) -> bool:
     return bool(m.track_running_stats) and m.running_mean is not None
 
 
+def _is_frozen_batchnorm(m: nn.Module) -> bool:
+    """torchvision's / detectron2's / timm's ``FrozenBatchNorm*``: BN statistics held as
+    plain buffers of a module that is no ``_BatchNorm``."""
+    buffers = m._buffers
+    return (
+        not isinstance(m, _BatchNorm)
+        and type(m).__name__.startswith("FrozenBatchNorm")
+        and isinstance(buffers.get("running_mean"), torch.Tensor)
+        and isinstance(buffers.get("running_var"), torch.Tensor)
+    )
+
+
+def _frozen_reason(m: nn.Module) -> str:
+    kind = type(m).__name__
+    return (
+        f"{kind}: frozen by design (fixed statistics; it exports as Mul/Add, not as "
+        "BatchNormalization), so not recalibrated; to recalibrate it, replace it by "
+        "nn.BatchNorm2d holding its weight, bias and statistics"
+    )
+
+
 def select_by_name(
     items: Sequence[T],
     patterns: str | Sequence[str] | None,
@@ -104,22 +128,30 @@ def find_norm_layers(
 
     Returns:
         ``(selected, skipped)``: the layers in module order, and ``(name, reason)`` for
-        normalization layers that have no running statistics.
+        normalization layers that have no running statistics and for frozen BN
+        (``FrozenBatchNorm2d`` and kin), whose statistics are fixed by design.
 
     Raises:
         NoBatchNormError: the model has no such layer, or a pattern matched none.
     """
     found: list[NormLayer] = []
     skipped: list[tuple[str, str]] = []
+    frozen = 0
     for name, module in model.named_modules():
-        if not isinstance(module, _BatchNorm):
+        if _is_frozen_batchnorm(module):
+            skipped.append((name, _frozen_reason(module)))
+            frozen += 1
+        elif not isinstance(module, _BatchNorm):
             continue
-        if _has_running_stats(module):
+        elif _has_running_stats(module):
             found.append(NormLayer(name, module))
         else:
             skipped.append((name, "track_running_stats=False: no running statistics"))
     if not found:
-        extra = f" ({len(skipped)} without running statistics)" if skipped else ""
+        counts = [f"{frozen} frozen"] if frozen else []
+        if len(skipped) > frozen:
+            counts.append(f"{len(skipped) - frozen} without running statistics")
+        extra = f" ({', '.join(counts)})" if counts else ""
         raise NoBatchNormError(
             "expected a model with BatchNorm/BatchRenorm layers that track running statistics "
             f"(got {type(model).__name__} with none{extra})"

@@ -21,10 +21,13 @@ deduplicates equal initializers (through ``Identity`` nodes), so the nodes are f
 given initializers of their own (:func:`recalib.onnx.names.untie_bn_stats`). The map is
 stored in the file (see :mod:`recalib.onnx.names`).
 
+A forward may return a tensor, a tuple or list, a dict or namedtuple, or nests of them:
+each tensor becomes one graph output, named by its place (see :func:`export_onnx`).
+
 The check: ``onnx.checker.check_model(full_check=True)``, then ONNX Runtime (CPU) against
 torch on the example inputs and, with a dynamic batch axis, on a batch one larger. An
-element passes when ``|ort - torch| <= atol + rtol * |torch|`` (numpy's ``allclose``);
-the file is written only when every element passes.
+element of any output passes when ``|ort - torch| <= atol + rtol * |torch|`` (numpy's
+``allclose``); the file is written only when every element of every output passes.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import logging
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -141,21 +144,74 @@ def _as_tuple(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
     return args
 
 
-def _flat_outputs(out: object) -> list[Tensor]:
-    outs = [out] if isinstance(out, Tensor) else list(out) if isinstance(out, tuple | list) else []
-    if not outs or not all(isinstance(o, Tensor) for o in outs):
+def _is_namedtuple(value: object) -> bool:
+    return isinstance(value, tuple) and hasattr(value, "_fields")
+
+
+def _join(prefix: str | None, part: str) -> str:
+    return part if prefix is None else f"{prefix}.{part}"
+
+
+def _output_leaves(out: object, prefix: str | None = None) -> list[tuple[str, Tensor]]:
+    """The forward's output as ``(name, tensor)`` pairs, depth first, in output order.
+
+    A tensor is ``output``; a tuple or list gives ``output_<i>``; a dict its keys and a
+    namedtuple its fields; nested levels are joined with ``.`` (``aux.0``, ``output_1.0``).
+    """
+    if isinstance(out, Tensor):
+        return [(prefix or "output", out)]
+    if isinstance(out, Mapping):
+        items = [(str(k), v) for k, v in out.items()]
+    elif _is_namedtuple(out):
+        items = [(f, getattr(out, f)) for f in out._fields]  # type: ignore[attr-defined]
+    elif isinstance(out, tuple | list):
+        stem = [f"output_{i}" for i in range(len(out))] if prefix is None else None
+        leaves: list[tuple[str, Tensor]] = []
+        for i, v in enumerate(out):
+            leaves += _output_leaves(v, stem[i] if stem is not None else _join(prefix, str(i)))
+        return leaves
+    else:
+        where = f" at {prefix!r}" if prefix is not None else ""
         raise ExportError(
-            f"expected the forward to return a tensor or a tuple of tensors (got {type(out)})"
+            "expected the forward to return tensors, possibly in tuples, lists, dicts or "
+            f"namedtuples (got {type(out).__name__}{where})"
         )
-    return outs
+    return [leaf for name, v in items for leaf in _output_leaves(v, _join(prefix, name))]
 
 
-def _names(given: Sequence[str] | None, count: int, stem: str, what: str) -> list[str]:
-    if given is None:
-        return [stem] if count == 1 else [f"{stem}_{i}" for i in range(count)]
-    names = list(given)
-    if len(names) != count or len(set(names)) != count:
-        raise ExportError(f"expected {count} distinct {what} names (got {names})")
+def _flat_outputs(out: object) -> list[Tensor]:
+    leaves = [t for _, t in _output_leaves(out)]
+    if not leaves:
+        raise ExportError(f"expected the forward to return at least one tensor (got {out!r})")
+    return leaves
+
+
+def _is_flat(out: object) -> bool:
+    """A tensor or a plain tuple/list of tensors: the exporter's own output order."""
+    if isinstance(out, Tensor):
+        return True
+    if isinstance(out, tuple | list) and not _is_namedtuple(out):
+        return all(isinstance(o, Tensor) for o in out)
+    return False
+
+
+class _FlatOutputs(nn.Module):
+    """Runs a model and returns its output's tensors as one flat tuple (named outputs)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.training = False  # TrainingMode.PRESERVE reads the exported module's flag
+
+    def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
+        return tuple(_flat_outputs(self.model(*args)))
+
+
+def _names(given: Sequence[str] | None, defaults: list[str], what: str) -> list[str]:
+    names = list(defaults if given is None else given)
+    if len(names) != len(defaults) or len(set(names)) != len(names):
+        hint = f"; pass {what}_names" if given is None else ""
+        raise ExportError(f"expected {len(defaults)} distinct {what} names (got {names}){hint}")
     return names
 
 
@@ -168,7 +224,7 @@ def _grown_batch(args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
 
 
 # --------------------------------------------------------------------------- the layers
-def _module_layers(model: nn.Module, args: tuple[Tensor, ...]) -> tuple[list[_Layer], list[Tensor]]:
+def _module_layers(model: nn.Module, args: tuple[Tensor, ...]) -> tuple[list[_Layer], object]:
     """BN layers with running statistics, counted by a reference forward (eval, no_grad)."""
     layers: list[_Layer] = []
     handles = []
@@ -183,7 +239,8 @@ def _module_layers(model: nn.Module, args: tuple[Tensor, ...]) -> tuple[list[_La
             f"(got {type(model).__name__} with none); there is nothing for the export to keep"
         )
     try:
-        outputs = _flat_outputs(model(*args))
+        outputs = model(*args)
+        _flat_outputs(outputs)
     finally:
         for h in handles:
             h.remove()
@@ -509,7 +566,11 @@ def export_onnx(
         dynamic_batch: make axis 0 of every input and output dynamic (named ``"batch"``).
         opset: the ONNX opset.
         input_names: graph input names; ``input`` (or ``input_<i>``) by default.
-        output_names: graph output names; ``output`` (or ``output_<i>``) by default.
+        output_names: graph output names, one per output tensor. By default ``output``
+            for a tensor, ``output_<i>`` for a tuple or list; a dict's keys and a
+            namedtuple's fields (torchvision's segmentation models give ``out``, ``aux``);
+            nested levels joined with ``.`` (``output_1.0``). Structured outputs are
+            exported flat in that order, and each is checked against torch.
         rtol, atol: tolerance of the ONNX Runtime check (``|ort - torch| <= atol +
             rtol * |torch|`` per element).
         check: run the checker and the ONNX Runtime comparison before writing.
@@ -534,12 +595,18 @@ def export_onnx(
     from_program = isinstance(model, torch.export.ExportedProgram)
     module = model.module() if isinstance(model, torch.export.ExportedProgram) else model
     with eval_mode(module, via_attribute=from_program), torch.no_grad():
-        layers, outputs = _layers_and_outputs(model, module, args, dynamic_batch=dynamic_batch)
-        names_in = _names(input_names, len(args), "input", "input")
-        names_out = _names(output_names, len(outputs), "output", "output")
+        layers, raw = _layers_and_outputs(model, module, args, dynamic_batch=dynamic_batch)
+        leaves = _output_leaves(raw)
+        outputs = [t for _, t in leaves]
+        # Dicts, namedtuples and nested tuples leave the exporter with no names to give;
+        # a wrapper returning the leaves as one tuple fixes their order and names.
+        target = module if _is_flat(raw) else _FlatOutputs(module)
+        inputs = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+        names_in = _names(input_names, inputs, "input")
+        names_out = _names(output_names, [n for n, _ in leaves], "output")
         with _fingerprinted(layers):
             proto = _torch_export(
-                module,
+                target,
                 args,
                 opset=opset,
                 input_names=names_in,
@@ -553,7 +620,7 @@ def export_onnx(
             batches = [(args, outputs)]
             if dynamic_batch:
                 batches.append((_grown_batch(args), []))
-            _check(proto, module, names_in, batches, report)
+            _check(proto, target, names_in, batches, report)
     onnx.save(proto, str(path))
     report.seconds = time.perf_counter() - start
     logger.info(
@@ -568,13 +635,13 @@ def _layers_and_outputs(
     args: tuple[Tensor, ...],
     *,
     dynamic_batch: bool,
-) -> tuple[list[_Layer], list[Tensor]]:
-    """The BN layers the forward calls, and the reference outputs (eval, no_grad)."""
+) -> tuple[list[_Layer], object]:
+    """The BN layers the forward calls, and the reference output (eval, no_grad)."""
     if isinstance(model, torch.export.ExportedProgram):
         layers = _program_layers(model, module)
         if dynamic_batch:
             _check_program_batch(model)
-        return layers, _flat_outputs(module(*args))
+        return layers, module(*args)
     if dynamic_batch:
         _check_batch_stat_layers(module)
     return _module_layers(module, args)
