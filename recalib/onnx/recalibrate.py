@@ -67,8 +67,10 @@ torch core, and get the same statistics. Only the main graph is searched (not ``
 
 from __future__ import annotations
 
+import heapq
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -79,14 +81,17 @@ import torch
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
-from ..batches import iterate_batches
+from ..batches import Batch, iterate_batches
 from ..errors import (
     DataError,
+    DivergedError,
     NoBatchNormError,
     NonFiniteError,
+    NotConvergedError,
     OnnxModelError,
 )
 from ..estimators import ExactEstimator, make_estimator
+from ..fixed_point import anchor_items, check_anchor
 from ..layers import select_by_name
 from ..moments import ChannelMoments
 from ..report import LayerReport, RecalibrationReport, compare_stats
@@ -332,6 +337,60 @@ class _Subgraph:
             self.op("Where", [ok, bvar, rvar], p + "var"),
         )
 
+    def sum_rows(self, rows: str, output: str) -> str:
+        """``(N, C)`` -> ``(C,)`` summed over the batch axis."""
+        if self.opset >= 13:
+            axes = self.const("axes_0", np.array([0], dtype=np.int64))
+            return self.op("ReduceSum", [rows, axes], output, keepdims=0)
+        return self.op("ReduceSum", [rows], output, axes=[0], keepdims=0)
+
+    def population(self, node: _Node, prior_strength: float | None) -> tuple[str, str]:
+        """The node's input statistics over the whole batch, from its tap's float64 rows:
+        the mean and the *unbiased* variance (what is stored, so normalising with them is
+        the eval fixed point of that batch), mixed with the fed statistics as the
+        ``prior`` estimator mixes them; in the stored dtype.
+
+        With one value per channel the fed statistics are used (as torch's eval mode)."""
+        p = f"{PREFIX}::{node.key}::fp_"
+        f64 = TensorProto.DOUBLE
+        t = node.tap
+        s1 = self.sum_rows(t.sum, p + "s1")
+        s2 = self.sum_rows(t.sumsq, p + "s2")
+        zero = self.const("zero_i64", np.array(0, dtype=np.int64))
+        shape = self.op("Shape", [t.sum], p + "rows_shape")
+        rows = self.op("Cast", [self.op("Gather", [shape, zero], p + "rows_i")], p + "rows", to=f64)
+        per_row = self.op("Cast", [t.count], p + "per_row", to=f64)
+        n = self.op("Mul", [rows, per_row], p + "n")
+        shift = self.op("Div", [s1, n], p + "shift")
+        fed_mean = self.op("Cast", [node.fed_mean], p + "fed_mean", to=f64)
+        fed_var = self.op("Cast", [node.fed_var], p + "fed_var", to=f64)
+        mean = self.op("Add", [fed_mean, shift], p + "mean")
+        one = self.const("one_f64", np.array(1.0, dtype=np.float64))
+        zero_f = self.const("zero_f64", np.array(0.0, dtype=np.float64))
+        m2 = self.op(
+            "Max",
+            [self.op("Sub", [s2, self.op("Mul", [s1, shift], p + "ss")], p + "m2_"), zero_f],
+            p + "m2",
+        )
+        dof = self.op("Max", [self.op("Sub", [n, one], p + "n1"), one], p + "dof")
+        var = self.op("Div", [m2, dof], p + "var_u")
+        var = self.op("Where", [self.op("Greater", [n, one], p + "ok"), var, fed_var], p + "var")
+        if prior_strength is not None:
+            strength = self.const(f"{node.key}::strength", np.array(prior_strength, np.float64))
+            w = self.op("Div", [rows, self.op("Add", [rows, strength], p + "total")], p + "w")
+            ws = self.op("Sub", [one, w], p + "ws")
+
+            def mix(src: str, tgt: str, name: str) -> str:
+                a = self.op("Mul", [ws, src], p + name + "_src")
+                return self.op("Add", [a, self.op("Mul", [w, tgt], p + name + "_tgt")], p + name)
+
+            mean, var = mix(fed_mean, mean, "mix_mean"), mix(fed_var, var, "mix_var")
+        stored = helper.np_dtype_to_tensor_dtype(node.dtype)
+        return (
+            self.op("Cast", [mean], p + "mean_stored", to=stored),
+            self.op("Cast", [var], p + "var_stored", to=stored),
+        )
+
     def replace(self, bn: onnx.NodeProto, node: _Node, work: int, x_type: int) -> None:
         """``Y = scale * (X - mu) / sqrt(var + eps) + B`` with the batch's ``mu``, ``var``.
 
@@ -355,9 +414,19 @@ class _Subgraph:
 
 
 def _working_model(
-    model: onnx.ModelProto, nodes: list[_Node], opset: int, *, batch_stats: bool
+    model: onnx.ModelProto,
+    nodes: list[_Node],
+    opset: int,
+    *,
+    batch_stats: bool,
+    fixed_point: bool = False,
+    prior_strength: float | None = None,
 ) -> bytes:
-    """The working copy (see the module docstring), serialised for ORT."""
+    """The working copy (see the module docstring), serialised for ORT.
+
+    ``fixed_point``: every selected node normalises with the statistics of its own input
+    over the whole batch (:meth:`_Subgraph.population`), computed in-graph from its tap.
+    """
     work = onnx.ModelProto()
     work.CopyFrom(model)
     graph = work.graph
@@ -393,8 +462,46 @@ def _working_model(
     for node in by_key.values():
         builder.sums(node.info.input, node.fed_mean, node.tap)
         add_tap_outputs(graph, node.tap, TensorProto.DOUBLE, int(node.source[0].shape[0]))
+    if fixed_point:
+        extra: list[onnx.NodeProto] = []
+        sub = _Subgraph(opset, extra, [])
+        stats = {key: sub.population(node, prior_strength) for key, node in by_key.items()}
+        for bn in graph.node:
+            target = targets.get(bn.output[0]) if bn.op_type == "BatchNormalization" else None
+            if target is not None:
+                bn.input[3], bn.input[4] = stats[target.key]
+        graph.node.extend(extra)
+        graph.initializer.extend(sub.inits)
+        _toposort(graph)
     serialised: bytes = work.SerializeToString()
     return serialised
+
+
+def _toposort(graph: onnx.GraphProto) -> None:
+    """Order ``graph.node`` so every node follows the producers of its inputs (the fixed
+    point's statistics are computed from taps appended after the nodes reading them)."""
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    deps = [{producer[x] for x in n.input if x in producer} for n in graph.node]
+    users: dict[int, list[int]] = {}
+    for i, d in enumerate(deps):
+        for j in d:
+            users.setdefault(j, []).append(i)
+    waiting = [len(d) for d in deps]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)  # the earliest ready node first: the original order where it can
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users.get(i, []):
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(graph.node):
+        raise OnnxModelError("the working copy of the graph has a cycle (expected a DAG)")
+    nodes = [graph.node[i] for i in order]
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _ort_errors() -> tuple[type[BaseException], ...]:
@@ -592,6 +699,119 @@ def _update(
     return change
 
 
+# --------------------------------------------------------------------------- anchor pass
+def _joined(
+    feeds: list[dict[str, np.ndarray]], inputs: list[Any]
+) -> tuple[dict[str, np.ndarray], list[int]] | None:
+    """The batches' inputs concatenated along the batch axis and each batch's rows, or
+    ``None`` where they cannot be joined. An input without a free leading dimension (a
+    scalar, a fixed size) is not batched: it joins when every batch feeds the same value."""
+    out: dict[str, np.ndarray] = {}
+    rows: list[int] | None = None
+    for meta in inputs:
+        arrays = [f[meta.name] for f in feeds]
+        first = arrays[0]
+        if first.ndim == 0 or (meta.shape and isinstance(meta.shape[0], int)):
+            if not all(a.shape == first.shape and np.array_equal(a, first) for a in arrays):
+                return None
+            out[meta.name] = first
+            continue
+        if any(a.shape[1:] != first.shape[1:] or a.dtype != first.dtype for a in arrays):
+            return None
+        out[meta.name] = np.concatenate(arrays, axis=0)
+        rows = rows or [int(a.shape[0]) for a in arrays]
+    if rows is None:
+        return (feeds[0], [1]) if len(feeds) == 1 else None
+    return out, rows
+
+
+def _row_slices(
+    node: _Node, outs: dict[str, np.ndarray], rows: list[int]
+) -> list[dict[str, np.ndarray]]:
+    """One node's tap outputs cut back into the joined batches' rows."""
+    t = node.tap
+    if sum(rows) != outs[t.sum].shape[0]:  # the node's batch axis is not the input's
+        return [outs]
+    parts, start = [], 0
+    for n in rows:
+        stop = start + n
+        parts.append(
+            {
+                t.count: outs[t.count],
+                t.sum: outs[t.sum][start:stop],
+                t.sumsq: outs[t.sumsq][start:stop],
+            }
+        )
+        start = stop
+    return parts
+
+
+def _anchor_pass(
+    session: Callable[[str], _Session],
+    nodes: list[_Node],
+    current: dict[str, tuple[np.ndarray, np.ndarray]],
+    estimators: dict[str, ExactEstimator],
+    *,
+    data: Any,
+    input_name: str | None,
+    batch_size: int,
+    max_samples: int | None,
+    anchor: int | None,
+) -> tuple[int, int] | None:
+    """The first batches (up to ``anchor`` items) joined into one batch whose nodes
+    normalise with its own statistics: the eval fixed point of those items. The estimators
+    get each batch's moments, in order. ``None`` (after a warning) when they cannot be
+    joined."""
+    fixed = session("fixed_point")
+    names = [name for n in nodes for name in n.tap.outputs]
+    stats = _stat_feed(nodes, current)
+    chosen: list[tuple[Batch, dict[str, np.ndarray]]] = []
+    limit, total = anchor, 0
+    for batch in iterate_batches(data, batch_size=batch_size, max_samples=max_samples):
+        feed = _user_feed(batch.payload, fixed.inputs, input_name, batch.index)
+        if limit is None and chosen:  # one batch's run measures what an item costs
+            probe = dict(zip(names, fixed.run(names, {**chosen[0][1], **stats}, -1), strict=True))
+            # the largest node input, as the tap's float64 copy (N, C, L)
+            peak = max(probe[n.tap.sum].nbytes * max(int(probe[n.tap.count]), 1) for n in nodes)
+            limit = anchor_items(peak, chosen[0][0].items, None)
+        if chosen and total + batch.items > (limit or 0):
+            break
+        chosen.append((batch, feed))
+        total += batch.items
+    joined = _joined([f for _, f in chosen], fixed.inputs)
+    if joined is None:
+        warnings.warn(
+            "mode='eval': the batches cannot be joined into one (a fixed batch dimension, or "
+            "inputs of different trailing shapes or dtypes); falling back to ordinary passes, "
+            "which may need many passes on a deep network",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    feed, rows = joined
+    outs = dict(zip(names, fixed.run(names, {**feed, **stats}, chosen[0][0].index), strict=True))
+    for node in nodes:
+        centre = stats[node.fed_mean].astype(np.float64)
+        for (batch, _), part in zip(chosen, _row_slices(node, outs, rows), strict=False):
+            moments, n_rows = _moments(node, part, centre, batch.index)
+            estimators[node.layer].update(moments, n_rows)
+    return total, len(chosen)
+
+
+def _diverged(exc: NonFiniteError | BnGraphError, passes: int) -> DivergedError:
+    layer = exc.layer if isinstance(exc, NonFiniteError) else ""
+    batch = exc.batch if isinstance(exc, NonFiniteError) else -1
+    return DivergedError(
+        f"mode='eval' diverged in pass {passes}: {exc} Each ordinary pass normalises with "
+        "the previous pass's estimates, and they blew up. The anchor pass reaches the fixed "
+        "point without such intermediate states: cover more of the data with it (a larger "
+        "anchor=, or less data)",
+        layer=layer,
+        batch=batch,
+        passes=passes,
+    )
+
+
 # --------------------------------------------------------------------------- the output
 def _written(
     original: onnx.ModelProto,
@@ -669,6 +889,8 @@ def recalibrate_onnx(
     providers: Sequence[str] | None = None,
     progress: bool = False,
     init: str = "batch",
+    anchor: int | None = None,
+    allow_unconverged: bool = False,
 ) -> tuple[onnx.ModelProto, RecalibrationReport]:
     """Re-estimate the ``BatchNormalization`` statistics of an ONNX model on new data.
 
@@ -699,8 +921,15 @@ def recalibrate_onnx(
         input_name: the graph input a non-dict batch feeds (default: the only input).
         providers: ONNX Runtime execution providers (default: CPU).
         progress: show a progress bar on stderr.
-        init: where ``mode="eval"`` starts: ``"batch"`` (first pass normalizes by batch
-            statistics) or ``"source"`` (the stored statistics).
+        init: where ``mode="eval"``'s ordinary passes start when there is no anchor pass
+            (``anchor=0``, batches that cannot be joined): ``"batch"`` (first pass
+            normalizes by batch statistics) or ``"source"`` (the stored statistics).
+        anchor: ``mode="eval"``: the most items of the first pass, which runs them as one
+            batch normalised by its own statistics, the eval fixed point of those items
+            (default: what half the free host memory holds, at most 1024; ``0``: none).
+        allow_unconverged: ``mode="eval"``: return the model even when ``tol`` was not
+            reached in ``max_passes`` (``report.converged`` is then ``False``) instead of
+            raising :class:`~recalib.errors.NotConvergedError`.
 
     Returns:
         ``(model, report)``: the recalibrated copy and a
@@ -714,6 +943,8 @@ def recalibrate_onnx(
         DataError: empty data, inputs of the wrong name, dtype or shape, ORT failing on a
             batch, NaN/Inf (:class:`~recalib.errors.NonFiniteError`).
         OnnxModelError: an unreadable file, a model ORT cannot load, opset < 9.
+        NotConvergedError: ``mode="eval"`` did not reach ``tol``;
+            :class:`~recalib.errors.DivergedError` when its passes blew up.
 
     Shape:
         Each BN node's input ``(N, C, *)``; its ``input_mean``/``input_var`` ``(C,)``.
@@ -724,6 +955,7 @@ def recalibrate_onnx(
         >>> onnx.save(model, "model_recalibrated.onnx")
     """
     check_run_args(method, mode, max_passes, tol, momentum, prior_strength, init)
+    check_anchor(anchor)
     start = time.perf_counter()
     original = _load(model_or_path)
     infos = _select(_bn_map(original), layers)
@@ -743,32 +975,69 @@ def recalibrate_onnx(
         )
     provider_list = list(providers) if providers is not None else ["CPUExecutionProvider"]
     fed = {name for n in nodes for name in (n.fed_mean, n.fed_var)}
-    sessions: dict[bool, _Session] = {}
+    sessions: dict[str, _Session] = {}
+
+    def session(kind: str) -> _Session:
+        if kind not in sessions:
+            work = _working_model(
+                original,
+                nodes,
+                opset,
+                batch_stats=kind == "batch",
+                fixed_point=kind == "fixed_point",
+                prior_strength=prior_strength if method == "prior" else None,
+            )
+            sessions[kind] = _Session(work, provider_list, fed)
+        return sessions[kind]
+
     current = {n.key: n.source for n in nodes}
     estimators: dict[str, ExactEstimator] = {}
-    items = batches = 0
+    items = batches = anchored = 0
     converged, residual, used = mode == "train", None, 0
     bar = progress_bar(progress, f"recalibrate_onnx ({method}/{mode})")
     try:
-        for p in range(passes):
-            batch_stats = mode == "train" or (p == 0 and init == "batch")
-            if batch_stats not in sessions:
-                work = _working_model(original, nodes, opset, batch_stats=batch_stats)
-                sessions[batch_stats] = _Session(work, provider_list, fed)
+        first = 0
+        if mode == "eval" and anchor != 0:
             estimators = _estimator_factory(nodes, method, momentum, prior_strength)
-            items, batches = _run_pass(
-                sessions[batch_stats],
+            done = _anchor_pass(
+                session,
                 nodes,
                 current,
                 estimators,
                 data=data,
-                strict_batch_stats=mode == "train",
                 input_name=input_name,
                 batch_size=batch_size,
                 max_samples=max_samples,
-                bar=bar,
+                anchor=anchor,
             )
-            change = _update(nodes, current, estimators)
+            if done is not None:
+                items, batches = done
+                anchored, first, used = items, 1, 1
+                residual = _update(nodes, current, estimators)
+                if bar is not None:
+                    bar.update(batches)
+        for p in range(first, passes):
+            kind = "batch" if mode == "train" or (p == 0 and init == "batch") else "eval"
+            diverging = p + 1 if mode == "eval" and p > 0 else None
+            estimators = _estimator_factory(nodes, method, momentum, prior_strength)
+            try:
+                items, batches = _run_pass(
+                    session(kind),
+                    nodes,
+                    current,
+                    estimators,
+                    data=data,
+                    strict_batch_stats=mode == "train",
+                    input_name=input_name,
+                    batch_size=batch_size,
+                    max_samples=max_samples,
+                    bar=bar,
+                )
+                change = _update(nodes, current, estimators)
+            except (NonFiniteError, BnGraphError) as exc:
+                if diverging is None:
+                    raise
+                raise _diverged(exc, diverging) from exc
             used = p + 1
             if mode == "eval":
                 residual = change
@@ -804,6 +1073,15 @@ def recalibrate_onnx(
             "input_name": input_name,
             "opset": opset,
             "untied_stats": untied,
+            "anchor": anchor,
+            "anchored_items": anchored,
         },
     )
+    if not converged and not allow_unconverged:
+        raise NotConvergedError(
+            f"mode='eval' did not converge in {used} passes (largest relative change in the "
+            f"last pass {residual:.3g}, expected <= tol={tol}); no model was returned. Allow "
+            "more passes (max_passes=), or pass allow_unconverged=True to get it anyway",
+            report,
+        )
     return out, report

@@ -90,7 +90,11 @@ def test_agrees_with_torch_core_then_export(
     _assert_same_stats(bn_node_stats(got), bn_node_stats(want))
     np.testing.assert_allclose(_ort_run(got, x.numpy()), _ort_run(want, x.numpy()), atol=1e-5)
     assert [lay.name for lay in report.layers] == [lay.name for lay in torch_report.layers]
-    assert report.passes == torch_report.passes
+    if method != "ema":
+        # ema's anchor pass: torch's lockstep reaches its fixed point (an EMA over the
+        # batches in order), the ONNX joined batch normalises by its population statistics
+        # (a start for the ordinary passes), so the pass counts differ.
+        assert report.passes == torch_report.passes
     assert report.converged == torch_report.converged
     assert (report.samples, report.batches) == (torch_report.samples, torch_report.batches)
     for ours, theirs in zip(report.layers, torch_report.layers, strict=True):

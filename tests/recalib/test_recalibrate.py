@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, TensorDataset
 
-from recalib.errors import DataError, NoBatchNormError
+from recalib.errors import DataError, NoBatchNormError, NotConvergedError
 from recalib.recalibrate import recalibrate
 
 Stats = dict[str, tuple[np.ndarray, np.ndarray]]
@@ -107,10 +107,15 @@ def test_eval_mode_whole_model_is_independent_of_split(
     """Eval normalisation does not depend on the batch, so neither does the fixed point."""
     x = make_images(50)
     whole = make_cnn(0)
-    recalibrate(whole, x, batch_size=50, mode="eval", tol=0.0, max_passes=5)
+    recalibrate(whole, x, batch_size=50, mode="eval", tol=0.0, max_passes=5, allow_unconverged=True)
     split = make_cnn(0)
     recalibrate(
-        split, list(torch.split(x, sizes_from_cuts(50, cuts))), mode="eval", tol=0.0, max_passes=5
+        split,
+        list(torch.split(x, sizes_from_cuts(50, cuts))),
+        mode="eval",
+        tol=0.0,
+        max_passes=5,
+        allow_unconverged=True,
     )
     assert_stats_close(stats_of(split), stats_of(whole), **F32_TOL)
 
@@ -186,7 +191,10 @@ def test_eval_mode_converges_and_is_eval_consistent(
 
 
 def test_eval_mode_reports_non_convergence(cnn: nn.Module, images: Tensor) -> None:
-    report = recalibrate(cnn, images, mode="eval", max_passes=1)
+    with pytest.raises(NotConvergedError, match="did not converge in 1 passes") as info:
+        recalibrate(cnn, images, mode="eval", max_passes=1)
+    assert info.value.report is not None and not info.value.report.converged
+    report = recalibrate(cnn, images, mode="eval", max_passes=1, allow_unconverged=True)
     assert report.passes == 1
     assert not report.converged
     assert report.residual is not None and report.residual > 1e-4
