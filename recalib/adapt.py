@@ -36,7 +36,7 @@ from .report import RecalibrationReport, compare_stats
 
 __all__ = ["GUARD_ITEMS", "adapt", "adapt_onnx", "data_flow_order", "plan_of"]
 
-GUARD_ITEMS = 512
+GUARD_ITEMS = 256
 """Calibration items the label-free guard scores each candidate on (the first ones)."""
 
 Validation = tuple[Any, Any]
@@ -172,8 +172,8 @@ def adapt(
     metric: Metric | None = None,
     plan: str = "auto",
     z: float = 1.0,
-    confidence: float = 0.9,
-    tolerance: float = 0.25,
+    confidence: float = 0.8,
+    tolerance: float = 0.1,
     guard_items: int = GUARD_ITEMS,
     batch_size: int = 64,
     layers: str | Sequence[str] | None = None,
@@ -351,8 +351,8 @@ def adapt_onnx(
     metric: Metric | None = None,
     plan: str = "auto",
     z: float = 1.0,
-    confidence: float = 0.9,
-    tolerance: float = 0.25,
+    confidence: float = 0.8,
+    tolerance: float = 0.1,
     guard_items: int = GUARD_ITEMS,
     batch_size: int = 64,
     input_name: str | None = None,

@@ -432,8 +432,8 @@ def choose_plan(
     validation_labels: np.ndarray | None = None,
     metric: Metric | None = None,
     z: float = 1.0,
-    confidence: float = 0.9,
-    tolerance: float = 0.25,
+    confidence: float = 0.8,
+    tolerance: float = 0.1,
     early_drift: float | None = None,
     seed: int = 0,
 ) -> PlanReport:
@@ -501,8 +501,8 @@ def select_plan(
     validation_labels: np.ndarray | None = None,
     metric: Metric | None = None,
     z: float = 1.0,
-    confidence: float = 0.9,
-    tolerance: float = 0.25,
+    confidence: float = 0.8,
+    tolerance: float = 0.1,
     eps: Mapping[str, float] | None = None,
 ) -> tuple[PlanReport, Stats]:
     """Build the candidates from one recalibration, score them, return the choice.

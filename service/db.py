@@ -23,7 +23,7 @@ from typing import Any
 
 __all__ = ["Database", "dumps", "loads", "utcnow"]
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -80,7 +80,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     result_version INTEGER,
     promoted INTEGER NOT NULL DEFAULT 0,
-    validation TEXT
+    validation TEXT,
+    plan TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_by_model ON jobs(model_id, created_at);
@@ -140,6 +141,9 @@ class Database:
                 "it was written by a newer recalib"
             )
         conn.executescript(_SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+        if "plan" not in columns:  # schema 1 -> 2: the jobs' adaptation plans
+            conn.execute("ALTER TABLE jobs ADD COLUMN plan TEXT")
         conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
 
     @contextmanager

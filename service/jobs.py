@@ -22,6 +22,11 @@ passed - points ``production`` at it through the runtime.
   once the server registered it, so an interrupted job never leaves half a version.
 * Validation failing: the new version is still created (its row records the validation),
   ``production`` is left alone, and the job ends ``failed`` saying why.
+* Never promoted blindly: the worker chooses the adaptation plan (:mod:`recalib.plans`) by
+  the validation set when the job has one, else by the label-free guard. A result the
+  plan flags (no adapted plan beat the source, or the guard could not run) is created as a
+  version but not promoted; a job that asked for ``promote`` then ends ``failed`` with the
+  plan's reason. ``JobInfo.plan`` carries the candidates table.
 """
 
 from __future__ import annotations
@@ -105,6 +110,11 @@ class RecalibrationRequest(BaseModel):
     batch_size: int = Field(default=64, ge=1, le=65536)
     max_samples: int | None = Field(default=None, ge=1)
     layers: list[str] | None = Field(default=None, description="layer names or globs")
+    plan: Literal["auto", "full", "source"] = Field(
+        default="auto",
+        description="auto: choose among source, full, first-k and prior-mix plans by the "
+        "validation set, else by the label-free guard; full: every selected layer",
+    )
     promote: bool = Field(default=False, description="point production at the new version")
     validation: ValidationRequest | None = None
 
@@ -130,6 +140,11 @@ class JobInfo(BaseModel):
     result_version: int | None
     promoted: bool
     validation: dict[str, Any] | None
+    plan: dict[str, Any] | None = Field(
+        default=None,
+        description="the candidate plans, their scores and the chosen one (criterion, "
+        "chosen, reason, flagged, candidates)",
+    )
 
 
 class JobList(BaseModel):
@@ -260,6 +275,7 @@ class JobManager:
             result_version=row["result_version"],
             promoted=bool(row["promoted"]),
             validation=loads(row["validation"]),
+            plan=loads(row["plan"]),
         )
 
     def get(self, job_id: str) -> JobInfo:
@@ -416,10 +432,12 @@ class JobManager:
         version: int | None = None,
         promoted: bool = False,
         validation: dict[str, Any] | None = None,
+        plan: dict[str, Any] | None = None,
     ) -> None:
         self._db.execute(
             "UPDATE jobs SET state = ?, error = ?, result_version = ?, promoted = ?, "
-            "validation = ?, finished_at = ?, progress = json_set(progress, '$.stage', ?) "
+            "validation = ?, plan = ?, finished_at = ?, "
+            "progress = json_set(progress, '$.stage', ?) "
             "WHERE id = ? AND state IN ('queued', 'running')",
             (
                 state,
@@ -427,6 +445,7 @@ class JobManager:
                 version,
                 int(promoted),
                 None if validation is None else dumps(validation),
+                None if plan is None else dumps(plan),
                 utcnow(),
                 state,
                 handle.id,
@@ -555,11 +574,25 @@ class JobManager:
         except (ServiceError, RecalibError, OSError, ValueError) as exc:
             self._finish(handle, "failed", error=f"could not register the new version: {exc}")
             return
-        await self._conclude(handle, version.version, validation)
+        plan = result.get("plan") if isinstance(result.get("plan"), dict) else None
+        await self._conclude(handle, version.version, validation, plan)
 
     async def _conclude(
-        self, handle: _Handle, version: int, validation: dict[str, Any] | None
+        self,
+        handle: _Handle,
+        version: int,
+        validation: dict[str, Any] | None,
+        plan: dict[str, Any] | None = None,
     ) -> None:
+        if handle.promote and plan is not None and plan.get("flagged"):
+            error = (
+                f"not promoted: {plan.get('reason')} (plan {plan.get('chosen')}, "
+                f"{plan.get('criterion')}); version {version} was created but not promoted"
+            )
+            self._finish(
+                handle, "failed", error=error, version=version, validation=validation, plan=plan
+            )
+            return
         if validation is not None and not validation["passed"]:
             error = (
                 f"validation failed: accuracy {validation['new_accuracy']:.4f} vs base "
@@ -567,7 +600,9 @@ class JobManager:
                 f"max {validation['max_accuracy_drop']:g}); version {version} was created but "
                 "not promoted"
             )
-            self._finish(handle, "failed", error=error, version=version, validation=validation)
+            self._finish(
+                handle, "failed", error=error, version=version, validation=validation, plan=plan
+            )
             return
         if handle.promote:
             try:
@@ -576,8 +611,20 @@ class JobManager:
             except Exception as exc:
                 log.exception("job %s: promoting version %d failed", handle.id, version)
                 error = f"version {version} was created but could not be promoted: {exc}"
-                self._finish(handle, "failed", error=error, version=version, validation=validation)
+                self._finish(
+                    handle,
+                    "failed",
+                    error=error,
+                    version=version,
+                    validation=validation,
+                    plan=plan,
+                )
                 return
         self._finish(
-            handle, "succeeded", version=version, promoted=handle.promote, validation=validation
+            handle,
+            "succeeded",
+            version=version,
+            promoted=handle.promote,
+            validation=validation,
+            plan=plan,
         )

@@ -66,7 +66,7 @@ class JobSpec:
         dataset: the calibration data file.
         key: the input array's name in it.
         params: keyword arguments of the recalibration (method, mode, prior_strength,
-            momentum, max_passes, tol, max_samples, batch_size, layers).
+            momentum, max_passes, tol, max_samples, batch_size, layers, plan).
         validation: ``{"dataset": path, "max_accuracy_drop": float}`` or ``None``.
         threads: torch / ONNX Runtime threads.
     """
@@ -167,11 +167,21 @@ def _example(x: np.ndarray, convert: Callable[[np.ndarray], Any]) -> Any:
     return convert(rows)
 
 
+def _plan_validation(spec: JobSpec, convert: Callable[[np.ndarray], Any]) -> Any:
+    """``(x, y)`` of the job's labeled validation set for choosing the plan, or ``None``."""
+    if spec.validation is None:
+        return None
+    from recalib.datafiles import load_arrays
+
+    arrays = load_arrays(spec.validation["dataset"])
+    return convert(np.ascontiguousarray(arrays["x"])), np.asarray(arrays["y"])
+
+
 def _recalibrate_pt2(spec: JobSpec, x: np.ndarray, out: Path, progress: _Progress) -> Any:
     import torch
 
+    from recalib.adapt import adapt
     from recalib.onnx.export import export_onnx
-    from recalib.recalibrate import recalibrate
     from recalib.statbank import save_stat_bank
 
     torch.set_num_threads(spec.threads)
@@ -190,7 +200,7 @@ def _recalibrate_pt2(spec: JobSpec, x: np.ndarray, out: Path, progress: _Progres
         progress=progress,
     )
     progress.stage("recalibrating")
-    report = recalibrate(program, batches, **params)
+    report = adapt(program, batches, validation=_plan_validation(spec, convert), **params)
     progress.stage("exporting")
     export = export_onnx(program, _example(x, convert), out / "model.onnx")
     torch.export.save(program, str(out / "model.pt2"))
@@ -215,10 +225,10 @@ def _recalibrate_onnx(spec: JobSpec, x: np.ndarray, out: Path, progress: _Progre
     import onnx
 
     try:
-        from recalib.onnx.recalibrate import recalibrate_onnx
+        from recalib.adapt import adapt_onnx
     except ImportError as exc:
         raise JobError(
-            "recalibrating a model registered as .onnx needs recalib.onnx.recalibrate, which "
+            "recalibrating a model registered as .onnx needs recalib.adapt, which "
             f"this installation lacks ({exc}); register the .pt2 ExportedProgram instead"
         ) from exc
     base = onnx.load(spec.base_onnx)
@@ -232,7 +242,8 @@ def _recalibrate_onnx(spec: JobSpec, x: np.ndarray, out: Path, progress: _Progre
         progress=progress,
     )
     progress.stage("recalibrating")
-    model, report = recalibrate_onnx(base, batches, **params)
+    validation = _plan_validation(spec, lambda a: a.astype(dtype, copy=False))
+    model, report = adapt_onnx(base, batches, validation=validation, **params)
     onnx.save(model, str(out / "model.onnx"))
     return report, None
 
@@ -308,7 +319,7 @@ def _run(spec: JobSpec, progress: _Progress) -> dict[str, Any]:
     }
     (out / "report.json").write_text(json.dumps(payload, indent=2))
     progress.stage("registering")
-    return {"ok": True, "error": None, "validation": validation}
+    return {"ok": True, "error": None, "validation": validation, "plan": report.plan}
 
 
 def _write_result(work: Path, result: dict[str, Any]) -> None:

@@ -56,14 +56,16 @@ def test_register_recalibrate_promote_infer_drift(
     logits = np.reshape(_infer(api, held_out)["outputs"][0]["data"], (32, -1))
     check = api.upload(npz(x=held_out, y=logits.argmax(axis=1))).json()["id"]
 
+    # plan "full": these labels make the source right by definition, so "auto" would keep it.
     body = {
         "dataset": ds,
         "promote": True,
+        "plan": "full",
         "validation": {"dataset": check, "max_accuracy_drop": 1.0},
     }
     good = api.client.post("/v1/models/m/recalibrations", json=body).json()
     nan = api.client.post(
-        "/v1/models/m/recalibrations", json={"dataset": bad, "promote": True}
+        "/v1/models/m/recalibrations", json={"dataset": bad, "promote": True, "plan": "full"}
     ).json()
     nan, good = api.wait(nan["id"]), api.wait(good["id"])
 
