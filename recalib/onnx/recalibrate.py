@@ -23,10 +23,18 @@ is run by ONNX Runtime batch by batch:
 
 Normalisation, as in the torch core:
 
-* ``mode="eval"``: the nodes normalize with the fed running statistics; passes repeat with
-  the previous pass's estimates until no statistic moves by more than ``tol`` (relative),
-  at most ``max_passes``. With ``init="batch"`` (default) the first pass normalizes by
-  batch statistics wherever a batch has more than one value per channel (AdaBN start).
+* ``mode="eval"``: the first (anchor) pass joins the first batches, up to ``anchor`` items,
+  into one batch in which every selected node normalizes with the statistics of its own
+  input over that batch, computed in-graph from its tap in float64: the mean and the
+  *unbiased* variance, i.e. what is stored, so this one run is the eval fixed point of
+  those items (the ``prior`` mix is applied in-graph too; for ``ema`` it is only a start).
+  Then passes over all data normalize with the fed running statistics, each with the
+  previous pass's estimates, until no stored statistic moves by more than ``tol``
+  (relative), at most ``max_passes``; unconverged results raise
+  :class:`~recalib.errors.NotConvergedError` unless ``allow_unconverged=True``. Without an
+  anchor pass (``anchor=0``, batches that cannot be joined: a warning) and
+  ``init="batch"`` (default) the first pass normalizes by batch statistics wherever a
+  batch has more than one value per channel (AdaBN start).
 * ``mode="train"``: one pass normalizing every selected node by its batch statistics.
 
 Batch-statistics normalisation is built as an explicit subgraph replacing the node in
