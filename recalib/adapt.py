@@ -216,14 +216,19 @@ def adapt(
     dev = torch.device(device) if device is not None else None
     net, selected = _torch_layers(model, layers)
     before = {lay.name: s for lay in selected if (s := _stats(lay)) is not None}
-    guard = list(
-        iterate_batches(
-            data, batch_size=batch_size, max_samples=guard_items, device=dev, forward=forward
+    scoring = plan == "auto"  # a forced plan needs no candidate scoring
+    guard = (
+        list(
+            iterate_batches(
+                data, batch_size=batch_size, max_samples=guard_items, device=dev, forward=forward
+            )
         )
+        if scoring
+        else []
     )
     val_batches = (
         list(iterate_batches(checked[0], batch_size=batch_size, device=dev))
-        if checked is not None
+        if checked is not None and scoring
         else []
     )
     report = recalibrate(
@@ -240,7 +245,8 @@ def adapt(
     after = {lay.name: s for lay in chosen_layers if (s := _stats(lay)) is not None}
     try:
         with _call_order(chosen_layers) as order, torch.no_grad(), eval_mode(net):
-            guard[0].run(net, forward)
+            if scoring:
+                guard[0].run(net, forward)
         order += [lay.name for lay in chosen_layers if lay.name not in order]  # never called
         by_name = {lay.name: lay for lay in chosen_layers}
 
@@ -380,6 +386,18 @@ def adapt_onnx(
             "plan='auto' reads the calibration data again to score candidates; expected a "
             f"re-iterable (array, list) (got a one-shot {type(data).__name__})"
         )
+    scoring = plan == "auto"  # a forced plan needs no candidate scoring
+    # Read before recalibrating, so a progress counter ends on the recalibration's pass.
+    guard = (
+        [b.payload for b in iterate_batches(data, batch_size=batch_size, max_samples=guard_items)]
+        if scoring
+        else []
+    )
+    val = (
+        [b.payload for b in iterate_batches(checked[0], batch_size=batch_size)]
+        if checked is not None and scoring
+        else []
+    )
     full_model, report = recalibrate_onnx(
         model_or_path,
         data,
@@ -404,14 +422,6 @@ def adapt_onnx(
         )
     ]
     runner = _OrtRunner(full_model, providers, input_name)
-    guard = [
-        b.payload for b in iterate_batches(data, batch_size=batch_size, max_samples=guard_items)
-    ]
-    val = (
-        [b.payload for b in iterate_batches(checked[0], batch_size=batch_size)]
-        if checked is not None
-        else []
-    )
 
     def cast(stats: Stats) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return {
