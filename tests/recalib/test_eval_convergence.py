@@ -12,12 +12,11 @@ import copy
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
 import torch
-from conftest import Stats, randomise_source_stats
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -36,6 +35,22 @@ from recalib.onnx.recalibrate import recalibrate_onnx
 from recalib.recalibrate import recalibrate
 
 TOL = 1e-4
+Stats = dict[str, tuple[np.ndarray, np.ndarray]]
+M = TypeVar("M", bound=nn.Module)
+
+
+def randomise_source_stats(model: M, seed: int) -> M:
+    """Seeded running statistics and affine parameters in every BN layer."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _BatchNorm) and m.running_mean is not None:
+                c = m.running_mean.numel()
+                m.running_mean.copy_(torch.rand(c, generator=gen) * 2.0 - 1.0)
+                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.3)
+    return model
 
 
 class Block(nn.Module):
