@@ -21,7 +21,9 @@ one recalibration and picks one:
   when it beats the source by more than ``z`` standard errors of the paired difference
   (McNemar's ``(b - c) > z * sqrt(b + c)`` over the discordant items ``b``, ``c``; a
   seeded paired bootstrap for a user metric), so a 64-item validation set cannot promote a
-  plan on noise;
+  plan on noise. When none does, the plans that lose nothing on the validation set go to
+  the label-free guard below, which may pick one (a gain too small for 64 labels to show);
+  otherwise the source stays and the result is flagged;
 * without labels: the *confident-agreement guard*. The items on which the source model is
   confident (max probability >= ``confidence``) are, on a domain the model still handles,
   mostly right; a plan that flips many of them is breaking the model. A plan is accepted
@@ -460,10 +462,38 @@ def choose_plan(
     scored = [_Scored(p, *outputs(p)) for p in plans]
     params = {"z": z, "confidence": confidence, "tolerance": tolerance, "early_drift": early_drift}
     scored_items = int(scored[0].rows.shape[0])
+    shifted = early_drift is None or early_drift >= _EARLY_DRIFT
     if validation_labels is not None:
         rows, chosen, reason, flagged = _choose_by_validation(
             scored, validation_labels, metric, z, num_layers, items, seed
         )
+        share = None
+        if chosen == "source":
+            # Nothing beat the source by the margin. Among the plans that lose nothing on
+            # the validation set, the label-free guard may still pick one (a gain too small
+            # for the labeled sample to show, e.g. +2 points on 64 items).
+            ties = [
+                s
+                for s, r in zip(scored, rows, strict=True)
+                if s.plan.kind == "source" or (r.val_gain is not None and r.val_gain >= 0.0)
+            ]
+            guard_rows, tie_pick, _, _, share = _choose_label_free(
+                ties, confidence, tolerance, num_layers, items, shifted
+            )
+            by_plan = {r.plan: r for r in guard_rows}
+            for r in rows:
+                if r.plan in by_plan:
+                    r.flipped_confident = by_plan[r.plan].flipped_confident
+                    r.changed = by_plan[r.plan].changed
+            if tie_pick != "source":
+                chosen, flagged = tie_pick, False
+                pick = next(r for r in rows if r.plan == tie_pick)
+                pick.accepted, pick.note = True, "ties the source; passes the label-free guard"
+                reason = (
+                    f"no plan beat the source by the margin on {np.asarray(validation_labels).size}"
+                    f" labeled items; {tie_pick} loses nothing there and passes the label-free "
+                    "guard"
+                )
         return PlanReport(
             criterion="validation",
             chosen=chosen,
@@ -472,9 +502,9 @@ def choose_plan(
             candidates=rows,
             validation_samples=int(np.asarray(validation_labels).size),
             scored_items=scored_items,
+            source_confident=share,
             params=params | {"metric": "accuracy" if metric is None else "custom"},
         )
-    shifted = early_drift is None or early_drift >= _EARLY_DRIFT
     rows, chosen, reason, flagged, share = _choose_label_free(
         scored, confidence, tolerance, num_layers, items, shifted
     )

@@ -1,6 +1,7 @@
 """Jobs choose their adaptation plan and never promote blindly (real worker processes, the
 bundled demo model): the label-free guard adapts to the new camera and promotes; a
-validation set on which no plan beats the source keeps production and says why."""
+validation set keeps full adaptation away from a one-class calibration set; a flagged
+result (no class scores to guard with) is created but not promoted, and the job says why."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
+import recalib
 from recalib.demo import ASSETS, make_images
 
 pytestmark = pytest.mark.slow
@@ -38,20 +42,37 @@ def test_label_free_guard_adapts_to_the_new_camera_and_promotes(
     assert report["recalibration"]["plan"]["chosen"] == "full"
 
 
-def test_no_plan_beating_the_source_keeps_production(
+def test_validation_refuses_full_adaptation_on_a_one_class_calibration_set(
     api: Any, npz: Callable[..., bytes]
 ) -> None:
     _register_demo(api)
-    x, _ = make_images(256, seed=3)  # the source camera: nothing to adapt to
+    x, y = make_images(1024, seed=3)
+    one_class = x[y == 2][:200]  # label shift: full adaptation learns one class's statistics
     xv, yv = make_images(128, seed=4)
-    cal = api.upload(npz(x=x)).json()["id"]
+    cal = api.upload(npz(x=one_class)).json()["id"]
     check = api.upload(npz(x=xv, y=yv)).json()["id"]
     body = {"dataset": cal, "promote": True, "validation": {"dataset": check}}
     job = api.wait(api.client.post("/v1/models/m/recalibrations", json=body).json()["id"])
-    assert job["state"] == "failed" and not job["promoted"]
-    assert job["error"].startswith("not promoted: no adapted plan beat the source")
-    assert job["plan"]["criterion"] == "validation" and job["plan"]["flagged"]
-    assert job["plan"]["validation_samples"] == 128
-    assert job["result_version"] == 2  # created, inspectable, not served
-    assert api.client.get("/v1/models/m/aliases/production").json()["version"] == 1
-    assert np.isfinite([c["val_score"] for c in job["plan"]["candidates"]]).all()
+    assert job["state"] == "succeeded", job["error"]
+    plan = job["plan"]
+    assert plan["criterion"] == "validation" and plan["validation_samples"] == 128
+    scores = {c["plan"]: c["val_score"] for c in plan["candidates"]}
+    assert scores["full"] < scores["source"] - 0.05  # what update_bn would have deployed
+    assert plan["chosen"] != "full" and scores[plan["chosen"]] >= scores["source"]
+    assert job["validation"]["passed"] and job["validation"]["accuracy_drop"] <= 0.0
+
+
+def test_a_flagged_plan_is_not_promoted(api: Any, npz: Callable[..., bytes], tmp_path: Any) -> None:
+    torch.manual_seed(0)
+    scorer = nn.Sequential(  # one output per item: no class scores for the guard
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 1)
+    ).eval()
+    recalib.export_onnx(scorer, torch.randn(4, 3, 8, 8), tmp_path / "scorer.onnx")
+    assert api.register("s", (tmp_path / "scorer.onnx").read_bytes()).status_code == 201
+    cal = api.upload(npz(x=np.random.default_rng(0).normal(2, 3, (64, 3, 8, 8)))).json()["id"]
+    job = api.client.post("/v1/models/s/recalibrations", json={"dataset": cal, "promote": True})
+    job = api.wait(job.json()["id"])
+    assert job["state"] == "failed" and not job["promoted"] and job["result_version"] == 2
+    assert job["error"].startswith("not promoted: the label-free guard cannot run")
+    assert job["plan"]["flagged"] and job["plan"]["chosen"] == "full"
+    assert api.client.get("/v1/models/s/aliases/production").json()["version"] == 1
