@@ -52,10 +52,11 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor, int]:
     _, row_mean, row_rstd = torch.ops.aten.native_group_norm(
         work.contiguous(), None, None, n_rows, c, hw, c, 0.0
     )
-    row_mean, row_var = row_mean.to(f64), row_rstd.to(f64).reciprocal().square()
-    mean = row_mean.mean(0)
-    m2 = row_var.sum(0) * hw + ((row_mean - mean) ** 2).sum(0) * hw
-    return m2 / (n_rows * hw), mean, n_rows * hw
+    # var = mean of the rows' variances + variance of the rows' means (all rows hold hw
+    # values); few ops, as this runs once per layer and batch.
+    between, mean = torch.var_mean(row_mean.to(f64), 0, correction=0)
+    var = row_rstd.to(f64).pow(-2).mean(0) + between
+    return var, mean, n_rows * hw
 
 
 @dataclass

@@ -15,12 +15,12 @@ moments are the ones the tap has already reduced, so this costs no second reduct
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .errors import DataError, LayerMismatchError, NonFiniteError
@@ -93,9 +93,10 @@ class LayerTap:
                 f"{rm.numel()} channels (got shape {got})"
             )
         var, mean, n = batch_moments(input)
-        moments = ChannelMoments.from_var_mean(var, mean, n)
-        if not bool(torch.isfinite(moments.m2).all() and torch.isfinite(moments.mean).all()):
+        # One sum for both checks: any NaN/Inf in either makes it non-finite.
+        if not math.isfinite(float((var + mean).sum())):
             raise NonFiniteError(batch=self.batch_index, layer=self.layer.name)
+        moments = ChannelMoments.from_var_mean(var, mean, n)
         batch_stats = self.use_batch_stats and (n >= 2 or self.strict_batch_stats)
         if batch_stats and n < 2:
             raise DataError(
