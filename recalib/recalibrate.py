@@ -340,10 +340,10 @@ def recalibrate(
             model's current statistics).
         distributed: all-gather the sufficient statistics over ``torch.distributed``;
             default: when a process group of more than one rank is initialised.
-        anchor: ``mode="eval"``: the most items the first, lockstep pass holds at once (it
-            reaches the fixed point of those items in one forward; the ordinary passes
-            over all data start there). Default: as many as half the free memory holds, at
-            most 1024; ``0``: no lockstep pass.
+        anchor: ``mode="eval"``: the most items the first, lockstep pass holds at once
+            (whole batches, at least the first one). It reaches the fixed point of those
+            items in one forward; the ordinary passes over all data start there. Default:
+            as many as half the free memory holds, at most 1024; ``0``: no lockstep pass.
         allow_unconverged: ``mode="eval"``: write the statistics even when ``tol`` was not
             reached in ``max_passes`` (``report.converged`` is then ``False``) instead of
             raising :class:`~recalib.errors.NotConvergedError`.
