@@ -153,3 +153,45 @@ def test_bad_onnx_input_exits_2_with_one_line(
     assert main([*argv, "--out", str(tmp_path / paths["out"]), "--quiet"]) == 2
     assert reason in _stderr_line(capsys)
     assert not (tmp_path / paths["out"]).exists()
+
+
+def test_recalibrate_prints_the_plan_table_and_takes_a_validation_file(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    test = np.load(ASSETS / "demo_test.npz")
+    np.savez(tmp_path / "val.npz", x=test["x"][:64], y=test["y"][:64])
+    out, rep = tmp_path / "out.pt2", tmp_path / "r.json"
+    argv = ["recalibrate", "--model", str(files["model"]), "--data", str(files["cal"])]
+    argv += ["--validation", str(tmp_path / "val.npz"), "--report", str(rep)]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].split()[:3] == ["plan", "target", "val"]
+    assert "<==" in printed and "validation: " in printed
+    plan = json.loads(rep.read_text())["plan"]
+    assert plan["criterion"] == "validation" and plan["validation_samples"] == 64
+    chosen = next(c for c in plan["candidates"] if c["plan"] == plan["chosen"])
+    assert chosen["kind"] != "source" and chosen["val_gain"] > 0.3  # the new camera
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        (["--tol", "-1"], "expected tol >= 0 (got -1.0)"),
+        (["--max-passes", "0"], "expected max_passes >= 1 (got 0)"),
+        (["--validation", "val_no_y.npz"], "expected a validation file with arrays 'x'"),
+        (["--validation", "missing.npz"], "does not exist"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(
+    files: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    reason: str,
+) -> None:
+    np.savez(tmp_path / "val_no_y.npz", x=np.zeros((4, 3, 16, 16), np.float32))
+    extra = [str(tmp_path / e) if e.endswith(".npz") else e for e in extra]
+    argv = ["recalibrate", "--model", str(files["model"]), "--data", str(files["cal"])]
+    assert main([*argv, "--out", str(tmp_path / "o.pt2"), "--quiet", *extra]) == 2
+    assert reason in _stderr_line(capsys)
+    assert not (tmp_path / "o.pt2").exists()
