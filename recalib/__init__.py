@@ -33,6 +33,7 @@ from .moments import ChannelMoments
 from .onnx.export import ExportReport, export_onnx
 from .onnx.recalibrate import recalibrate_onnx
 from .onnx.taps import add_drift_taps
+from .options import DEFAULTS, RecalibOptions
 from .plans import PlanReport
 from .recalibrate import recalibrate
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
@@ -48,6 +49,7 @@ __all__ = [
     "BatchRenorm3d",
     "BnGraphError",
     "ChannelMoments",
+    "DEFAULTS",
     "DataError",
     "DivergedError",
     "ExportError",
@@ -63,6 +65,7 @@ __all__ = [
     "OptionsError",
     "OutputError",
     "RecalibError",
+    "RecalibOptions",
     "RecalibrationReport",
     "StatBank",
     "StatBankMismatchError",

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 from .errors import RecalibError
+from .estimators import METHODS
+from .options import DEFAULTS, MODES
 
 __all__ = ["main"]
 
@@ -246,14 +248,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _add_recal_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", choices=["exact", "ema", "prior"], default="exact")
-    p.add_argument("--mode", choices=["train", "eval"], default="train")
-    p.add_argument("--prior-strength", type=float, default=None, help="N for --method prior")
-    p.add_argument("--momentum", type=float, default=0.1, help="EMA momentum (--method ema)")
-    p.add_argument("--max-passes", type=int, default=10)
-    p.add_argument("--tol", type=float, default=1e-4)
-    p.add_argument("--max-samples", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=64)
+    d = DEFAULTS
+    p.add_argument("--method", choices=list(METHODS), default=d.method)
+    p.add_argument("--mode", choices=list(MODES), default=d.mode)
+    p.add_argument(
+        "--prior-strength", type=float, default=d.prior_strength, help="N for --method prior"
+    )
+    p.add_argument("--momentum", type=float, default=d.momentum, help="EMA momentum (--method ema)")
+    p.add_argument("--max-passes", type=int, default=d.max_passes)
+    p.add_argument("--tol", type=float, default=d.tol)
+    p.add_argument("--max-samples", type=int, default=d.max_samples)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--layers", nargs="*", default=None, help="layer names or globs")
     p.add_argument(
         "--plan",

@@ -43,7 +43,6 @@ import torch
 from torch import Tensor, nn
 
 from .batches import Batch
-from .errors import OptionsError
 from .layers import NormLayer
 from .tapping import LayerTap
 
@@ -51,7 +50,6 @@ __all__ = [
     "ANCHOR_MAX_ITEMS",
     "ControlFlowMismatch",
     "anchor_items",
-    "check_anchor",
     "lockstep_pass",
     "peak_input_bytes",
 ]
@@ -319,14 +317,6 @@ def _memory_budget(device: torch.device | None) -> int:
         with contextlib.suppress(ValueError, OSError):
             return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 2
     return _FALLBACK_BUDGET
-
-
-def check_anchor(anchor: int | None) -> None:
-    """Raise :class:`OptionsError` unless ``anchor`` is ``None`` or an int >= 0."""
-    if anchor is not None and (isinstance(anchor, bool) or not isinstance(anchor, int)):
-        raise OptionsError(f"expected anchor to be an int >= 0 or None (got {anchor!r})")
-    if anchor is not None and anchor < 0:
-        raise OptionsError(f"expected anchor >= 0 or None (got {anchor})")
 
 
 def anchor_items(peak_bytes: int, items: int, device: torch.device | None) -> int:

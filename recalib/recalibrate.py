@@ -49,14 +49,14 @@ from .exported import module_with_norm_layers
 from .fixed_point import (
     ControlFlowMismatch,
     anchor_items,
-    check_anchor,
     lockstep_pass,
     peak_input_bytes,
 )
 from .layers import NormLayer, find_norm_layers, select_by_name
 from .modes import eval_mode
+from .options import DEFAULTS, RecalibOptions
 from .report import LayerReport, RecalibrationReport, compare_stats
-from .run_options import check_run_args, progress_bar, relative_change
+from .run_options import progress_bar, relative_change
 from .tapping import LayerTap, installed
 
 __all__ = ["recalibrate"]
@@ -291,8 +291,8 @@ def recalibrate(
     model: nn.Module | torch.export.ExportedProgram,
     data: Any,
     *,
-    method: str = "exact",
-    mode: str = "train",
+    method: str = DEFAULTS.method,
+    mode: str = DEFAULTS.mode,
     prior_strength: float | None = None,
     momentum: float | None = 0.1,
     max_passes: int = 10,
@@ -363,8 +363,19 @@ def recalibrate(
         >>> report = recalibrate(model, loader, method="exact", mode="eval")
         >>> report.layers[0].sym_kl
     """
-    check_run_args(method, mode, max_passes, tol, momentum, prior_strength, init)
-    check_anchor(anchor)
+    RecalibOptions(
+        method=method,
+        mode=mode,
+        prior_strength=prior_strength,
+        momentum=momentum,
+        max_passes=max_passes,
+        tol=tol,
+        max_samples=max_samples,
+        batch_size=batch_size,
+        init=init,
+        anchor=anchor,
+        allow_unconverged=allow_unconverged,
+    )  # validated once, here
     start = time.perf_counter()
     net, pre = _resolve_model(model)
     if pre is None:

@@ -48,6 +48,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from recalib.errors import DataError, RecalibError
+from recalib.options import DEFAULTS
 
 from .datasets import DatasetStore, input_array_name
 from .db import Database, dumps, loads, utcnow
@@ -101,14 +102,14 @@ class RecalibrationRequest(BaseModel):
     base_version: int | str | None = Field(
         default=None, description="version number or alias (default: production)"
     )
-    method: Literal["exact", "ema", "prior"] = "exact"
-    mode: Literal["train", "eval"] = "train"
-    prior_strength: float | None = Field(default=None, ge=0.0)
-    momentum: float | None = Field(default=0.1, gt=0.0, le=1.0)
-    max_passes: int = Field(default=10, ge=1, le=1000)
-    tol: float = Field(default=1e-4, ge=0.0)
-    batch_size: int = Field(default=64, ge=1, le=65536)
-    max_samples: int | None = Field(default=None, ge=1)
+    method: Literal["exact", "ema", "prior"] = DEFAULTS.method  # type: ignore[assignment]
+    mode: Literal["train", "eval"] = DEFAULTS.mode  # type: ignore[assignment]
+    prior_strength: float | None = Field(default=DEFAULTS.prior_strength, ge=0.0)
+    momentum: float | None = Field(default=DEFAULTS.momentum, gt=0.0, le=1.0)
+    max_passes: int = Field(default=DEFAULTS.max_passes, ge=1, le=1000)
+    tol: float = Field(default=DEFAULTS.tol, ge=0.0)
+    batch_size: int = Field(default=DEFAULTS.batch_size, ge=1, le=65536)
+    max_samples: int | None = Field(default=DEFAULTS.max_samples, ge=1)
     layers: list[str] | None = Field(default=None, description="layer names or globs")
     plan: Literal["auto", "full", "source"] = Field(
         default="auto",

@@ -99,11 +99,12 @@ from ..errors import (
     OnnxModelError,
 )
 from ..estimators import ExactEstimator, make_estimator
-from ..fixed_point import anchor_items, check_anchor
+from ..fixed_point import anchor_items
 from ..layers import select_by_name
 from ..moments import ChannelMoments
+from ..options import DEFAULTS, RecalibOptions
 from ..report import LayerReport, RecalibrationReport, compare_stats
-from ..run_options import check_run_args, progress_bar, relative_change
+from ..run_options import progress_bar, relative_change
 from .graph import GraphIndex, opset_of
 from .names import (
     BN_MAP_KEY,
@@ -884,8 +885,8 @@ def recalibrate_onnx(
     model_or_path: onnx.ModelProto | str | Path,
     data: Any,
     *,
-    method: str = "exact",
-    mode: str = "eval",
+    method: str = DEFAULTS.method,
+    mode: str = DEFAULTS.mode,
     prior_strength: float | None = None,
     momentum: float | None = 0.1,
     max_passes: int = 10,
@@ -914,8 +915,9 @@ def recalibrate_onnx(
             dtype and shape of the model's inputs. ``mode="eval"`` iterates it several
             times, so it must be re-iterable.
         method: ``"exact"``, ``"ema"`` or ``"prior"`` (see :mod:`recalib.estimators`).
-        mode: ``"eval"`` (eval-consistent fixed point, any batch size) or ``"train"``
-            (normalize by batch statistics, one pass).
+        mode: ``"train"`` (normalize by batch statistics, one pass; the default, as for
+            :func:`recalib.recalibrate`) or ``"eval"`` (eval-consistent fixed point, any
+            batch size).
         prior_strength: pseudo sample size ``N`` of the source statistics (``prior`` only).
         momentum: EMA weight of the new batch (``ema`` only); ``None`` for the cumulative
             average.
@@ -962,8 +964,19 @@ def recalibrate_onnx(
         >>> model, report = recalibrate_onnx("model.onnx", x_new, mode="eval")
         >>> onnx.save(model, "model_recalibrated.onnx")
     """
-    check_run_args(method, mode, max_passes, tol, momentum, prior_strength, init)
-    check_anchor(anchor)
+    RecalibOptions(
+        method=method,
+        mode=mode,
+        prior_strength=prior_strength,
+        momentum=momentum,
+        max_passes=max_passes,
+        tol=tol,
+        max_samples=max_samples,
+        batch_size=batch_size,
+        init=init,
+        anchor=anchor,
+        allow_unconverged=allow_unconverged,
+    )  # validated once, here
     start = time.perf_counter()
     original = _load(model_or_path)
     infos = _select(_bn_map(original), layers)

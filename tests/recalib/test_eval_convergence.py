@@ -364,15 +364,25 @@ def test_onnx_deep_network_agrees_with_torch(
     deep_onnx: Path, deep_results: dict[int, tuple[Stats, Any]], batch_size: int
 ) -> None:
     """ONNX Runtime at batch size 1 or 4: one joined anchor batch, then one checking pass."""
-    got, report = recalibrate_onnx(deep_onnx, images(32).numpy(), batch_size=batch_size, tol=TOL)
+    got, report = recalibrate_onnx(
+        deep_onnx, images(32).numpy(), batch_size=batch_size, tol=TOL, mode="eval"
+    )
     assert report.converged and report.passes == 2
     assert_stats_close(_onnx_layer_stats(got), deep_results[batch_size][0], rtol=1e-5, atol=1e-5)
 
 
 def test_onnx_unconverged_is_refused(deep_onnx: Path) -> None:
     with pytest.raises(NotConvergedError, match="did not converge"):
-        recalibrate_onnx(deep_onnx, images(32).numpy(), batch_size=4, anchor=0, max_passes=3)
+        recalibrate_onnx(
+            deep_onnx, images(32).numpy(), batch_size=4, anchor=0, max_passes=3, mode="eval"
+        )
     _, report = recalibrate_onnx(
-        deep_onnx, images(32).numpy(), batch_size=4, anchor=0, max_passes=3, allow_unconverged=True
+        deep_onnx,
+        images(32).numpy(),
+        batch_size=4,
+        anchor=0,
+        max_passes=3,
+        allow_unconverged=True,
+        mode="eval",
     )
     assert not report.converged

@@ -139,7 +139,9 @@ def test_layer_called_twice_shares_one_estimator(tmp_path: Path) -> None:
     recalibrate(model, x, mode="eval", batch_size=8, tol=1e-6)
     export_onnx(model, x[:4], tmp_path / "a.onnx")
 
-    got, report = recalibrate_onnx(tmp_path / "orig.onnx", x.numpy(), batch_size=8, tol=1e-6)
+    got, report = recalibrate_onnx(
+        tmp_path / "orig.onnx", x.numpy(), batch_size=8, tol=1e-6, mode="eval"
+    )
 
     _assert_same_stats(bn_node_stats(got), bn_node_stats(onnx.load(str(tmp_path / "a.onnx"))))
     assert [lay.name for lay in report.layers] == ["bn"]
@@ -154,7 +156,7 @@ def test_folded_batchnorm_is_refused_with_how_to_keep_it(tmp_path: Path) -> None
     assert "BatchNormalization" not in {n.op_type for n in folded.graph.node}
 
     with pytest.raises(NoBatchNormError, match="folded") as info:
-        recalibrate_onnx(folded, np.zeros((2, 3, 8, 8), np.float32))
+        recalibrate_onnx(folded, np.zeros((2, 3, 8, 8), np.float32), mode="eval")
     assert "do_constant_folding=False" in str(info.value)
     assert "export_onnx" in str(info.value)
 
@@ -413,13 +415,13 @@ def test_statistics_fed_as_graph_inputs_are_refused() -> None:
     model, x = _chain(15, mean_as_input=True), _data()
 
     with pytest.raises(BnGraphError, match="graph input") as info:
-        recalibrate_onnx(model, x)
+        recalibrate_onnx(model, x, mode="eval")
     assert "'a'" in str(info.value)
 
     # Excluding the node works; its fed mean is then an input like any other.
     mean_a = np.zeros(C_IN, np.float32)
     batches = [{"x": x[i : i + 8], "a.mean": mean_a} for i in range(0, len(x), 8)]
-    got, report = recalibrate_onnx(model, batches, layers="b")
+    got, report = recalibrate_onnx(model, batches, layers="b", mode="eval")
     assert [lay.name for lay in report.layers] == ["b"]
     assert "a.mean" in {i.name for i in got.graph.input}
 
@@ -431,7 +433,7 @@ def test_nan_is_refused_naming_batch_and_layer() -> None:
     x[13, 1, 2] = np.nan
 
     with pytest.raises(NonFiniteError) as info:
-        recalibrate_onnx(model, x, batch_size=8)
+        recalibrate_onnx(model, x, batch_size=8, mode="eval")
 
     assert (info.value.batch, info.value.layer) == (1, "a")
     assert model.SerializeToString() == before
@@ -446,7 +448,9 @@ def test_data_forms_give_the_same_statistics() -> None:
         [(torch.from_numpy(x[i : i + 8]), 0) for i in range(0, 32, 8)],
         [{"x": x[i : i + 8]} for i in range(0, 32, 8)],
     ]
-    results = [bn_node_stats(recalibrate_onnx(model, d, batch_size=8)[0]) for d in forms]
+    results = [
+        bn_node_stats(recalibrate_onnx(model, d, batch_size=8, mode="eval")[0]) for d in forms
+    ]
     for other in results[1:]:
         _assert_same_stats(other, results[0], rtol=0, atol=0)
 
@@ -471,15 +475,15 @@ def test_multi_input_model_takes_dict_batches() -> None:
     p, q = rng.normal(size=(20, 2)).astype(np.float32), rng.normal(size=(20, 2)).astype(np.float32)
     batches = [{"p": p[i : i + 5], "q": q[i : i + 5]} for i in range(0, 20, 5)]
 
-    got, _ = recalibrate_onnx(model, batches)
+    got, _ = recalibrate_onnx(model, batches, mode="eval")
 
     mean, var = bn_node_stats(got)["bn"]
     np.testing.assert_allclose(mean, (p + q).astype(np.float64).mean(0), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(var, (p + q).astype(np.float64).var(0, ddof=1), rtol=1e-5)
     with pytest.raises(DataError, match=r"inputs \['p', 'q'\]"):
-        recalibrate_onnx(model, p)
+        recalibrate_onnx(model, p, mode="eval")
     with pytest.raises(DataError, match=r"expected inputs \['p', 'q'\] at batch 0"):
-        recalibrate_onnx(model, [{"p": p}])
+        recalibrate_onnx(model, [{"p": p}], mode="eval")
 
 
 @pytest.mark.parametrize(
@@ -491,22 +495,22 @@ def test_multi_input_model_takes_dict_batches() -> None:
 )
 def test_input_dtype_and_shape_mismatch_say_expected_and_got(bad: np.ndarray, match: str) -> None:
     with pytest.raises(DataError, match=match):
-        recalibrate_onnx(_chain(15), bad)
+        recalibrate_onnx(_chain(15), bad, mode="eval")
 
 
 def test_unknown_input_name_is_refused() -> None:
     with pytest.raises(DataError, match=r"expected inputs \['x'\]"):
-        recalibrate_onnx(_chain(15), _data(), input_name="images")
+        recalibrate_onnx(_chain(15), _data(), input_name="images", mode="eval")
 
 
 def test_layer_selection_keeps_the_other_nodes() -> None:
     model = _chain(15)
-    got, report = recalibrate_onnx(model, _data(), layers=["b*"], batch_size=8)
+    got, report = recalibrate_onnx(model, _data(), layers=["b*"], batch_size=8, mode="eval")
     assert [lay.name for lay in report.layers] == ["b"]
     for g, w in zip(bn_node_stats(got)["a"], bn_node_stats(model)["a"], strict=True):
         np.testing.assert_array_equal(g, w)
     with pytest.raises(NoBatchNormError, match="matched no BatchNormalization node"):
-        recalibrate_onnx(model, _data(), layers=["nope"])
+        recalibrate_onnx(model, _data(), layers=["nope"], mode="eval")
 
 
 def test_batch_of_one_works_in_eval_and_is_refused_in_train() -> None:
@@ -538,19 +542,19 @@ def test_batch_of_one_works_in_eval_and_is_refused_in_train() -> None:
 def test_eval_mode_refuses_one_shot_iterators() -> None:
     x = _data()
     with pytest.raises(DataError, match="re-iterable"):
-        recalibrate_onnx(_chain(15), iter([x[:8], x[8:16]]))
+        recalibrate_onnx(_chain(15), iter([x[:8], x[8:16]]), mode="eval")
 
 
 def test_bad_files_and_arguments(tmp_path: Path) -> None:
     with pytest.raises(OnnxModelError, match="does not exist"):
-        recalibrate_onnx(tmp_path / "missing.onnx", _data())
+        recalibrate_onnx(tmp_path / "missing.onnx", _data(), mode="eval")
     (tmp_path / "junk.onnx").write_bytes(b"not a model at all")
     with pytest.raises(OnnxModelError, match="could not read junk.onnx"):
-        recalibrate_onnx(tmp_path / "junk.onnx", _data())
+        recalibrate_onnx(tmp_path / "junk.onnx", _data(), mode="eval")
     with pytest.raises(OnnxModelError, match="expected an onnx.ModelProto"):
-        recalibrate_onnx(42, _data())  # type: ignore[arg-type]
+        recalibrate_onnx(42, _data(), mode="eval")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="prior_strength"):
-        recalibrate_onnx(_chain(15), _data(), method="prior")
+        recalibrate_onnx(_chain(15), _data(), method="prior", mode="eval")
     with pytest.raises(ValueError, match="expected mode"):
         recalibrate_onnx(_chain(15), _data(), mode="test")
 
@@ -564,18 +568,18 @@ def test_model_without_batchnorm_names_the_fix() -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=8)
     with pytest.raises(NoBatchNormError, match="recalib.export_onnx"):
-        recalibrate_onnx(model, np.zeros((2, 2), np.float32))
+        recalibrate_onnx(model, np.zeros((2, 2), np.float32), mode="eval")
 
 
 def test_drift_tapped_model_is_refused() -> None:
     from recalib.onnx.taps import add_drift_taps
 
     with pytest.raises(OnnxModelError, match="drift taps"):
-        recalibrate_onnx(add_drift_taps(_chain(15)), _data())
+        recalibrate_onnx(add_drift_taps(_chain(15)), _data(), mode="eval")
 
 
 def test_report_is_json_and_names_providers(tmp_path: Path) -> None:
-    _, report = recalibrate_onnx(_chain(15), _data(), method="ema", momentum=None)
+    _, report = recalibrate_onnx(_chain(15), _data(), method="ema", momentum=None, mode="eval")
     payload = report.to_dict()
     assert payload["device"] == "CPUExecutionProvider"
     assert payload["params"]["opset"] == 15
