@@ -196,8 +196,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     if not args.offline:
         return _cmd_demo_service(args)
+    from .adapt import adapt
     from .demo import ASSETS, accuracy
-    from .recalibrate import recalibrate
+    from .plans import PlanReport
 
     program = _load_model(ASSETS / "demo_model.pt2")
     test = np.load(ASSETS / "demo_test.npz", allow_pickle=False)
@@ -205,7 +206,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     xs, ys = test["x_source"].astype(np.float32), test["y_source"]
     xt, yt = test["x"].astype(np.float32), test["y"]
     before = (accuracy(program, xs, ys), accuracy(program, xt, yt))
-    report = recalibrate(program, cal, method=args.method, mode=args.mode, progress=False)
+    report = adapt(program, cal, method=args.method, mode=args.mode, progress=False)
     after = (accuracy(program, xs, ys), accuracy(program, xt, yt))
     print("recalib demo: DemoNet (4 BN layers) trained on the source camera, 512 unlabeled")
     print(f"images from a new camera for calibration ({args.method}/{args.mode}):\n")
@@ -215,6 +216,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"\n{'layer':20}{'mean shift':>12}{'log var':>10}{'sym KL':>10}")
     for lay in report.layers:
         print(f"{lay.name:20}{lay.mean_shift:>12.3f}{lay.log_var_ratio:>10.3f}{lay.sym_kl:>10.3f}")
+    if report.plan is not None:
+        print(f"\n{PlanReport.from_dict(report.plan).table()}")
     print(f"\n{report.passes} pass(es), {report.seconds:.2f} s. The model now fits the new camera;")
     print("keep the old statistics (a stat bank) for the old one.")
     if args.out:
