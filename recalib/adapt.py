@@ -23,14 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from .batches import Batch, ForwardFn, iterate_batches
-from .errors import DataError, OptionsError, RecalibError
-from .exported import module_with_norm_layers
+from .errors import DataError, OptionsError
+from .exported import resolve_model
 from .layers import NormLayer, find_norm_layers
 from .modes import eval_mode
-from .onnx.graph import GraphIndex
+from .onnx.graph import ORT_NUMPY_TYPES, GraphIndex
 from .onnx.names import bn_node_stats, bn_nodes, read_bn_map, set_bn_node_stats
 from .onnx.recalibrate import recalibrate_onnx
-from .plans import FloatArray, Metric, PlanReport, Stats, class_rows, select_plan
+from .plans import FloatArray, Metric, PlanReport, Stats, check_plan_args, class_rows, select_plan
 from .recalibrate import recalibrate
 from .report import RecalibrationReport, compare_stats
 
@@ -57,6 +57,22 @@ def _labels(validation: Validation | None) -> tuple[Any, np.ndarray] | None:
             f"{labels.size} values)"
         )
     return x, labels
+
+
+def _checked_call(
+    data: Any, validation: Validation | None, plan: str, guard_items: int
+) -> tuple[Any, np.ndarray] | None:
+    """What :func:`adapt` and :func:`adapt_onnx` check before any work: the plan, the
+    guard's size, re-iterable data when candidates are scored; the validation pair."""
+    check_plan_args(plan, 1.0, 0.5, 0.0)
+    if isinstance(guard_items, bool) or not isinstance(guard_items, int) or guard_items < 1:
+        raise OptionsError(f"expected guard_items >= 1 (got {guard_items!r})")
+    if plan == "auto" and _one_shot(data):
+        raise DataError(
+            "plan='auto' reads the calibration data again to score candidates; expected a "
+            f"re-iterable (tensor, array, list, DataLoader) (got a one-shot {type(data).__name__})"
+        )
+    return _labels(validation)
 
 
 def _one_shot(data: Any) -> bool:
@@ -89,15 +105,8 @@ def _report_for(
 
 
 def _torch_layers(model: Any, layers: Any) -> tuple[nn.Module, list[NormLayer]]:
-    if isinstance(model, torch.export.ExportedProgram):
-        wrapped = module_with_norm_layers(model)
-        named = wrapped.named_norm_layers()  # type: ignore[operator]
-        return wrapped, [NormLayer(n, m) for n, m in named]
-    if not isinstance(model, nn.Module):
-        raise RecalibError(
-            f"expected an nn.Module or torch.export.ExportedProgram (got {type(model).__name__})"
-        )
-    return model, find_norm_layers(model, layers)[0]
+    net, pre = resolve_model(model)
+    return net, pre if pre is not None else find_norm_layers(net, layers)[0]
 
 
 def _stats(layer: NormLayer) -> tuple[FloatArray, FloatArray] | None:
@@ -205,14 +214,7 @@ def adapt(
         The :class:`~recalib.report.RecalibrationReport` of the deployed statistics, with
         ``report.plan`` (a :class:`~recalib.plans.PlanReport` as a dict).
     """
-    checked = _labels(validation)
-    if guard_items < 1:
-        raise OptionsError(f"expected guard_items >= 1 (got {guard_items})")
-    if plan == "auto" and _one_shot(data):
-        raise DataError(
-            "plan='auto' reads the calibration data again to score candidates; expected a "
-            f"re-iterable (tensor, list, DataLoader) (got a one-shot {type(data).__name__})"
-        )
+    checked = _checked_call(data, validation, plan, guard_items)
     dev = torch.device(device) if device is not None else None
     net, selected = _torch_layers(model, layers)
     before = {lay.name: s for lay in selected if (s := _stats(lay)) is not None}
@@ -333,20 +335,10 @@ class _OrtRunner:
         set_bn_node_stats(model, stats)
         session = self._ort.InferenceSession(model.SerializeToString(), providers=self._providers)
         dtypes = {
-            i.name: np.dtype(_ORT_TYPES.get(i.type, np.float32)) for i in session.get_inputs()
+            i.name: np.dtype(ORT_NUMPY_TYPES.get(i.type, np.float32)) for i in session.get_inputs()
         }
         out = [class_rows(session.run(None, self._feed(b, dtypes))[0]) for b in batches]
         return np.concatenate(out)
-
-
-_ORT_TYPES: dict[str, Any] = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(uint8)": np.uint8,
-}
 
 
 def adapt_onnx(
@@ -378,14 +370,7 @@ def adapt_onnx(
         ``(model, report)``: a copy deploying the chosen plan, and its report with
         ``report.plan``.
     """
-    checked = _labels(validation)
-    if guard_items < 1:
-        raise OptionsError(f"expected guard_items >= 1 (got {guard_items})")
-    if plan == "auto" and _one_shot(data):
-        raise DataError(
-            "plan='auto' reads the calibration data again to score candidates; expected a "
-            f"re-iterable (array, list) (got a one-shot {type(data).__name__})"
-        )
+    checked = _checked_call(data, validation, plan, guard_items)
     scoring = plan == "auto"  # a forced plan needs no candidate scoring
     # Read before recalibrating, so a progress counter ends on the recalibration's pass.
     guard = (

@@ -19,9 +19,10 @@ from torch import Tensor, fx, nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import NoBatchNormError
+from .errors import NoBatchNormError, RecalibError
+from .layers import NormLayer
 
-__all__ = ["ExportedBatchNorm", "module_with_norm_layers"]
+__all__ = ["ExportedBatchNorm", "module_with_norm_layers", "resolve_model"]
 
 _BN_OPS = {
     torch.ops.aten.batch_norm.default: 5,
@@ -157,3 +158,24 @@ class _Named(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.program(*args, **kwargs)
+
+
+def resolve_model(model: Any) -> tuple[nn.Module, list[NormLayer] | None]:
+    """The module to run and, for an ``ExportedProgram``, its norm layers.
+
+    Returns ``(module, layers)``: an ``nn.Module`` is returned as is with ``None`` (find
+    its layers with :func:`~recalib.layers.find_norm_layers`); an exported program is
+    unlifted by :func:`module_with_norm_layers` (its buffers shared with the program).
+
+    Raises:
+        RecalibError: neither an ``nn.Module`` nor an ``ExportedProgram``.
+    """
+    if isinstance(model, torch.export.ExportedProgram):
+        wrapped = module_with_norm_layers(model)
+        named = wrapped.named_norm_layers()  # type: ignore[operator]
+        return wrapped, [NormLayer(n, m) for n, m in named]
+    if not isinstance(model, nn.Module):
+        raise RecalibError(
+            f"expected an nn.Module or torch.export.ExportedProgram (got {type(model).__name__})"
+        )
+    return model, None

@@ -45,7 +45,7 @@ from .errors import (
     RecalibError,
 )
 from .estimators import EmaEstimator, ExactEstimator, make_estimator
-from .exported import module_with_norm_layers
+from .exported import resolve_model
 from .fixed_point import (
     ControlFlowMismatch,
     anchor_items,
@@ -89,18 +89,6 @@ def _write(layer: NormLayer, mean: Tensor, var: Tensor) -> None:
         raise LayerMismatchError(f"layer {layer.name!r} has no running statistics")
     m.running_mean.copy_(mean.to(m.running_mean.device, m.running_mean.dtype))
     m.running_var.copy_(var.to(m.running_var.device, m.running_var.dtype))
-
-
-def _resolve_model(model: Any) -> tuple[nn.Module, list[NormLayer] | None]:
-    if isinstance(model, torch.export.ExportedProgram):
-        wrapped = module_with_norm_layers(model)
-        named = wrapped.named_norm_layers()  # type: ignore[operator]
-        return wrapped, [NormLayer(n, m) for n, m in named]
-    if not isinstance(model, nn.Module):
-        raise RecalibError(
-            f"expected an nn.Module or torch.export.ExportedProgram (got {type(model).__name__})"
-        )
-    return model, None
 
 
 @dataclass(frozen=True)
@@ -377,7 +365,7 @@ def recalibrate(
         allow_unconverged=allow_unconverged,
     )  # validated once, here
     start = time.perf_counter()
-    net, pre = _resolve_model(model)
+    net, pre = resolve_model(model)
     if pre is None:
         selected, skipped = find_norm_layers(net, layers)
     else:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["GraphIndex", "opset_of", "used_names"]
+__all__ = ["ORT_NUMPY_TYPES", "GraphIndex", "opset_of", "used_names"]
 
 
 def used_names(graph: onnx.GraphProto) -> Iterator[str]:
@@ -119,3 +120,17 @@ class GraphIndex:
         return self.const(src) is not None or (
             src in self.graph_inputs and src not in self.producers
         )
+
+
+ORT_NUMPY_TYPES: dict[str, Any] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+"""ONNX Runtime's type strings (``NodeArg.type``) to NumPy dtypes."""

@@ -105,7 +105,7 @@ from ..moments import ChannelMoments
 from ..options import DEFAULTS, RecalibOptions
 from ..report import LayerReport, RecalibrationReport, compare_stats
 from ..run_options import progress_bar, relative_change
-from .graph import GraphIndex, opset_of
+from .graph import ORT_NUMPY_TYPES, GraphIndex, opset_of
 from .names import (
     BN_MAP_KEY,
     BnGraphError,
@@ -133,17 +133,6 @@ _FOLDED_HINT = (
     "dynamo=False, do_constant_folding=False, training=torch.onnx.TrainingMode.PRESERVE); "
     "or recalibrate the torch model with recalib.recalibrate before exporting"
 )
-_ORT_TYPES: dict[str, Any] = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int16)": np.int16,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
 
 
 @dataclass(frozen=True)
@@ -584,7 +573,7 @@ def _user_feed(
         raise DataError(f"expected inputs {names} at batch {batch} (got {sorted(arrays)})")
     for meta in inputs:
         arr = arrays[meta.name]
-        want = _ORT_TYPES.get(meta.type)
+        want = ORT_NUMPY_TYPES.get(meta.type)
         if (want is not None and arr.dtype != want) or not _shape_matches(meta.shape, arr.shape):
             raise DataError(
                 f"input {meta.name!r} at batch {batch}: expected {meta.type} of shape "
