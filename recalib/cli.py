@@ -100,6 +100,8 @@ def _recal_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_samples": args.max_samples,
         "batch_size": args.batch_size,
         "layers": args.layers,
+        "anchor": args.anchor,
+        "allow_unconverged": args.allow_unconverged,
         "progress": not args.quiet,
     }
 
@@ -262,6 +264,18 @@ def _add_recal_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tol", type=float, default=d.tol)
     p.add_argument("--max-samples", type=int, default=d.max_samples)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument(
+        "--anchor",
+        type=int,
+        default=d.anchor,
+        help="--mode eval: items of the lockstep first pass (default: what memory holds, <= 1024)",
+    )
+    p.add_argument(
+        "--allow-unconverged",
+        action="store_true",
+        default=d.allow_unconverged,
+        help="--mode eval: write statistics that did not converge instead of refusing",
+    )
     p.add_argument("--layers", nargs="*", default=None, help="layer names or globs")
     p.add_argument(
         "--plan",

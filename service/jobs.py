@@ -110,6 +110,15 @@ class RecalibrationRequest(BaseModel):
     tol: float = Field(default=DEFAULTS.tol, ge=0.0)
     batch_size: int = Field(default=DEFAULTS.batch_size, ge=1, le=65536)
     max_samples: int | None = Field(default=DEFAULTS.max_samples, ge=1)
+    anchor: int | None = Field(
+        default=DEFAULTS.anchor,
+        ge=0,
+        description="mode eval: items of the lockstep first pass (null: what memory holds)",
+    )
+    allow_unconverged: bool = Field(
+        default=DEFAULTS.allow_unconverged,
+        description="mode eval: keep statistics that did not converge instead of failing",
+    )
     layers: list[str] | None = Field(default=None, description="layer names or globs")
     plan: Literal["auto", "full", "source"] = Field(
         default="auto",

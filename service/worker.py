@@ -66,7 +66,8 @@ class JobSpec:
         dataset: the calibration data file.
         key: the input array's name in it.
         params: keyword arguments of the recalibration (method, mode, prior_strength,
-            momentum, max_passes, tol, max_samples, batch_size, layers, plan).
+            momentum, max_passes, tol, max_samples, batch_size, layers, anchor,
+            allow_unconverged, plan).
         validation: ``{"dataset": path, "max_accuracy_drop": float}`` or ``None``.
         threads: torch / ONNX Runtime threads.
     """
