@@ -28,8 +28,9 @@ from .exported import resolve_model
 from .layers import NormLayer, find_norm_layers
 from .modes import eval_mode
 from .onnx.graph import ORT_NUMPY_TYPES, GraphIndex
-from .onnx.names import bn_node_stats, bn_nodes, read_bn_map, set_bn_node_stats
-from .onnx.recalibrate import recalibrate_onnx
+from .onnx.names import bn_nodes, read_bn_map, set_bn_node_stats
+from .onnx.recalibrate import ort_errors, recalibrate_onnx
+from .options import RecalibOptions
 from .plans import FloatArray, Metric, PlanReport, Stats, check_plan_args, class_rows, select_plan
 from .recalibrate import recalibrate
 from .report import RecalibrationReport, compare_stats
@@ -56,14 +57,30 @@ def _labels(validation: Validation | None) -> tuple[Any, np.ndarray] | None:
             f"expected integer class labels for validation (got {labels.dtype}, "
             f"{labels.size} values)"
         )
+    if labels.min() < 0:
+        raise OptionsError(f"expected class labels >= 0 (got min {labels.min()})")
+    items = len(x) if isinstance(x, (Tensor, np.ndarray)) else None
+    if items is not None and (labels.ndim == 0 or labels.shape[0] != items):
+        raise OptionsError(
+            f"expected one label per validation input ({items}) (got labels of shape "
+            f"{tuple(labels.shape)})"
+        )
     return x, labels
 
 
 def _checked_call(
-    data: Any, validation: Validation | None, plan: str, guard_items: int
+    data: Any,
+    validation: Validation | None,
+    plan: str,
+    guard_items: int,
+    batch_size: int,
+    options: dict[str, Any],
 ) -> tuple[Any, np.ndarray] | None:
-    """What :func:`adapt` and :func:`adapt_onnx` check before any work: the plan, the
-    guard's size, re-iterable data when candidates are scored; the validation pair."""
+    """What :func:`adapt` and :func:`adapt_onnx` check before any work: the recalibration
+    options, the plan, the guard's size, re-iterable data when candidates are scored; the
+    validation pair."""
+    fields = {f.name for f in dataclasses.fields(RecalibOptions)}
+    RecalibOptions(batch_size=batch_size, **{k: v for k, v in options.items() if k in fields})
     check_plan_args(plan, 1.0, 0.5, 0.0)
     if isinstance(guard_items, bool) or not isinstance(guard_items, int) or guard_items < 1:
         raise OptionsError(f"expected guard_items >= 1 (got {guard_items!r})")
@@ -154,23 +171,28 @@ def data_flow_order(
     batch of ``data`` (layers never called come last, in module order)."""
     net, selected = _torch_layers(model, layers)
     first = list(iterate_batches(data, max_samples=2, forward=forward))
-    with _call_order(selected) as order, torch.no_grad(), eval_mode(net):
-        first[0].run(net, forward)
+    with _call_order(selected) as order:
+        _run_rows(net, first[:1], forward, scores=False)
     return order + [lay.name for lay in selected if lay.name not in order]
 
 
-def _run_rows(net: nn.Module, batches: Sequence[Batch], forward: ForwardFn | None) -> FloatArray:
+def _run_rows(
+    net: nn.Module, batches: Sequence[Batch], forward: ForwardFn | None, *, scores: bool = True
+) -> FloatArray:
+    """Class scores of ``net`` on ``batches`` (with ``scores=False`` only run them)."""
     rows = []
     with torch.no_grad(), eval_mode(net):
         for batch in batches:
             try:
                 out = batch.run(net, forward)
-            except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            # AssertionError: an ExportedProgram's shape guard rejecting this batch.
+            except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as exc:
                 raise DataError(
                     f"the model's forward failed on batch {batch.index}: {exc}"
                 ) from exc
-            rows.append(class_rows(out))
-    return np.concatenate(rows)
+            if scores:
+                rows.append(class_rows(out))
+    return np.concatenate(rows) if rows else np.zeros((0, 0))
 
 
 def adapt(
@@ -214,7 +236,7 @@ def adapt(
         The :class:`~recalib.report.RecalibrationReport` of the deployed statistics, with
         ``report.plan`` (a :class:`~recalib.plans.PlanReport` as a dict).
     """
-    checked = _checked_call(data, validation, plan, guard_items)
+    checked = _checked_call(data, validation, plan, guard_items, batch_size, options)
     dev = torch.device(device) if device is not None else None
     net, selected = _torch_layers(model, layers)
     before = {lay.name: s for lay in selected if (s := _stats(lay)) is not None}
@@ -243,12 +265,15 @@ def adapt(
         **options,
     )
     done = {row.name for row in report.layers}
-    chosen_layers = [lay for lay in selected if lay.name in done and lay.name in before]
+    chosen_layers = [lay for lay in selected if lay.name in done]
     after = {lay.name: s for lay in chosen_layers if (s := _stats(lay)) is not None}
+    for name, (mean, var) in after.items():
+        # A lazy layer materialised by this call: its source is the fresh 0 / 1 it got.
+        before.setdefault(name, (np.zeros_like(mean), np.ones_like(var)))
     try:
-        with _call_order(chosen_layers) as order, torch.no_grad(), eval_mode(net):
+        with _call_order(chosen_layers) as order:
             if scoring:
-                guard[0].run(net, forward)
+                _run_rows(net, guard[:1], forward, scores=False)
         order += [lay.name for lay in chosen_layers if lay.name not in order]  # never called
         by_name = {lay.name: lay for lay in chosen_layers}
 
@@ -291,8 +316,16 @@ def _node_order(model: onnx.ModelProto) -> list[str]:
     return [key for key, _ in bn_nodes(GraphIndex(model.graph))]
 
 
-def _as_float64(stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> Stats:
-    return {k: (m.astype(np.float64), v.astype(np.float64)) for k, (m, v) in stats.items()}
+def _stored_stats(model: onnx.ModelProto) -> Stats:
+    """Float64 ``(mean, var)`` of every BN node whose statistics are stored (nodes whose
+    statistics are graph inputs are left out: they cannot be recalibrated)."""
+    index = GraphIndex(model.graph)
+    out: Stats = {}
+    for key, info in read_bn_map(model).items():
+        mean, var = index.constant(info.mean), index.constant(info.var)
+        if mean is not None and var is not None:
+            out[key] = (mean, var)
+    return out
 
 
 class _OrtRunner:
@@ -337,7 +370,17 @@ class _OrtRunner:
         dtypes = {
             i.name: np.dtype(ORT_NUMPY_TYPES.get(i.type, np.float32)) for i in session.get_inputs()
         }
-        out = [class_rows(session.run(None, self._feed(b, dtypes))[0]) for b in batches]
+        out = []
+        for index, batch in enumerate(batches):
+            feed = self._feed(batch, dtypes)
+            try:
+                result = session.run(None, feed)[0]
+            except ort_errors() as exc:
+                shapes = {k: v.shape for k, v in feed.items()}
+                raise DataError(
+                    f"ONNX Runtime failed on scoring batch {index} (inputs {shapes}): {exc}"
+                ) from exc
+            out.append(class_rows(result))
         return np.concatenate(out)
 
 
@@ -370,7 +413,7 @@ def adapt_onnx(
         ``(model, report)``: a copy deploying the chosen plan, and its report with
         ``report.plan``.
     """
-    checked = _checked_call(data, validation, plan, guard_items)
+    checked = _checked_call(data, validation, plan, guard_items, batch_size, options)
     scoring = plan == "auto"  # a forced plan needs no candidate scoring
     # Read before recalibrating, so a progress counter ends on the recalibration's pass.
     guard = (
@@ -394,35 +437,34 @@ def adapt_onnx(
     base_model = (
         model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(model_or_path)
     )
-    stored = bn_node_stats(full_model)
-    before = _as_float64(bn_node_stats(base_model))
-    after = _as_float64(stored)
-    order = [
-        k
-        for k in _node_order(full_model)
-        if k in before
-        and k in after
-        and not (
-            np.array_equal(before[k][0], after[k][0]) and np.array_equal(before[k][1], after[k][1])
-        )
-    ]
+    infos = read_bn_map(full_model)
+    before_nodes, after_nodes = _stored_stats(base_model), _stored_stats(full_model)
+    # Plans act on layers: the nodes of one torch layer (a layer called twice exports as
+    # two nodes) always move together, as they share the layer's statistics.
+    nodes_of: dict[str, list[str]] = {}
+    for key in _node_order(full_model):
+        if key in before_nodes and key in after_nodes and key in infos:
+            (bm, bv), (am, av) = before_nodes[key], after_nodes[key]
+            if not (np.array_equal(bm, am) and np.array_equal(bv, av)):
+                nodes_of.setdefault(infos[key].layer, []).append(key)
+    order = list(nodes_of)
+    before = {lay: before_nodes[keys[0]] for lay, keys in nodes_of.items()}
+    after = {lay: after_nodes[keys[0]] for lay, keys in nodes_of.items()}
     runner = _OrtRunner(full_model, providers, input_name)
 
-    def cast(stats: Stats) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        return {
-            k: (m.astype(stored[k][0].dtype), v.astype(stored[k][1].dtype))
-            for k, (m, v) in stats.items()
-        }
+    def per_node(stats: Stats) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return {key: stats[lay] for lay, keys in nodes_of.items() for key in keys}
 
     def evaluate(stats: Stats) -> tuple[FloatArray, FloatArray | None]:
-        written = cast(stats)
+        written = per_node(stats)
         rows = runner.rows(written, guard)
         return rows, (runner.rows(written, val) if checked is not None else None)
 
+    eps = {lay: infos[keys[0]].epsilon for lay, keys in nodes_of.items()}
     plan_report, deployed = select_plan(
         order,
-        {k: before[k] for k in order},
-        {k: after[k] for k in order},
+        before,
+        after,
         report.samples,
         evaluate,
         plan=plan,
@@ -431,19 +473,12 @@ def adapt_onnx(
         z=z,
         confidence=confidence,
         tolerance=tolerance,
-        eps={k: info.epsilon for k, info in read_bn_map(full_model).items()},
+        eps=eps,
     )
     out = copy.deepcopy(full_model)
     if deployed:
-        set_bn_node_stats(out, cast(deployed))
-    infos = read_bn_map(full_model)
-    layer_of = {k: infos[k].layer for k in deployed if k in infos}
-    _report_for(
-        report,
-        {layer_of[k]: before[k] for k in layer_of},
-        {layer_of[k]: deployed[k] for k in layer_of},
-        {layer_of[k]: infos[k].epsilon for k in layer_of},
-    )
+        set_bn_node_stats(out, per_node(deployed))  # cast to each stored dtype there
+    _report_for(report, before, deployed, eps)
     report.plan = plan_report.to_dict()
     return out, report
 

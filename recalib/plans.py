@@ -51,7 +51,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .drift import symmetric_kl
-from .errors import OptionsError, OutputError
+from .errors import DataError, OptionsError, OutputError
 
 __all__ = [
     "PLAN_CHOICES",
@@ -279,7 +279,7 @@ class PlanReport:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Scored:
     plan: Plan
     rows: FloatArray  # class scores on the guard's items
@@ -322,6 +322,12 @@ def _choose_by_validation(
         raise OptionsError(
             f"expected {source.val_rows.shape[0]} validation labels, one per output row "
             f"(got {y_rows.shape[0]})"
+        )
+    classes = source.val_rows.shape[1]
+    if y_rows.max() >= classes:
+        raise OptionsError(
+            f"expected validation labels in [0, {classes}) for a {classes}-class output "
+            f"(got max {y_rows.max()})"
         )
     base_correct = source.val_rows.argmax(axis=1) == y_rows
     rows: list[CandidateScore] = []
@@ -460,6 +466,48 @@ def choose_plan(
     if not any(p.kind == "source" for p in plans):
         raise OptionsError("expected the source among the candidate plans")
     scored = [_Scored(p, *outputs(p)) for p in plans]
+    finite = [
+        s
+        for s in scored
+        if np.isfinite(s.rows).all() and (s.val_rows is None or np.isfinite(s.val_rows).all())
+    ]
+    if not any(s.plan.kind == "source" for s in finite):
+        raise DataError(
+            "expected finite outputs of the source model on the calibration and validation "
+            "data (got NaN/Inf)"
+        )
+    broken = [s.plan for s in scored if s not in finite]
+    report = _choose(
+        finite,
+        validation_labels,
+        metric,
+        z,
+        confidence,
+        tolerance,
+        early_drift,
+        num_layers,
+        items,
+        seed,
+    )
+    for plan in broken:
+        row = _row(plan, num_layers, items)
+        row.note = "non-finite outputs"
+        report.candidates.append(row)
+    return report
+
+
+def _choose(
+    scored: list[_Scored],
+    validation_labels: np.ndarray | None,
+    metric: Metric | None,
+    z: float,
+    confidence: float,
+    tolerance: float,
+    early_drift: float | None,
+    num_layers: int,
+    items: int,
+    seed: int,
+) -> PlanReport:
     params = {"z": z, "confidence": confidence, "tolerance": tolerance, "early_drift": early_drift}
     scored_items = int(scored[0].rows.shape[0])
     shifted = early_drift is None or early_drift >= _EARLY_DRIFT

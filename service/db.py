@@ -143,7 +143,11 @@ class Database:
         conn.executescript(_SCHEMA)
         columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
         if "plan" not in columns:  # schema 1 -> 2: the jobs' adaptation plans
-            conn.execute("ALTER TABLE jobs ADD COLUMN plan TEXT")
+            try:
+                conn.execute("ALTER TABLE jobs ADD COLUMN plan TEXT")
+            except sqlite3.OperationalError as exc:  # another process migrated first
+                if "duplicate column" not in str(exc):
+                    raise
         conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
 
     @contextmanager

@@ -324,7 +324,9 @@ class JobManager:
                 f"version {version} (got samples of shape {tuple(sample_shape)})"
             )
 
-    def _validation_spec(self, request: ValidationRequest) -> dict[str, Any]:
+    def _validation_spec(
+        self, request: ValidationRequest, model: str, version: int
+    ) -> dict[str, Any]:
         info = self._datasets.get(request.dataset)
         x, y = info.tensors.get("x"), info.tensors.get("y")
         if x is None or y is None or len(y.shape) != 1 or y.shape[0] != x.shape[0]:
@@ -332,6 +334,12 @@ class JobManager:
                 f"expected a validation data set with arrays x (N, ...) and labels y (N,) "
                 f"(got {{{', '.join(f'{k}: {v.shape}' for k, v in info.tensors.items())}}})"
             )
+        if not (y.dtype.startswith("int") or y.dtype.startswith("uint")):
+            raise InvalidInput(
+                f"expected integer class labels y in validation data set {info.id} "
+                f"(got dtype {y.dtype})"
+            )
+        self._check_shape(model, version, x.shape[1:])
         return {
             "dataset": str(self._datasets.path(info.id)),
             "max_accuracy_drop": request.max_accuracy_drop,
@@ -357,7 +365,9 @@ class JobManager:
             raise InvalidInput(f"data set {dataset.id}: {exc}") from exc
         self._check_shape(model, base, dataset.tensors[key].shape[1:])
         validation = (
-            None if request.validation is None else self._validation_spec(request.validation)
+            None
+            if request.validation is None
+            else self._validation_spec(request.validation, model, base)
         )
         job_id = uuid.uuid4().hex
         version_dir = self._registry.artifact(model, base, "onnx").parent

@@ -119,7 +119,7 @@ from .names import (
 )
 from .taps import TAP_PREFIX, BnTap, TapBuilder, add_tap_outputs, tap_moments
 
-__all__ = ["OnnxModelError", "recalibrate_onnx"]
+__all__ = ["OnnxModelError", "ort_errors", "recalibrate_onnx"]
 
 PREFIX = "recalib_cal"
 """Prefix of every name the working copy adds (besides the taps' ``recalib_tap::``)."""
@@ -502,7 +502,7 @@ def _toposort(graph: onnx.GraphProto) -> None:
     graph.node.extend(nodes)
 
 
-def _ort_errors() -> tuple[type[BaseException], ...]:
+def ort_errors() -> tuple[type[BaseException], ...]:
     """ONNX Runtime's exception classes (they derive from ``Exception`` only)."""
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
@@ -520,7 +520,7 @@ class _Session:
     def __init__(self, model_bytes: bytes, providers: list[str], fed: set[str]) -> None:
         import onnxruntime as ort  # lazily: importing recalib does not need it
 
-        self.errors = _ort_errors()
+        self.errors = ort_errors()
         options = ort.SessionOptions()
         options.log_severity_level = 3  # unused-initializer warnings of the working copy
         try:

@@ -8,6 +8,7 @@ built here (float64 references for the candidate statistics).
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 import recalib
+import recalib.onnx.names
 from recalib.errors import DataError, OptionsError, OutputError
 from recalib.plans import (
     Plan,
@@ -233,3 +235,81 @@ def test_adapt_restores_the_source_when_scoring_fails() -> None:
     with pytest.raises(DataError, match="boom"):
         recalib.adapt(model, torch.randn(64, 3) + 5, batch_size=32)
     torch.testing.assert_close(model.bn.running_mean, before)
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3)
+    ).eval()
+
+
+def test_review_fixes_bad_validation_is_refused_before_any_work() -> None:
+    x = torch.randn(32, 3, 8, 8) * 2 + 1
+    xv = torch.randn(16, 3, 8, 8)
+    model = _net()
+    before = model[1].running_mean.clone()
+    with pytest.raises(OptionsError, match=r"expected class labels >= 0 \(got min -1\)"):
+        recalib.adapt(model, x, validation=(xv, -torch.ones(16, dtype=torch.long)))
+    with pytest.raises(OptionsError, match="one label per validation input"):
+        recalib.adapt(model, x, plan="full", validation=(xv, torch.zeros(15, dtype=torch.long)))
+    with pytest.raises(OptionsError, match=r"expected validation labels in \[0, 3\)"):
+        recalib.adapt(model, x, validation=(xv, torch.full((16,), 7)))
+    with pytest.raises(OptionsError, match="expected batch_size >= 1"):
+        recalib.adapt(model, x, batch_size=0)
+    with pytest.raises(DataError, match="forward failed on batch 0"):
+        recalib.adapt(model, x, validation=(torch.randn(16, 2, 8, 8), torch.zeros(16).long()))
+    torch.testing.assert_close(model[1].running_mean, before)
+
+
+def test_review_fixes_lazy_layers_take_part_in_the_plan() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d(), nn.Flatten(), nn.Linear(4 * 36, 3)
+    ).eval()
+    recalib.adapt(model, torch.randn(32, 3, 8, 8) * 3 + 2, plan="source")
+    torch.testing.assert_close(model[1].running_mean, torch.zeros(4))  # its fresh source
+    torch.testing.assert_close(model[1].running_var, torch.ones(4))
+
+
+def test_review_fixes_non_finite_candidates_are_rejected() -> None:
+    y = np.zeros(64, dtype=np.int64)
+    good = _onehot(y)
+    nan = np.full_like(good, np.nan)
+    outs = {"full": (nan, nan), "first:1": (good, good), "source": (good, good)}
+    report = _choose(outs, validation_labels=y)
+    assert report.chosen != "full"
+    assert report.candidate("full").note == "non-finite outputs"
+    with pytest.raises(DataError, match="finite outputs of the source"):
+        _choose(
+            {"full": (good, good), "first:1": (good, good), "source": (nan, nan)},
+            validation_labels=y,
+        )
+
+
+def test_review_fixes_onnx_plans_move_a_layer_called_twice_as_one(tmp_path: Path) -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.c2, self.b2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.b(self.c1(x))
+            x = self.b(torch.relu(x))  # the same layer again
+            return self.fc(self.b2(self.c2(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Twice().eval()
+    recalib.export_onnx(model, torch.randn(4, 3, 8, 8), tmp_path / "twice.onnx")
+    x = (torch.randn(64, 3, 8, 8) * 2 + 1).numpy()
+    out, report = recalib.adapt_onnx(str(tmp_path / "twice.onnx"), x, plan="full")
+    assert [c["plan"] for c in report.plan["candidates"]] == ["full"]
+    names = sorted(lay.name for lay in report.layers)
+    assert names == ["b", "b2"]
+    stats = recalib.onnx.names.bn_node_stats(out)
+    b_nodes = [k for k, info in recalib.onnx.names.read_bn_map(out).items() if info.layer == "b"]
+    assert len(b_nodes) == 2
+    np.testing.assert_array_equal(stats[b_nodes[0]][0], stats[b_nodes[1]][0])
+    assert all(lay.sym_kl > 0 for lay in report.layers)

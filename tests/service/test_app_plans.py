@@ -76,3 +76,22 @@ def test_a_flagged_plan_is_not_promoted(api: Any, npz: Callable[..., bytes], tmp
     assert job["error"].startswith("not promoted: the label-free guard cannot run")
     assert job["plan"]["flagged"] and job["plan"]["chosen"] == "full"
     assert api.client.get("/v1/models/s/aliases/production").json()["version"] == 1
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "y", "reason"),
+    [
+        ((8, 2, 16, 16), np.zeros(8, np.int64), "expected data samples of shape (3, 16, 16)"),
+        ((8, 3, 16, 16), np.zeros(8, np.float32), "expected integer class labels y"),
+    ],
+)
+def test_unusable_validation_sets_are_refused_at_submit(
+    api: Any, npz: Callable[..., bytes], x_shape: tuple[int, ...], y: np.ndarray, reason: str
+) -> None:
+    _register_demo(api)
+    cal = api.upload((ASSETS / "demo_calibration.npz").read_bytes(), "cal.npz").json()["id"]
+    check = api.upload(npz(x=np.zeros(x_shape, np.float32), y=y)).json()["id"]
+    body = {"dataset": cal, "validation": {"dataset": check}}
+    r = api.client.post("/v1/models/m/recalibrations", json=body)
+    assert r.status_code == 400 and reason in r.json()["error"], r.text
+    assert api.client.get("/v1/models/m/recalibrations").json()["jobs"] == []
