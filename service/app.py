@@ -13,6 +13,13 @@ is refused up front, and a body without one (chunked) is counted as it streams; 
 way the answer is 413 with the usual ``{"error": ...}`` body. Uploads (``POST /v1/models``,
 ``POST /v1/models/{name}/versions``, ``POST /v1/datasets``) may be ``max_upload_bytes``,
 every other body ``max_request_bytes``.
+
+Authentication comes first: :class:`AuthGate`, the outermost middleware, checks the bearer
+token of every protected path (``/v1/...``, ``/v2/models/...``; health and server metadata
+with ``protect_health``, ``/metrics`` with ``protect_metrics``) before routing, path
+parameters, body size or body parsing, so a caller without the token gets 401 whatever
+else is wrong with the request. The routes' own dependencies repeat the check (and
+document it in the OpenAPI document).
 """
 
 from __future__ import annotations
@@ -31,14 +38,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .api import datasets as datasets_api
 from .api import models as models_api
 from .api import recalibrations as recalibrations_api
+from .auth import check_bearer
 from .datasets import DatasetStore
 from .db import Database
-from .errors import install_error_handlers
+from .errors import Unauthorized, install_error_handlers
 from .jobs import JobManager, WorkerTarget
 from .registry import Registry, Runtime
 from .settings import Settings
 
-__all__ = ["BodyLimit", "create_app"]
+__all__ = ["AuthGate", "BodyLimit", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +100,67 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-async def _reject(send: Send, message: str) -> None:
+class AuthGate:
+    """ASGI middleware: 401 for a protected path without the configured bearer token,
+    before anything else looks at the request.
+
+    Args:
+        app: the wrapped application.
+        settings: ``api_token``, ``protect_health`` and ``protect_metrics`` say which
+            paths are protected.
+    """
+
+    def __init__(self, app: ASGIApp, *, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    def protected(self, path: str) -> bool:
+        """Whether ``path`` needs the token (when one is configured)."""
+        path = path.rstrip("/") or "/"
+        if path == "/v1" or path.startswith(("/v1/", "/v2/models/")) or path == "/v2/models":
+            return True
+        if path == "/v2" or path.startswith("/v2/health"):
+            return self.settings.protect_health
+        if path == "/metrics":
+            return self.settings.protect_metrics
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        token = self.settings.api_token
+        if scope["type"] == "http" and token is not None and self.protected(scope["path"]):
+            try:
+                check_bearer(token, _bearer(scope))
+            except Unauthorized as exc:
+                await _reject(
+                    send, exc.message, status=401, extra=[(b"www-authenticate", b"Bearer")]
+                )
+                return
+        await self.app(scope, receive, send)
+
+
+def _bearer(scope: Scope) -> str | None:
+    """The credentials of the ``Authorization: Bearer <token>`` header (as HTTPBearer)."""
+    value: bytes = dict(scope["headers"]).get(b"authorization", b"")
+    raw = value.decode("latin-1")
+    scheme, _, credentials = raw.partition(" ")
+    if scheme.lower() != "bearer" or not credentials:
+        return None
+    return credentials
+
+
+async def _reject(
+    send: Send, message: str, *, status: int = 413, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     body = json.dumps({"error": message}).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 (b"connection", b"close"),
+                *(extra or []),
             ],
         }
     )
@@ -212,6 +271,7 @@ def create_app(
         upload_bytes=settings.max_upload_bytes,
         request_bytes=settings.max_request_bytes,
     )
+    app.add_middleware(AuthGate, settings=settings)  # outermost: authentication first
     return app
 
 

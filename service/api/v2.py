@@ -533,13 +533,13 @@ def _bearer_token(request: Request) -> str | None:
 
 async def _fast_infer(request: Request) -> Response:
     params = request.path_params
+    check_bearer(deps.get_settings(request).api_token, _bearer_token(request))  # first
     ref: str | None = params.get("model_version")
     if ref is not None and not _VERSION_RE.match(ref):
         raise InvalidInput(
             f"model_version: expected a version number or alias matching "
             f"{_VERSION_RE.pattern} (got {ref[:64]!r})"
         )
-    check_bearer(deps.get_settings(request).api_token, _bearer_token(request))
     return await _infer(request, params["model_name"], ref)
 
 
