@@ -9,6 +9,7 @@ build error responses themselves.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +29,7 @@ __all__ = [
     "ServiceError",
     "Unauthorized",
     "install_error_handlers",
+    "without_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,22 @@ class NotReady(ServiceError):
     """The model version exists but cannot serve yet (503)."""
 
     status = 503
+
+
+def without_path(message: str, path: Path) -> str:
+    """``message`` with ``path`` (as given, absolute and resolved, and its folder) replaced
+    by the file's name: errors never show where the service keeps its files."""
+    variants = {str(path), str(path.absolute())}
+    try:
+        variants.add(str(path.resolve()))
+    except OSError:
+        pass
+    for variant in sorted(variants, key=len, reverse=True):
+        message = message.replace(variant, path.name)
+    for folder in sorted({str(path.parent), str(path.absolute().parent)}, key=len, reverse=True):
+        if len(folder) > 1:
+            message = message.replace(folder, "")
+    return message
 
 
 def _body(message: str) -> dict[str, str]:

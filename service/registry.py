@@ -901,6 +901,9 @@ class Registry:
         model = self._model_row(name)
         path = self.artifact(name, version, "onnx")
         async with self._lock(model["id"]):
+            # a delete may have run while this waited for the lock: its files are gone
+            if self._model_row(name)["id"] != model["id"]:
+                raise NotFound(f"model {name!r} was deleted while setting alias {alias!r}")
             if alias == PRODUCTION:
                 await runtime.serve(name, version, path)
             try:

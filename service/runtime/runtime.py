@@ -42,7 +42,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from recalib.errors import RecalibError
 from recalib.onnx.taps import add_drift_taps
-from service.errors import InvalidInput, NotFound, NotReady, ServiceError
+from service.errors import InvalidInput, NotFound, NotReady, ServiceError, without_path
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
@@ -333,8 +333,17 @@ class ServingRuntime:
         label = f"model {name!r} version {version}"
         try:
             proto = onnx.load(str(path))
-        except Exception as exc:  # protobuf DecodeError, OSError, ...
-            raise InvalidInput(f"{label}: expected an ONNX model file (got {exc})") from exc
+        except FileNotFoundError:
+            # the model (or version) was deleted between resolving and loading it
+            raise NotFound(f"{label} was deleted while it was being loaded") from None
+        except OSError as exc:
+            raise ServiceError(
+                f"{label}: its ONNX file could not be read ({exc.strerror or 'I/O error'})"
+            ) from None
+        except Exception as exc:  # protobuf DecodeError, ...
+            raise InvalidInput(
+                f"{label}: expected an ONNX model file (got {without_path(str(exc), path)})"
+            ) from exc
         fraction = settings.drift_sample_fraction
         tapped_proto: onnx.ModelProto | None = None
         if fraction > 0.0:

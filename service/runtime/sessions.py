@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from service.errors import InvalidInput, NotReady
+from service.errors import InvalidInput, NotReady, without_path
 from service.settings import Settings
 
 __all__ = [
@@ -357,9 +357,10 @@ def create_session(
             providers=list(choice.providers),
         )
     except Exception as exc:  # ORT raises its own (non-exported) exception types
+        text = without_path(str(exc), model) if isinstance(model, Path) else str(exc)
         if CUDA in choice.providers and strict:
-            raise ProviderUnavailable(f"{wanted}, but ONNX Runtime failed: {exc}") from exc
-        raise InvalidInput(f"{label}: ONNX Runtime cannot load the model: {exc}") from exc
+            raise ProviderUnavailable(f"{wanted}, but ONNX Runtime failed: {text}") from exc
+        raise InvalidInput(f"{label}: ONNX Runtime cannot load the model: {text}") from exc
     actual = list(session.get_providers())
     fell_back = choice.wants_cuda and (not actual or actual[0] != CUDA)
     if fell_back:

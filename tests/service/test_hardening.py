@@ -4,8 +4,14 @@ format, uncompressed data set limit."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import pytest
 from conftest import Api
+
+from service.settings import Settings
 
 NO_AUTH = {"Authorization": ""}
 
@@ -44,3 +50,86 @@ def test_a_malformed_upload_without_a_token_is_401(api: Api) -> None:
 def test_open_paths_stay_open(api: Api) -> None:
     assert api.client.get("/v2/health/live", headers=NO_AUTH).status_code == 200
     assert api.client.get("/metrics", headers=NO_AUTH).status_code == 200
+
+
+# -- item 2: a model deleted while an alias moves or a version loads ----------------------
+
+
+def _real_api(make_api: Callable[..., Api], settings: Settings, bn_onnx: bytes) -> Api:
+    api = make_api(
+        settings.model_copy(
+            update={"execution_provider": "cpu", "intra_op_threads": 1, "warmup_batch_sizes": [1]}
+        ),
+        runtime=None,  # the real serving runtime
+    )
+    assert api.register("m", bn_onnx).status_code == 201
+    assert (
+        api.client.post("/v1/models/m/versions", files={"file": ("m.onnx", bn_onnx)}).status_code
+        == 201
+    )
+    return api
+
+
+def test_alias_move_racing_a_delete_is_404_without_a_path(
+    make_api: Callable[..., Api],
+    settings: Settings,
+    bn_onnx: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    api = _real_api(make_api, settings, bn_onnx)
+    registry = api.app.state.registry
+    model_id = registry._model_row("m")["id"]
+    artifact = registry.artifact
+
+    def deleted_after_resolving(name: str, ref: Any, fmt: str) -> Path:
+        path = artifact(name, ref, fmt)
+        registry._remove_model(model_id)  # what a concurrent DELETE does under the lock
+        return Path(path)
+
+    monkeypatch.setattr(registry, "artifact", deleted_after_resolving)
+    r = api.client.put("/v1/models/m/aliases/production", json={"version": 2})
+    assert r.status_code in (404, 409), r.text
+    assert set(r.json()) == {"error"}
+    assert str(api.home) not in r.text and model_id not in r.text
+    assert "No such file" not in r.text
+
+
+@pytest.mark.parametrize("route", ["infer", "ready"])
+def test_version_load_racing_a_delete_is_404_without_a_path(
+    make_api: Callable[..., Api],
+    settings: Settings,
+    bn_onnx: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+    route: str,
+) -> None:
+    api = _real_api(make_api, settings, bn_onnx)
+    registry = api.app.state.registry
+    model_id = registry._model_row("m")["id"]
+    resolve = registry.resolve
+
+    def deleted_after_resolving(name: str, ref: str | None) -> tuple[int, Path]:
+        version, path = resolve(name, ref)
+        Path(path).unlink()  # the model's files go first
+        return version, path
+
+    monkeypatch.setattr(registry, "resolve", deleted_after_resolving)
+    if route == "infer":
+        r = api.client.post("/v2/models/m/versions/2/infer", json={"inputs": []})
+    else:
+        r = api.client.get("/v2/models/m/versions/2/ready")
+    assert r.status_code in (404, 409), r.text
+    assert set(r.json()) == {"error"}
+    assert str(api.home) not in r.text and model_id not in r.text
+    assert "No such file" not in r.text
+
+
+def test_an_unreadable_model_file_names_no_path(
+    make_api: Callable[..., Api], settings: Settings, bn_onnx: bytes
+) -> None:
+    api = _real_api(make_api, settings, bn_onnx)
+    registry = api.app.state.registry
+    model_id = registry._model_row("m")["id"]
+    registry.artifact("m", 2, "onnx").write_bytes(b"not an onnx file")
+    r = api.client.put("/v1/models/m/aliases/production", json={"version": 2})
+    assert r.status_code == 400, r.text
+    assert str(api.home) not in r.text and model_id not in r.text
