@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from recalib.errors import RecalibError
 
@@ -136,5 +137,61 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(_body("invalid request: " + "; ".join(parts)), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(_body(str(exc.detail)), status_code=exc.status_code)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = _multipart_message(exc) or str(exc.detail)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            allowed = _allowed_methods(request)
+            if allowed:
+                headers["Allow"] = ", ".join(allowed)
+                message = f"expected one of {', '.join(allowed)} (got {request.method})"
+        return JSONResponse(_body(message), status_code=exc.status_code, headers=headers or None)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods some route answers at the request's path (Starlette's own ``Allow``
+    names only the first route matching the path)."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes
+        )
+    ]
+
+
+def _multipart_message(exc: BaseException) -> str | None:
+    """What the multipart parser refused, for Starlette's bare "Invalid multipart data."."""
+    if getattr(exc, "detail", None) != "Invalid multipart data.":
+        return None
+    cause = exc.__cause__ or exc.__context__
+    for _ in range(4):
+        if cause is None:
+            return None
+        text = str(cause)
+        if "Maximum header size exceeded" in text:
+            return (
+                f"multipart body: expected each part's headers (its field name and file name) "
+                f"within {_MULTIPART_HEADER_BYTES} bytes (got a longer one: shorten the "
+                "file name)"
+            )
+        if "Maximum header count exceeded" in text:
+            return (
+                f"multipart body: expected at most {_MULTIPART_HEADER_COUNT} headers per part "
+                "(got more)"
+            )
+        if cause.__cause__ is None and cause.__context__ is None:
+            return f"multipart body: invalid multipart data ({text[:200]})"
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+try:
+    from python_multipart.multipart import DEFAULT_MAX_HEADER_COUNT as _MULTIPART_HEADER_COUNT
+    from python_multipart.multipart import DEFAULT_MAX_HEADER_SIZE as _MULTIPART_HEADER_BYTES
+except ImportError:  # pragma: no cover - Starlette's multipart parser is optional
+    _MULTIPART_HEADER_BYTES, _MULTIPART_HEADER_COUNT = 4224, 8

@@ -53,6 +53,7 @@ from service.errors import (
     ServiceError,
     Unauthorized,
 )
+from service.names import check_name, is_number
 from service.runtime.kserve import HEADER_LENGTH, decode_request, encode_response
 from service.runtime.runtime import ServingRuntime
 from service.settings import Settings
@@ -342,6 +343,10 @@ async def _metadata(request: Request, name: str, ref: str | None) -> JSONRespons
 
 
 async def _ready(request: Request, name: str, ref: str | None) -> JSONResponse:
+    # a malformed name or reference is an error ({"error": ...}), not a "not ready"
+    check_name(name, "model name")
+    if ref is not None and not is_number(ref):
+        check_name(ref, "version number or alias")
     try:
         version, explicit = await _target(request, name, ref)
     except NotFound:
@@ -355,7 +360,10 @@ async def _ready(request: Request, name: str, ref: str | None) -> JSONResponse:
 
 _NAME = Annotated[str, PathParam(description="model name")]
 _READY_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"model": ModelReady, "description": "not ready"},
+    400: {
+        "model": ModelReady,
+        "description": "not ready (a malformed model name or version: the error object)",
+    },
     401: _ERRORS[401],
     404: _ERRORS[404],
 }

@@ -133,3 +133,37 @@ def test_an_unreadable_model_file_names_no_path(
     r = api.client.put("/v1/models/m/aliases/production", json={"version": 2})
     assert r.status_code == 400, r.text
     assert str(api.home) not in r.text and model_id not in r.text
+
+
+# -- item 7: the {"error": ...} format everywhere -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/v2/models/" + "a" * 10_000 + "/ready",
+        "/v2/models/" + "a" * 10_000 + "/versions/1/ready",
+        "/v2/models/m/versions/" + "b" * 10_000 + "/ready",
+    ],
+)
+def test_ready_of_a_malformed_name_is_an_error_object(api: Api, url: str) -> None:
+    r = api.client.get(url)
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    assert len(body["error"]) < 300
+    assert "expected a" in body["error"]
+
+
+def test_405_carries_an_allow_header(api: Api) -> None:
+    r = api.client.put("/v1/models")
+    assert r.status_code == 405
+    assert set(r.json()) == {"error"}
+    assert "GET" in r.headers["allow"] and "POST" in r.headers["allow"]
+
+
+def test_an_over_long_multipart_file_name_says_so(api: Api) -> None:
+    r = api.client.post("/v1/datasets", files={"file": ("x" * 200_000 + ".npz", b"x")})
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]
+    assert "file name" in message and "bytes" in message, message
