@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import sys
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,9 +54,15 @@ def _load_model(path: Path, *, onnx_ok: bool = False) -> Any:
         raise CliError(
             f"expected a .pt2 ExportedProgram (torch.export.save){also} (got {path.name!r})"
         )
+    if not zipfile.is_zipfile(path):
+        what = "an empty file" if path.stat().st_size == 0 else "not a zip archive"
+        raise CliError(
+            f"expected a .pt2 ExportedProgram (a zip archive written by torch.export.save) "
+            f"(got {path.name!r}, {what})"
+        )
     try:
         return torch.export.load(str(path))
-    except (RuntimeError, ValueError, OSError, KeyError) as exc:
+    except (RuntimeError, ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise CliError(f"could not load {path.name} with torch.export.load: {exc}") from exc
 
 
@@ -72,6 +79,18 @@ def _load_data(path: Path, key: str | None, dtype: torch.dtype) -> torch.Tensor:
     x = load_input_array(path, key)
     # Data files often hold float64 (NumPy's default) or float16: run the model in its dtype.
     return torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
+
+
+def _check_out(out: Path, *, onnx_model: bool) -> None:
+    """Refuse an ``--out`` that cannot be written, before any work is done."""
+    if onnx_model and out.suffix != ".onnx":
+        raise CliError(
+            f"an .onnx model is written as .onnx: expected --out y.onnx (got {out.name!r})"
+        )
+    if out.suffix not in (".pt2", ".onnx"):
+        raise CliError(f"expected --out ending in .pt2 or .onnx (got {out.name!r})")
+    if out.is_dir():
+        raise CliError(f"expected --out to be a file (got {str(out)!r}, a directory)")
 
 
 def _write_model(
@@ -128,6 +147,9 @@ def _plan_kwargs(args: argparse.Namespace, convert: Any) -> dict[str, Any]:
 def _cmd_recalibrate(args: argparse.Namespace) -> int:
     from .adapt import adapt
 
+    _check_out(Path(args.out), onnx_model=Path(args.model).suffix == ".onnx")
+    if args.report is not None and Path(args.report).is_dir():
+        raise CliError(f"expected --report to be a file (got {args.report!r}, a directory)")
     model = _load_model(Path(args.model), onnx_ok=True)
     if Path(args.model).suffix == ".onnx":
         report, written = _recalibrate_onnx_file(model, args)
@@ -142,6 +164,7 @@ def _cmd_recalibrate(args: argparse.Namespace) -> int:
         written = _write_model(model, Path(args.out), x, args)
     if args.report:
         payload = report.to_dict() | {"output": written}
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(json.dumps(payload, indent=2))
     if report.plan is not None:
         from .plans import PlanReport
@@ -165,10 +188,7 @@ def _recalibrate_onnx_file(model: Any, args: argparse.Namespace) -> tuple[Any, d
     from .datafiles import load_input_array
 
     out = Path(args.out)
-    if out.suffix != ".onnx":
-        raise CliError(
-            f"an .onnx model is written as .onnx: expected --out y.onnx (got {out.name!r})"
-        )
+    _check_out(out, onnx_model=True)
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
@@ -188,6 +208,7 @@ def _recalibrate_onnx_file(model: Any, args: argparse.Namespace) -> tuple[Any, d
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    _check_out(Path(args.out), onnx_model=False)
     program = _load_model(Path(args.model))
     x = _load_data(Path(args.example), args.key, _model_dtype(program))
     written = _write_model(program, Path(args.out), x, args)
@@ -248,27 +269,86 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from service.main import serve
     except ImportError as exc:
         raise CliError(f"the service is not available in this installation: {exc}") from exc
-    serve(host=args.host, port=args.port, home=args.home)
+    from pydantic import ValidationError
+
+    try:
+        serve(host=args.host, port=args.port, home=args.home)
+    except ValidationError as exc:
+        raise CliError(f"invalid service settings: {_settings_error(exc)}") from exc
     return 0
+
+
+def _settings_error(exc: Any) -> str:
+    """A pydantic ``ValidationError`` in one line: ``field: reason; ...``."""
+    parts = []
+    for err in exc.errors():
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        got = f" (got {err['input']!r})" if loc and "input" in err else ""
+        parts.append(f"{loc}: {msg}{got}" if loc else msg)
+    return "; ".join(parts).replace("\n", " ")
+
+
+_DESCRIPTION = (
+    "recalib: re-estimate the BatchNorm statistics of an exported model (.pt2 or .onnx) on "
+    "unlabeled data from a new domain, export it to ONNX, or run the REST service. Errors in "
+    "the input end the program with exit code 2 and a one-line reason on stderr."
+)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: ...)`` after an option's help, except for flags and unset options
+    (whose help says what happens without them)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action) or text
 
 
 def _add_recal_options(p: argparse.ArgumentParser) -> None:
     d = DEFAULTS
-    p.add_argument("--method", choices=list(METHODS), default=d.method)
-    p.add_argument("--mode", choices=list(MODES), default=d.mode)
     p.add_argument(
-        "--prior-strength", type=float, default=d.prior_strength, help="N for --method prior"
+        "--method",
+        choices=list(METHODS),
+        default=d.method,
+        help="estimator of the new statistics: exact (all data), ema (running average), "
+        "prior (the source statistics as a prior worth --prior-strength samples)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=list(MODES),
+        default=d.mode,
+        help="train: one pass with batch statistics; eval: passes with the running "
+        "statistics until they converge (--tol, --max-passes)",
+    )
+    p.add_argument(
+        "--prior-strength",
+        type=float,
+        default=d.prior_strength,
+        help="pseudo sample size N of the source statistics; required by --method prior",
     )
     p.add_argument("--momentum", type=float, default=d.momentum, help="EMA momentum (--method ema)")
-    p.add_argument("--max-passes", type=int, default=d.max_passes)
-    p.add_argument("--tol", type=float, default=d.tol)
-    p.add_argument("--max-samples", type=int, default=d.max_samples)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--max-passes", type=int, default=d.max_passes, help="--mode eval: most passes")
+    p.add_argument(
+        "--tol",
+        type=float,
+        default=d.tol,
+        help="--mode eval: converged when no statistic changes by more than this",
+    )
+    p.add_argument(
+        "--max-samples",
+        type=int,
+        default=d.max_samples,
+        help="use at most this many samples of --data (unset: all of them)",
+    )
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per forward pass")
     p.add_argument(
         "--anchor",
         type=int,
         default=d.anchor,
-        help="--mode eval: items of the lockstep first pass (default: what memory holds, <= 1024)",
+        help="--mode eval: items of the lockstep first pass (unset: what memory holds, <= 1024)",
     )
     p.add_argument(
         "--allow-unconverged",
@@ -276,7 +356,12 @@ def _add_recal_options(p: argparse.ArgumentParser) -> None:
         default=d.allow_unconverged,
         help="--mode eval: write statistics that did not converge instead of refusing",
     )
-    p.add_argument("--layers", nargs="*", default=None, help="layer names or globs")
+    p.add_argument(
+        "--layers",
+        nargs="*",
+        default=None,
+        help="recalibrate only these layers (names or globs; unset: every BN layer)",
+    )
     p.add_argument(
         "--plan",
         choices=["auto", "full", "source"],
@@ -287,34 +372,58 @@ def _add_recal_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--validation",
         default=None,
-        help="labeled .npz from the new domain (arrays x and y) to choose the plan by",
+        help="labeled .npz from the new domain (arrays x and y) to choose the plan by "
+        "(unset: the label-free guard chooses)",
     )
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recalib", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = _HelpFormatter
+    parser = argparse.ArgumentParser(prog="recalib", description=_DESCRIPTION, formatter_class=fmt)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    rec = sub.add_parser("recalibrate", help="re-estimate BN statistics of a .pt2/.onnx model")
+    rec = sub.add_parser(
+        "recalibrate",
+        help="re-estimate BN statistics of a .pt2/.onnx model",
+        description="Re-estimate the BatchNorm statistics of a .pt2 or .onnx model on "
+        "unlabeled calibration data and write the recalibrated model.",
+        formatter_class=fmt,
+    )
     rec.add_argument("--model", required=True, help=".pt2 ExportedProgram or .onnx model")
-    rec.add_argument("--data", required=True, help=".npz, .npy or .safetensors")
-    rec.add_argument("--key", default=None, help="array name in the data file")
+    rec.add_argument("--data", required=True, help="calibration inputs: .npz, .npy or .safetensors")
+    rec.add_argument(
+        "--key",
+        default=None,
+        help="array name in the data file (unset: the only array, else x/input/inputs/data/images)",
+    )
     rec.add_argument("--out", required=True, help="output .pt2 or .onnx (.onnx for .onnx input)")
-    rec.add_argument("--report", default=None, help="write the JSON report here")
+    rec.add_argument(
+        "--report", default=None, help="write the JSON report here (unset: no report file)"
+    )
     rec.add_argument(
         "--opset", type=int, default=17, help="ONNX opset for .pt2 -> .onnx (.onnx keeps its own)"
     )
-    rec.add_argument("--quiet", action="store_true", help="no progress bar")
+    rec.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     _add_recal_options(rec)
     rec.set_defaults(func=_cmd_recalibrate)
 
-    exp = sub.add_parser("export", help="export a .pt2 model to ONNX with BN kept")
-    exp.add_argument("--model", required=True)
-    exp.add_argument("--example", required=True, help="data file with example inputs")
-    exp.add_argument("--key", default=None)
-    exp.add_argument("--out", required=True)
-    exp.add_argument("--opset", type=int, default=17)
+    exp = sub.add_parser(
+        "export",
+        help="export a .pt2 model to ONNX with BN kept",
+        description="Export a .pt2 ExportedProgram to ONNX (or save it as .pt2) with its "
+        "BatchNorm layers kept as BatchNormalization nodes.",
+        formatter_class=fmt,
+    )
+    exp.add_argument("--model", required=True, help=".pt2 ExportedProgram")
+    exp.add_argument(
+        "--example", required=True, help="data file with example inputs (.npz, .npy, .safetensors)"
+    )
+    exp.add_argument(
+        "--key", default=None, help="array name in the example file (unset: as for recalibrate)"
+    )
+    exp.add_argument("--out", required=True, help="output .onnx (or .pt2)")
+    exp.add_argument("--opset", type=int, default=17, help="ONNX opset")
     exp.set_defaults(func=_cmd_export)
 
     demo = sub.add_parser(
@@ -322,21 +431,48 @@ def _parser() -> argparse.ArgumentParser:
         help="start the service and run register -> infer -> recalibrate -> promote -> infer "
         "on the bundled demo model and data (accuracy and drift before/after), then keep "
         "serving; --offline runs the same recalibration in-process without the service",
+        description="Run the bundled demo: through the REST API of a fresh service, or "
+        "in-process with --offline.",
+        formatter_class=fmt,
     )
     demo.add_argument("--offline", action="store_true", help="in-process, no service")
     demo.add_argument("--exit", action="store_true", help="stop the service after the story")
     demo.add_argument("--host", default=None, help="service host (default 127.0.0.1)")
     demo.add_argument("--port", type=int, default=None, help="service port (default 8000)")
-    demo.add_argument("--home", default=None, help="service state directory (./.recalib)")
-    demo.add_argument("--method", choices=["exact", "ema", "prior"], default="exact")
-    demo.add_argument("--mode", choices=["train", "eval"], default="train")
+    demo.add_argument(
+        "--home", default=None, help="service state directory (default: RECALIB_HOME or ./.recalib)"
+    )
+    demo.add_argument(
+        "--method",
+        choices=["exact", "ema", "prior"],
+        default="exact",
+        help="--offline: estimator (as for recalibrate)",
+    )
+    demo.add_argument(
+        "--mode",
+        choices=["train", "eval"],
+        default="train",
+        help="--offline: recalibration mode (as for recalibrate)",
+    )
     demo.add_argument("--out", default=None, help="--offline: save the recalibrated .pt2 here")
     demo.set_defaults(func=_cmd_demo)
 
-    serve = sub.add_parser("serve", help="run the REST service")
-    serve.add_argument("--host", default=None, help="default: RECALIB_HOST or 127.0.0.1")
-    serve.add_argument("--port", type=int, default=None, help="default: RECALIB_PORT or 8000")
-    serve.add_argument("--home", default=None, help="state directory (default ./.recalib)")
+    serve = sub.add_parser(
+        "serve",
+        help="run the REST service",
+        description="Run the REST service until interrupted. Settings come from the "
+        "RECALIB_* environment; the options override host, port and home.",
+        formatter_class=fmt,
+    )
+    serve.add_argument(
+        "--host", default=None, help="interface to bind (default: RECALIB_HOST or 127.0.0.1)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=None, help="TCP port (default: RECALIB_PORT or 8000)"
+    )
+    serve.add_argument(
+        "--home", default=None, help="state directory (default: RECALIB_HOME or ./.recalib)"
+    )
     serve.set_defaults(func=_cmd_serve)
     return parser
 
@@ -347,8 +483,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (CliError, RecalibError) as exc:
-        print(f"recalib: error: {exc}", file=sys.stderr)
+        print(f"recalib: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file that cannot be read or written (permissions, disk full)
+        print(f"recalib: error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ conventional names ``x``, ``input``, ``inputs``, ``data``, ``images``.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,27 @@ __all__ = ["SUFFIXES", "load_arrays", "load_input_array", "pick_input"]
 
 SUFFIXES = (".npz", ".npy", ".safetensors")
 _CONVENTIONAL = ("x", "input", "inputs", "data", "images")
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _check_format(p: Path, suffix: str) -> None:
+    """Refuse a file that is not what its suffix says, before NumPy guesses (NumPy reports
+    any unknown bytes as "pickled (object) data" and an empty file as EOFError)."""
+    if suffix == ".npz" and not zipfile.is_zipfile(p):
+        size = p.stat().st_size
+        raise DataError(
+            f"expected a .npz file (a zip archive of .npy arrays, np.savez) (got {p.name!r}, "
+            f"{'an empty file' if size == 0 else f'{size} bytes that are not a zip archive'})"
+        )
+    if suffix == ".npy":
+        with p.open("rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+        if head != _NPY_MAGIC:
+            what = "an empty file" if not head else "no .npy header"
+            raise DataError(
+                f"expected a .npy file (np.save, starting with the NumPy magic bytes) "
+                f"(got {p.name!r}, {what})"
+            )
 
 
 def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
@@ -26,19 +48,35 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
     suffix = p.suffix.lower()
     if not p.is_file():
         raise DataError(f"expected a data file (got {str(p)!r}, which does not exist)")
+    if suffix not in SUFFIXES:
+        raise DataError(f"expected a data file ending in {', '.join(SUFFIXES)} (got {p.name!r})")
+    _check_format(p, suffix)
     try:
         if suffix == ".npy":
             return {"x": np.load(p, mmap_mode="r", allow_pickle=False)}
         if suffix == ".npz":
             with np.load(p, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
+                arrays = {k: z[k] for k in z.files}
+            other = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))
+            if other:
+                raise DataError(
+                    f"expected a .npz file of .npy arrays (np.savez) (got {p.name!r} with "
+                    f"members that are not .npy arrays: {other})"
+                )
+            return arrays
         if suffix == ".safetensors":
             from safetensors.numpy import load_file
 
             return dict(load_file(str(p)))
-    except (ValueError, OSError, KeyError) as exc:
+    except DataError:
+        raise
+    except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"could not read {p.name} as {suffix} data: {exc}") from exc
-    raise DataError(f"expected a data file ending in {', '.join(SUFFIXES)} (got {p.name!r})")
+    except Exception as exc:  # safetensors.SafetensorError (a plain Exception)
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise DataError(f"could not read {p.name} as .safetensors data: {exc}") from exc
+    raise AssertionError(suffix)  # unreachable: the suffix was checked above
 
 
 def pick_input(arrays: dict[str, np.ndarray], key: str | None = None) -> np.ndarray:

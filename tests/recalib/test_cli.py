@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,7 @@ import onnx
 import pytest
 import torch
 
-from recalib.cli import main
+from recalib.cli import _parser, main
 from recalib.demo import ASSETS
 from recalib.onnx.names import bn_node_stats
 
@@ -101,6 +104,15 @@ def test_recalibrate_pt2_to_onnx_then_onnx_to_onnx(
         ({"data": "cal.txt"}, "expected a data file ending in .npz, .npy, .safetensors"),
         ({"data": "nan"}, "NaN/Inf in the input of layer 'features.0.1' at batch 0"),
         ({"out": "out.txt"}, "expected --out ending in .pt2 or .onnx"),
+        ({"model": "junk.pt2"}, "(got 'junk.pt2', not a zip archive)"),
+        ({"model": "empty.pt2"}, "(got 'empty.pt2', an empty file)"),
+        ({"model": "zip.pt2"}, "could not load zip.pt2 with torch.export.load"),
+        ({"data": "empty.npz"}, "expected a .npz file (a zip archive of .npy arrays"),
+        ({"data": "junk.npz"}, "(got 'junk.npz', 7 bytes that are not a zip archive)"),
+        ({"data": "text_member.npz"}, "members that are not .npy arrays: ['a.txt']"),
+        ({"data": "empty.npy"}, "expected a .npy file (np.save"),
+        ({"data": "junk.npy"}, "(got 'junk.npy', no .npy header)"),
+        ({"data": "junk.safetensors"}, "could not read junk.safetensors as .safetensors"),
     ],
 )
 def test_bad_pt2_input_exits_2_with_one_line(
@@ -112,12 +124,128 @@ def test_bad_pt2_input_exits_2_with_one_line(
 ) -> None:
     (tmp_path / "model.txt").write_text("not a model")
     (tmp_path / "cal.txt").write_text("not data")
+    for name in ("junk.pt2", "junk.npz", "junk.npy", "junk.safetensors"):
+        (tmp_path / name).write_bytes(b"garbage")
+    for name in ("empty.pt2", "empty.npz", "empty.npy"):
+        (tmp_path / name).write_bytes(b"")
+    with zipfile.ZipFile(tmp_path / "text_member.npz", "w") as z:
+        z.writestr("a.txt", "not an array")
+    (tmp_path / "zip.pt2").write_bytes(files["cal"].read_bytes())  # a zip, not a .pt2
     paths = {"model": str(files["model"]), "data": str(files["cal"]), "out": "out.pt2"}
     for key, value in change.items():
         paths[key] = str(files[value]) if value in files else str(tmp_path / value)
     argv = ["recalibrate", "--model", paths["model"], "--data", paths["data"]]
     assert main([*argv, "--out", str(tmp_path / paths["out"]), "--quiet"]) == 2
+    line = _stderr_line(capsys)
+    assert reason in line
+    assert "pickled" not in line
+
+
+@pytest.mark.parametrize(
+    ("model", "out", "reason"),
+    [
+        ("model", "o.txt", "expected --out ending in .pt2 or .onnx (got 'o.txt')"),
+        ("onnx", "o.pt2", "expected --out y.onnx (got 'o.pt2')"),
+        ("model", "dir.pt2", "expected --out to be a file"),
+    ],
+)
+def test_bad_out_is_refused_before_any_work(
+    files: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    model: str,
+    out: str,
+    reason: str,
+) -> None:
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("recalibrated before the --out check")
+
+    module = importlib.import_module("recalib.adapt")  # recalib.adapt is also a function
+    monkeypatch.setattr(module, "adapt", no_work)
+    monkeypatch.setattr(module, "adapt_onnx", no_work)
+    (tmp_path / "dir.pt2").mkdir()
+    (tmp_path / "m.onnx").write_bytes(b"\x08garbage")  # --out is checked before loading
+    path = files["model"] if model == "model" else tmp_path / "m.onnx"
+    argv = ["recalibrate", "--model", str(path), "--data", str(files["cal"]), "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / out)]) == 2
     assert reason in _stderr_line(capsys)
+
+
+def test_export_refuses_a_bad_out_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["export", "--model", str(tmp_path / "missing.pt2"), "--example", "x.npz"]
+    assert main([*argv, "--out", str(tmp_path / "o.txt")]) == 2
+    assert "expected --out ending in .pt2 or .onnx (got 'o.txt')" in _stderr_line(capsys)
+
+
+def test_unwritable_report_exits_2_with_one_line(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("a file, not a directory")
+    argv = ["recalibrate", "--model", str(files["model"]), "--data", str(files["cal"])]
+    argv += ["--out", str(tmp_path / "o.pt2"), "--quiet", "--max-samples", "8"]
+    assert main([*argv, "--report", str(tmp_path / "file" / "r.json")]) == 2
+    assert "file" in _stderr_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "reason"),
+    [
+        (["--host", "0.0.0.0"], "refusing to serve on a non-loopback host without RECALIB_API"),
+        (["--port", "99999"], "port: Input should be less than or equal to 65535 (got 99999)"),
+    ],
+)
+def test_serve_with_bad_settings_exits_2_with_one_line(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    reason: str,
+) -> None:
+    for name in ("RECALIB_API_TOKEN", "RECALIB_ALLOW_OPEN", "RECALIB_HOST", "RECALIB_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["serve", *argv]) == 2
+    line = _stderr_line(capsys)
+    assert line.startswith("recalib: error: invalid service settings: ")
+    assert reason in line
+
+
+def test_help_is_plain_text_with_a_help_and_default_for_every_option(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    top = capsys.readouterr().out
+    assert "``" not in top and "re-estimate the BatchNorm statistics" in top
+
+    parser = _parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, cmd in sub.choices.items():
+        for action in cmd._actions:
+            assert action.help, (name, action.option_strings)
+        text = cmd.format_help()
+        assert "``" not in text, name
+    rec = sub.choices["recalibrate"].format_help()
+    for shown in ("(default: 64)", "(default: exact)", "(default: auto)", "(default: 17)"):
+        assert shown in rec, shown
+
+
+def test_progress_bar_has_a_total_when_the_batches_are_known() -> None:
+    from recalib.run_options import batch_total, progress_bar
+
+    assert batch_total(torch.zeros(130, 3), 64) == 3
+    assert batch_total(np.zeros((130, 3)), 64, max_samples=100, passes=2) == 4
+    assert batch_total([torch.zeros(2, 3)] * 5, 64) == 5  # an iterable of batches
+    assert batch_total(iter([torch.zeros(2, 3)]), 64) is None  # one-shot: unknown
+    bar = progress_bar(True, "recalibrate", total=3)
+    try:
+        assert bar.total == 3
+    finally:
+        bar.close()
+    assert progress_bar(False, "recalibrate", total=3) is None
+    assert progress_bar(True, "x").total is None
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +308,8 @@ def test_recalibrate_prints_the_plan_table_and_takes_a_validation_file(
         (["--max-passes", "0"], "expected max_passes >= 1 (got 0)"),
         (["--validation", "val_no_y.npz"], "expected a validation file with arrays 'x'"),
         (["--validation", "missing.npz"], "does not exist"),
+        (["--method", "prior"], "method='prior' needs prior_strength"),
+        (["--validation", "empty.npz"], "expected a .npz file (a zip archive"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(
@@ -190,6 +320,7 @@ def test_bad_options_exit_2_with_one_line(
     reason: str,
 ) -> None:
     np.savez(tmp_path / "val_no_y.npz", x=np.zeros((4, 3, 16, 16), np.float32))
+    (tmp_path / "empty.npz").write_bytes(b"")
     extra = [str(tmp_path / e) if e.endswith(".npz") else e for e in extra]
     argv = ["recalibrate", "--model", str(files["model"]), "--data", str(files["cal"])]
     assert main([*argv, "--out", str(tmp_path / "o.pt2"), "--quiet", *extra]) == 2
