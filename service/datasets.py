@@ -41,6 +41,7 @@ __all__ = [
     "DatasetStore",
     "TensorInfo",
     "Upload",
+    "check_uncompressed_size",
     "copy_upload",
     "describe_arrays",
     "input_array_name",
@@ -204,6 +205,31 @@ def _describe_safetensors(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
+def check_uncompressed_size(path: Path, size: int, limit: int) -> None:
+    """Refuse a data file whose arrays take more than ``limit`` bytes once decompressed.
+
+    For an ``.npz`` the sizes come from the archive's directory, before anything is
+    decompressed (:func:`describe_arrays` then checks each member's ``.npy`` header
+    against its size); other formats are stored uncompressed (their ``size``). An archive
+    that cannot be read is left to :func:`describe_arrays` to report.
+
+    Raises:
+        PayloadTooLarge: more than ``limit`` bytes.
+    """
+    total = size
+    if path.suffix.lower() == ".npz":
+        try:
+            with zipfile.ZipFile(path) as zf:
+                total = sum(member.file_size for member in zf.infolist())
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return
+    if total > limit:
+        raise PayloadTooLarge(
+            f"expected a data set of at most {limit} bytes once decompressed "
+            f"(got {total} bytes of arrays in a {size}-byte upload)"
+        )
+
+
 def describe_arrays(path: Path) -> dict[str, TensorInfo]:
     """The arrays of a data file from its headers (nothing is loaded whole).
 
@@ -260,24 +286,38 @@ class DatasetStore:
     def root(self) -> Path:
         return self._home / "datasets"
 
-    async def create(self, upload: Upload, *, max_bytes: int) -> DatasetInfo:
+    async def create(
+        self, upload: Upload, *, max_bytes: int, max_uncompressed_bytes: int | None = None
+    ) -> DatasetInfo:
         """Store an uploaded data file (see the module docstring).
 
         Raises:
             InvalidInput: not a supported data file, or no usable input array.
-            PayloadTooLarge: more than ``max_bytes``.
+            PayloadTooLarge: more than ``max_bytes``, or arrays of more than
+                ``max_uncompressed_bytes`` once decompressed.
         """
         suffix = upload_suffix(upload.filename, SUFFIXES, "data")
         staging = self._home / "tmp" / f"dataset-{uuid.uuid4().hex}"
         staging.mkdir(parents=True)
         try:
-            return await asyncio.to_thread(self._store, upload, staging, suffix, max_bytes)
+            return await asyncio.to_thread(
+                self._store, upload, staging, suffix, max_bytes, max_uncompressed_bytes
+            )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _store(self, upload: Upload, staging: Path, suffix: str, max_bytes: int) -> DatasetInfo:
+    def _store(
+        self,
+        upload: Upload,
+        staging: Path,
+        suffix: str,
+        max_bytes: int,
+        max_uncompressed_bytes: int | None = None,
+    ) -> DatasetInfo:
         data = staging / f"data{suffix}"
         size, sha = copy_upload(upload.file, data, max_bytes=max_bytes)
+        if max_uncompressed_bytes is not None:
+            check_uncompressed_size(data, size, max_uncompressed_bytes)
         try:
             tensors = describe_arrays(data)
             name = input_array_name(tensors)

@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=1 << 30, gt=0)
     """Largest model or dataset upload (413 above)."""
 
+    max_dataset_uncompressed_bytes: int = Field(default=2 << 30, gt=0)
+    """Largest data set once decompressed: the sum of its arrays' sizes, read from the
+    ``.npy`` headers (and sizes) of an ``.npz`` before anything is decompressed (413
+    above). A small ``.npz`` can hold huge arrays of zeros; jobs load the arrays whole."""
+
     max_request_bytes: int = Field(default=64 << 20, gt=0)
     """Largest inference request body (413 above)."""
 

@@ -38,7 +38,11 @@ async def upload_dataset(
     settings: SettingsDep,
     file: Annotated[UploadFile, File(description="the data file; nothing is unpickled")],
 ) -> DatasetInfo:
-    return await datasets.create(file, max_bytes=settings.max_upload_bytes)
+    return await datasets.create(
+        file,
+        max_bytes=settings.max_upload_bytes,
+        max_uncompressed_bytes=settings.max_dataset_uncompressed_bytes,
+    )
 
 
 @router.get("", summary="List data sets")
