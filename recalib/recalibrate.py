@@ -56,7 +56,7 @@ from .layers import NormLayer, find_norm_layers, select_by_name
 from .modes import eval_mode
 from .options import DEFAULTS, RecalibOptions
 from .report import LayerReport, RecalibrationReport, compare_stats
-from .run_options import progress_bar, relative_change
+from .run_options import batch_total, progress_bar, relative_change
 from .tapping import LayerTap, installed
 
 __all__ = ["recalibrate"]
@@ -404,7 +404,9 @@ def recalibrate(
     residual: float | None = None
     items = batches = passes_used = anchored = 0
     finals: dict[str, ExactEstimator] = {}
-    bar = progress_bar(progress, f"recalibrate ({method}/{mode})")
+    # A total only for one pass: eval mode stops when it converges (2 passes, usually).
+    total = batch_total(data, batch_size, max_samples) if mode == "train" else None
+    bar = progress_bar(progress, f"recalibrate ({method}/{mode})", total=total)
     run = _Run(net, data, selected, make, batch_size, max_samples, dev, forward, bar)
 
     def report() -> RecalibrationReport:

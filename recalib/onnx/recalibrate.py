@@ -104,7 +104,7 @@ from ..layers import select_by_name
 from ..moments import ChannelMoments
 from ..options import DEFAULTS, RecalibOptions
 from ..report import LayerReport, RecalibrationReport, compare_stats
-from ..run_options import progress_bar, relative_change
+from ..run_options import batch_total, progress_bar, relative_change
 from .graph import ORT_NUMPY_TYPES, GraphIndex, opset_of
 from .names import (
     BN_MAP_KEY,
@@ -1004,7 +1004,9 @@ def recalibrate_onnx(
     estimators: dict[str, ExactEstimator] = {}
     items = batches = anchored = 0
     converged, residual, used = mode == "train", None, 0
-    bar = progress_bar(progress, f"recalibrate_onnx ({method}/{mode})")
+    # A total only for one pass: eval mode stops when it converges (2 passes, usually).
+    total = batch_total(data, batch_size, max_samples) if mode == "train" else None
+    bar = progress_bar(progress, f"recalibrate_onnx ({method}/{mode})", total=total)
     try:
         first = 0
         if mode == "eval" and anchor != 0:
