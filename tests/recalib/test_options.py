@@ -49,6 +49,10 @@ def test_bad_options_are_refused_the_same_way_by_both_entry_points(
         recalib.recalibrate_onnx(b"not read before the options", np.zeros((8, 3)), **change)  # type: ignore[arg-type]
 
 
+# Every option the CLI and the job request expose (init stays a Python-only knob).
+_SHARED = tuple(f.name for f in dataclasses.fields(RecalibOptions) if f.name != "init")
+
+
 def test_one_default_for_every_entry_point() -> None:
     assert DEFAULTS.mode == "train" and DEFAULTS.method == "exact"
     for fn in (recalib.recalibrate, recalib.recalibrate_onnx):
@@ -58,28 +62,10 @@ def test_one_default_for_every_entry_point() -> None:
     from service.jobs import RecalibrationRequest
 
     request = RecalibrationRequest(dataset="d")
-    for name in (
-        "method",
-        "mode",
-        "prior_strength",
-        "momentum",
-        "max_passes",
-        "tol",
-        "batch_size",
-        "max_samples",
-    ):
+    for name in _SHARED:
         assert getattr(request, name) == getattr(DEFAULTS, name), name
     from recalib.cli import _parser
 
     args = _parser().parse_args(["recalibrate", "--model", "m", "--data", "d", "--out", "o"])
-    for name in (
-        "method",
-        "mode",
-        "prior_strength",
-        "momentum",
-        "max_passes",
-        "tol",
-        "batch_size",
-        "max_samples",
-    ):
+    for name in _SHARED:
         assert getattr(args, name) == getattr(DEFAULTS, name), name
