@@ -100,14 +100,18 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+# The interactive docs and the schema: they list every route, so they are behind the token.
+_DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
 class AuthGate:
     """ASGI middleware: 401 for a protected path without the configured bearer token,
     before anything else looks at the request.
 
     Args:
         app: the wrapped application.
-        settings: ``api_token``, ``protect_health`` and ``protect_metrics`` say which
-            paths are protected.
+        settings: ``api_token``, ``protect_health``, ``protect_metrics`` and
+            ``public_docs`` say which paths are protected.
     """
 
     def __init__(self, app: ASGIApp, *, settings: Settings) -> None:
@@ -123,6 +127,8 @@ class AuthGate:
             return self.settings.protect_health
         if path == "/metrics":
             return self.settings.protect_metrics
+        if path in _DOC_PATHS:
+            return not self.settings.public_docs
         return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     protect_metrics: bool = False
     """Also require the token on /metrics."""
 
+    public_docs: bool = False
+    """Serve /docs, /redoc and /openapi.json without the token (behind it by default)."""
+
     max_upload_bytes: int = Field(default=1 << 30, gt=0)
     """Largest model or dataset upload (413 above)."""
 

@@ -203,3 +203,15 @@ def test_an_npz_of_huge_zeros_is_413_with_the_numbers(
 def test_the_default_limit_refuses_a_4_gib_array() -> None:
     assert Settings().max_dataset_uncompressed_bytes < 4 << 30
     assert Settings().max_dataset_uncompressed_bytes >= Settings().max_upload_bytes
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json"])
+def test_docs_and_schema_are_behind_the_token_unless_public(
+    make_api: Callable[..., Any], settings: Settings, path: str
+) -> None:
+    api = make_api(settings)
+    anonymous = api.client.get(path, headers={"Authorization": ""})
+    assert anonymous.status_code == 401 and "error" in anonymous.json()
+    assert api.client.get(path).status_code == 200  # the client sends the token
+    public = make_api(settings.model_copy(update={"public_docs": True}))
+    assert public.client.get(path, headers={"Authorization": ""}).status_code == 200
