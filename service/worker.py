@@ -168,17 +168,30 @@ def _example(x: np.ndarray, convert: Callable[[np.ndarray], Any]) -> Any:
     return convert(rows)
 
 
-def _plan_validation(spec: JobSpec, convert: Callable[[np.ndarray], Any]) -> Any:
-    """``(x, y)`` of the job's labeled validation set for choosing the plan, or ``None``."""
+Labeled = tuple[np.ndarray, np.ndarray]
+
+
+def _load_validation(spec: JobSpec) -> Labeled | None:
+    """``(x, y)`` of the job's labeled validation set (read once: it chooses the plan and
+    gates the result), or ``None``."""
     if spec.validation is None:
         return None
     from recalib.datafiles import load_arrays
 
     arrays = load_arrays(spec.validation["dataset"])
-    return convert(np.ascontiguousarray(arrays["x"])), np.asarray(arrays["y"])
+    return np.asarray(arrays["x"]), np.asarray(arrays["y"])
 
 
-def _recalibrate_pt2(spec: JobSpec, x: np.ndarray, out: Path, progress: _Progress) -> Any:
+def _plan_validation(labeled: Labeled | None, convert: Callable[[np.ndarray], Any]) -> Any:
+    """The validation pair in the model's input type, for choosing the plan."""
+    if labeled is None:
+        return None
+    return convert(np.ascontiguousarray(labeled[0])), labeled[1]
+
+
+def _recalibrate_pt2(
+    spec: JobSpec, x: np.ndarray, labeled: Labeled | None, out: Path, progress: _Progress
+) -> Any:
     import torch
 
     from recalib.adapt import adapt
@@ -201,7 +214,7 @@ def _recalibrate_pt2(spec: JobSpec, x: np.ndarray, out: Path, progress: _Progres
         progress=progress,
     )
     progress.stage("recalibrating")
-    report = adapt(program, batches, validation=_plan_validation(spec, convert), **params)
+    report = adapt(program, batches, validation=_plan_validation(labeled, convert), **params)
     progress.stage("exporting")
     export = export_onnx(program, _example(x, convert), out / "model.onnx")
     torch.export.save(program, str(out / "model.pt2"))
@@ -222,7 +235,9 @@ def _onnx_input_dtype(model: Any) -> np.dtype[Any]:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
 
 
-def _recalibrate_onnx(spec: JobSpec, x: np.ndarray, out: Path, progress: _Progress) -> Any:
+def _recalibrate_onnx(
+    spec: JobSpec, x: np.ndarray, labeled: Labeled | None, out: Path, progress: _Progress
+) -> Any:
     import onnx
 
     try:
@@ -243,7 +258,7 @@ def _recalibrate_onnx(spec: JobSpec, x: np.ndarray, out: Path, progress: _Progre
         progress=progress,
     )
     progress.stage("recalibrating")
-    validation = _plan_validation(spec, lambda a: a.astype(dtype, copy=False))
+    validation = _plan_validation(labeled, lambda a: a.astype(dtype, copy=False))
     model, report = adapt_onnx(base, batches, validation=validation, **params)
     onnx.save(model, str(out / "model.onnx"))
     return report, None
@@ -277,13 +292,10 @@ def _accuracy(path: Path | str, x: np.ndarray, y: np.ndarray, threads: int) -> f
     return correct / len(x)
 
 
-def _validate(spec: JobSpec, new_onnx: Path) -> dict[str, Any]:
-    from recalib.datafiles import load_arrays
-
-    if spec.validation is None:
+def _validate(spec: JobSpec, new_onnx: Path, labeled: Labeled | None) -> dict[str, Any]:
+    if spec.validation is None or labeled is None:
         raise JobError("no validation was asked for")
-    arrays = load_arrays(spec.validation["dataset"])
-    x, y = arrays["x"], np.asarray(arrays["y"])
+    x, y = labeled
     base = _accuracy(spec.base_onnx, x, y, spec.threads)
     new = _accuracy(new_onnx, x, y, spec.threads)
     limit = float(spec.validation["max_accuracy_drop"])
@@ -304,14 +316,15 @@ def _run(spec: JobSpec, progress: _Progress) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     progress.stage("loading")
     x = load_input_array(spec.dataset, spec.key)
+    labeled = _load_validation(spec)
     if spec.base_pt2 is not None:
-        report, export = _recalibrate_pt2(spec, x, out, progress)
+        report, export = _recalibrate_pt2(spec, x, labeled, out, progress)
     else:
-        report, export = _recalibrate_onnx(spec, x, out, progress)
+        report, export = _recalibrate_onnx(spec, x, labeled, out, progress)
     validation = None
     if spec.validation is not None:
         progress.stage("validating")
-        validation = _validate(spec, out / "model.onnx")
+        validation = _validate(spec, out / "model.onnx", labeled)
     payload = {
         "kind": "recalibration",
         "recalibration": report.to_dict(),
