@@ -25,11 +25,11 @@ from torch import Tensor, nn
 from .batches import Batch, ForwardFn, iterate_batches
 from .errors import DataError, OptionsError
 from .exported import resolve_model
-from .layers import NormLayer, find_norm_layers
+from .layers import NormLayer, current_stats, find_norm_layers
 from .modes import eval_mode
 from .onnx.graph import ORT_NUMPY_TYPES, GraphIndex
 from .onnx.names import bn_nodes, read_bn_map, set_bn_node_stats
-from .onnx.recalibrate import ort_errors, recalibrate_onnx
+from .onnx.recalibrate import load_onnx_model, ort_errors, recalibrate_onnx
 from .options import RecalibOptions
 from .plans import FloatArray, Metric, PlanReport, Stats, check_plan_args, class_rows, select_plan
 from .recalibrate import recalibrate
@@ -71,7 +71,7 @@ def _labels(validation: Validation | None) -> tuple[Any, np.ndarray] | None:
 def _checked_call(
     data: Any,
     validation: Validation | None,
-    plan: str,
+    plan: tuple[str, float, float, float],
     guard_items: int,
     batch_size: int,
     options: dict[str, Any],
@@ -81,10 +81,10 @@ def _checked_call(
     validation pair."""
     fields = {f.name for f in dataclasses.fields(RecalibOptions)}
     RecalibOptions(batch_size=batch_size, **{k: v for k, v in options.items() if k in fields})
-    check_plan_args(plan, 1.0, 0.5, 0.0)
+    check_plan_args(*plan)  # ``(plan, z, confidence, tolerance)``
     if isinstance(guard_items, bool) or not isinstance(guard_items, int) or guard_items < 1:
         raise OptionsError(f"expected guard_items >= 1 (got {guard_items!r})")
-    if plan == "auto" and _one_shot(data):
+    if plan[0] == "auto" and _one_shot(data):
         raise DataError(
             "plan='auto' reads the calibration data again to score candidates; expected a "
             f"re-iterable (tensor, array, list, DataLoader) (got a one-shot {type(data).__name__})"
@@ -131,7 +131,8 @@ def _stats(layer: NormLayer) -> tuple[FloatArray, FloatArray] | None:
     mean, var = m.running_mean, m.running_var
     if mean is None or var is None or isinstance(mean, nn.parameter.UninitializedBuffer):
         return None
-    return mean.detach().cpu().double().numpy().copy(), var.detach().cpu().double().numpy().copy()
+    mean64, var64 = current_stats(layer)
+    return mean64.cpu().numpy(), var64.cpu().numpy()
 
 
 def _write(layer: NormLayer, stats: tuple[FloatArray, FloatArray]) -> None:
@@ -236,7 +237,9 @@ def adapt(
         The :class:`~recalib.report.RecalibrationReport` of the deployed statistics, with
         ``report.plan`` (a :class:`~recalib.plans.PlanReport` as a dict).
     """
-    checked = _checked_call(data, validation, plan, guard_items, batch_size, options)
+    checked = _checked_call(
+        data, validation, (plan, z, confidence, tolerance), guard_items, batch_size, options
+    )
     dev = torch.device(device) if device is not None else None
     net, selected = _torch_layers(model, layers)
     before = {lay.name: s for lay in selected if (s := _stats(lay)) is not None}
@@ -363,13 +366,20 @@ class _OrtRunner:
             )
         return {self._input_name: arr(payload, self._input_name)}
 
-    def rows(self, stats: dict[str, tuple[np.ndarray, np.ndarray]], batches: list[Any]) -> Any:
+    def rows(
+        self, stats: dict[str, tuple[np.ndarray, np.ndarray]], *batch_lists: list[Any]
+    ) -> list[FloatArray]:
+        """Class scores of the model holding ``stats``, one array per list of batches (one
+        copy of the model and one session for all of them)."""
         model = copy.deepcopy(self._model)
         set_bn_node_stats(model, stats)
         session = self._ort.InferenceSession(model.SerializeToString(), providers=self._providers)
         dtypes = {
             i.name: np.dtype(ORT_NUMPY_TYPES.get(i.type, np.float32)) for i in session.get_inputs()
         }
+        return [self._scores(session, dtypes, batches) for batches in batch_lists]
+
+    def _scores(self, session: Any, dtypes: dict[str, np.dtype[Any]], batches: list[Any]) -> Any:
         out = []
         for index, batch in enumerate(batches):
             feed = self._feed(batch, dtypes)
@@ -413,7 +423,9 @@ def adapt_onnx(
         ``(model, report)``: a copy deploying the chosen plan, and its report with
         ``report.plan``.
     """
-    checked = _checked_call(data, validation, plan, guard_items, batch_size, options)
+    checked = _checked_call(
+        data, validation, (plan, z, confidence, tolerance), guard_items, batch_size, options
+    )
     scoring = plan == "auto"  # a forced plan needs no candidate scoring
     # Read before recalibrating, so a progress counter ends on the recalibration's pass.
     guard = (
@@ -426,16 +438,14 @@ def adapt_onnx(
         if checked is not None and scoring
         else []
     )
+    base_model = load_onnx_model(model_or_path)  # read once, for the run and the source
     full_model, report = recalibrate_onnx(
-        model_or_path,
+        base_model,
         data,
         batch_size=batch_size,
         input_name=input_name,
         providers=providers,
         **options,
-    )
-    base_model = (
-        model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(model_or_path)
     )
     infos = read_bn_map(full_model)
     before_nodes, after_nodes = _stored_stats(base_model), _stored_stats(full_model)
@@ -456,9 +466,10 @@ def adapt_onnx(
         return {key: stats[lay] for lay, keys in nodes_of.items() for key in keys}
 
     def evaluate(stats: Stats) -> tuple[FloatArray, FloatArray | None]:
-        written = per_node(stats)
-        rows = runner.rows(written, guard)
-        return rows, (runner.rows(written, val) if checked is not None else None)
+        if checked is None:
+            return runner.rows(per_node(stats), guard)[0], None
+        rows, val_rows = runner.rows(per_node(stats), guard, val)
+        return rows, val_rows
 
     eps = {lay: infos[keys[0]].epsilon for lay, keys in nodes_of.items()}
     plan_report, deployed = select_plan(

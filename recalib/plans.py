@@ -193,10 +193,9 @@ def probabilities(rows: FloatArray) -> FloatArray:
     sums = rows.sum(axis=1)
     if np.all(rows >= 0.0) and np.allclose(sums, 1.0, atol=1e-3):
         return rows
-    z = rows - rows.max(axis=1, keepdims=True)
-    e = np.exp(z)
     if np.all(rows <= 0.0) and np.allclose(np.exp(rows).sum(axis=1), 1.0, atol=1e-3):
         return np.exp(rows)
+    e = np.exp(rows - rows.max(axis=1, keepdims=True))
     out: FloatArray = e / e.sum(axis=1, keepdims=True)
     return out
 

@@ -119,7 +119,7 @@ from .names import (
 )
 from .taps import TAP_PREFIX, BnTap, TapBuilder, add_tap_outputs, tap_moments
 
-__all__ = ["OnnxModelError", "ort_errors", "recalibrate_onnx"]
+__all__ = ["OnnxModelError", "load_onnx_model", "ort_errors", "recalibrate_onnx"]
 
 PREFIX = "recalib_cal"
 """Prefix of every name the working copy adds (besides the taps' ``recalib_tap::``)."""
@@ -156,7 +156,8 @@ class _Node:
 
 
 # --------------------------------------------------------------------------- the model
-def _load(model_or_path: onnx.ModelProto | str | Path) -> onnx.ModelProto:
+def load_onnx_model(model_or_path: onnx.ModelProto | str | Path) -> onnx.ModelProto:
+    """``model_or_path`` as a ModelProto (read from its file), or an :class:`OnnxModelError`."""
     if isinstance(model_or_path, onnx.ModelProto):
         return model_or_path
     if not isinstance(model_or_path, str | Path):
@@ -967,7 +968,7 @@ def recalibrate_onnx(
         allow_unconverged=allow_unconverged,
     )  # validated once, here
     start = time.perf_counter()
-    original = _load(model_or_path)
+    original = load_onnx_model(model_or_path)
     infos = _select(_bn_map(original), layers)
     opset = opset_of(original)
     if opset < _MIN_OPSET:
