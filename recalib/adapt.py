@@ -31,11 +31,11 @@ from .onnx.graph import ORT_NUMPY_TYPES, GraphIndex
 from .onnx.names import bn_nodes, read_bn_map, set_bn_node_stats
 from .onnx.recalibrate import load_onnx_model, ort_errors, recalibrate_onnx
 from .options import RecalibOptions
-from .plans import FloatArray, Metric, PlanReport, Stats, check_plan_args, class_rows, select_plan
+from .plans import FloatArray, Metric, Stats, check_plan_args, class_rows, select_plan
 from .recalibrate import recalibrate
 from .report import RecalibrationReport, compare_stats
 
-__all__ = ["GUARD_ITEMS", "adapt", "adapt_onnx", "data_flow_order", "plan_of"]
+__all__ = ["GUARD_ITEMS", "adapt", "adapt_onnx", "data_flow_order"]
 
 GUARD_ITEMS = 256
 """Calibration items the label-free guard scores each candidate on (the first ones)."""
@@ -492,8 +492,3 @@ def adapt_onnx(
     _report_for(report, before, deployed, eps)
     report.plan = plan_report.to_dict()
     return out, report
-
-
-def plan_of(report: RecalibrationReport) -> PlanReport | None:
-    """The :class:`PlanReport` stored in ``report.plan`` (``None`` if there is none)."""
-    return None if report.plan is None else PlanReport.from_dict(report.plan)

@@ -56,13 +56,20 @@ from .errors import DataError, OptionsError, OutputError
 __all__ = [
     "PLAN_CHOICES",
     "CandidateScore",
+    "FloatArray",
     "Metric",
     "Plan",
     "PlanReport",
+    "Stats",
     "candidate_plans",
+    "check_plan_args",
     "choose_plan",
     "class_rows",
+    "effective_classes",
     "plan_stats",
+    "probabilities",
+    "select_plan",
+    "target_weight",
 ]
 
 FloatArray = npt.NDArray[np.float64]
