@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = [
     "HELD_OUT_SHIFTS",
@@ -218,7 +219,7 @@ def _noise(img: np.ndarray, rng: np.random.Generator, std: float) -> np.ndarray:
 def _contrast(img: np.ndarray, rng: np.random.Generator, factor: float) -> np.ndarray:
     """Washed out: every level pulled towards mid-grey (paper ~166, ink ~90 at 0.3)."""
     f = factor * float(rng.uniform(0.8, 1.2))
-    out = 128.0 + (img.astype(np.float32) - 128.0) * f
+    out: npt.NDArray[np.float32] = 128.0 + (img.astype(np.float32) - 128.0) * f
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
@@ -241,7 +242,8 @@ def _tint(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _dark(img: np.ndarray, rng: np.random.Generator, gain: float) -> np.ndarray:
     g = gain * float(rng.uniform(0.85, 1.15))
-    return np.clip(img.astype(np.float32) * g, 0, 255).astype(np.uint8)
+    out: npt.NDArray[np.float32] = img.astype(np.float32) * g
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def _invert(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -259,7 +261,8 @@ def _texture(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     light = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
     grain = rng.normal(0.0, 1.0, (h, w)).astype(np.float32)
     grain = cv2.GaussianBlur(grain, (0, 0), 1.5) * 18.0
-    out = img.astype(np.float32) * np.clip(light, 0.4, 1.1)[..., None] + grain[..., None]
+    out: npt.NDArray[np.float32] = img.astype(np.float32) * np.clip(light, 0.4, 1.1)[..., None]
+    out += grain[..., None]
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
@@ -528,10 +531,11 @@ def logits(model: Any, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
 def probs(scores: np.ndarray) -> np.ndarray:
     """Probabilities from :func:`logits`: as they are when rows already sum to 1, else softmax."""
     if np.all(scores >= 0) and np.allclose(scores.sum(1), 1.0, atol=1e-3):
-        return scores / scores.sum(1, keepdims=True)
-    z = scores - scores.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
+        out: np.ndarray = scores / scores.sum(1, keepdims=True)
+        return out
+    e = np.exp(scores - scores.max(1, keepdims=True))
+    out = e / e.sum(1, keepdims=True)
+    return out
 
 
 def bn_nodes(model: Any) -> list[str]:

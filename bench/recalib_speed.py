@@ -124,7 +124,7 @@ def verify(
     recalibrate(cpu_model, [x.cpu() for x in data[:n]], method="exact", mode="train")
     want = _stats(cpu_model)
     rows: list[tuple[str, float, float]] = []
-    settings = [("default", None)]
+    settings: list[tuple[str, bool | None]] = [("default", None)]
     if device.type == "cuda":
         settings = [("TF32 (cuDNN default)", True), ("TF32 off", False)]
     for label, tf32 in settings:
@@ -217,7 +217,7 @@ def main() -> None:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         where = f"{props.name} ({props.total_memory >> 30} GiB), CUDA {torch.version.cuda}"
-        where += f", cuDNN {torch.backends.cudnn.version()}"
+        where += f", cuDNN {torch.backends.cudnn.version()}"  # type: ignore[no-untyped-call]
     print(f"machine: {where}, torch {torch.__version__}, {args.clock} clock")
     shapes = {"resnet50": "ResNet-50", "small": "ResNet-18-shaped width 32"}
     shape = shapes.get(args.model, args.model)

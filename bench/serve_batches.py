@@ -76,7 +76,7 @@ def describe(provider: str) -> str:
         if provider == "cuda" and torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
             parts.append(f"{props.name}, CUDA {torch.version.cuda}")
-            parts.append(f"cuDNN {torch.backends.cudnn.version()}")
+            parts.append(f"cuDNN {torch.backends.cudnn.version()}")  # type: ignore[no-untyped-call]
     except ImportError:
         pass
     if provider == "cuda":

@@ -126,7 +126,7 @@ import onnxruntime
 import torch
 
 import recalib  # noqa: F401
-import service  # noqa: F401
+import service.cli  # noqa: F401  (the `recalib` console script, the image's ENTRYPOINT)
 
 print(f"torch {torch.__version__} (CUDA build: {torch.version.cuda}), "
       f"{want} {onnxruntime.__version__}, providers {onnxruntime.get_available_providers()}, "

@@ -1,11 +1,14 @@
-"""The ``recalib`` command line.
+"""The core commands of the ``recalib`` command line (``python -m recalib``).
 
-    recalib demo                                   # the REST pipeline on a fresh service
-    recalib demo --offline                         # the same recalibration in-process
+    recalib demo --offline                         # the demo recalibration in-process
     recalib recalibrate --model in.pt2 --data cal.npz --out out.pt2 [--report r.json]
     recalib recalibrate --model in.onnx --data cal.npz --out out.onnx   # ONNX-native
     recalib export --model in.pt2 --out model.onnx --example data.npz
-    recalib serve [--host 127.0.0.1] [--port 8000] [--home DIR]
+
+The core never imports the service. The ``recalib`` console script is
+``service.cli:main``: it builds on :func:`build_parser` and adds ``serve`` and the demo
+through the REST API (``recalib demo``). ``python -m recalib serve`` and
+``python -m recalib demo`` without ``--offline`` say so in one line (exit code 2).
 
 Errors in the input end the program with exit code 2 and a one-line reason on stderr.
 """
@@ -19,7 +22,7 @@ import sys
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -28,9 +31,12 @@ from .errors import RecalibError
 from .estimators import METHODS
 from .options import DEFAULTS, MODES
 
-__all__ = ["main"]
+__all__ = ["CliError", "Subcommands", "build_parser", "demo_offline", "main", "run"]
 
 log = logging.getLogger("recalib")
+
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+"""The ``COMMAND`` action of :func:`build_parser`, where a front end adds its commands."""
 
 
 class CliError(Exception):
@@ -216,9 +222,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    if not args.offline:
-        return _cmd_demo_service(args)
+def demo_offline(args: argparse.Namespace) -> int:
+    """``recalib demo --offline``: recalibrate the bundled demo model in-process and print
+    accuracy and drift before/after (``--method``, ``--mode``, ``--out``)."""
     from .adapt import adapt
     from .demo import ASSETS, accuracy
     from .plans import PlanReport
@@ -249,50 +255,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo_service(args: argparse.Namespace) -> int:
-    try:
-        from service.story import serve_with_story
-    except ImportError as exc:
-        raise CliError(f"the service is not available in this installation: {exc}") from exc
-    print("recalib demo: the whole pipeline through the REST API of a fresh service")
-    try:
-        serve_with_story(
-            host=args.host, port=args.port, home=args.home, keep_running=not args.exit, out=print
-        )
-    except RuntimeError as exc:
-        raise CliError(str(exc)) from exc
-    return 0
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if not args.offline:
+        raise CliError(_service_only("demo"))
+    return demo_offline(args)
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        from service.main import serve
-    except ImportError as exc:
-        raise CliError(f"the service is not available in this installation: {exc}") from exc
-    from pydantic import ValidationError
-
-    try:
-        serve(host=args.host, port=args.port, home=args.home)
-    except ValidationError as exc:
-        raise CliError(f"invalid service settings: {_settings_error(exc)}") from exc
-    return 0
-
-
-def _settings_error(exc: Any) -> str:
-    """A pydantic ``ValidationError`` in one line: ``field: reason; ...``."""
-    parts = []
-    for err in exc.errors():
-        msg = str(err.get("msg", "")).removeprefix("Value error, ")
-        loc = ".".join(str(p) for p in err.get("loc", ()))
-        got = f" (got {err['input']!r})" if loc and "input" in err else ""
-        parts.append(f"{loc}: {msg}{got}" if loc else msg)
-    return "; ".join(parts).replace("\n", " ")
+def _service_only(command: str) -> str:
+    """The one line for a service command given to ``python -m recalib``."""
+    what = "`demo` without --offline" if command == "demo" else f"`{command}`"
+    also = (
+        "; `python -m recalib demo --offline` runs the demo in-process" if command == "demo" else ""
+    )
+    return (
+        f"{what} runs the REST service, which `python -m recalib` leaves out (the core never "
+        f"imports the service): run `recalib {command}` (the console script) or "
+        f"`python -m service {command}`{also}"
+    )
 
 
 _DESCRIPTION = (
     "recalib: re-estimate the BatchNorm statistics of an exported model (.pt2 or .onnx) on "
-    "unlabeled data from a new domain, export it to ONNX, or run the REST service. Errors in "
-    "the input end the program with exit code 2 and a one-line reason on stderr."
+    "unlabeled data from a new domain or export it to ONNX (the `recalib` command also runs "
+    "the REST service). Errors in the input end the program with exit code 2 and a one-line "
+    "reason on stderr."
 )
 
 
@@ -377,9 +363,12 @@ def _add_recal_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser(*, description: str = _DESCRIPTION) -> tuple[argparse.ArgumentParser, Subcommands]:
+    """The ``recalib`` parser with the core commands: recalibrate, export and demo (whose
+    ``--offline`` form is the core's). Returns the parser and its subcommands, where a front
+    end (``service.cli``) adds more; each command sets ``func``, which :func:`run` calls."""
     fmt = _HelpFormatter
-    parser = argparse.ArgumentParser(prog="recalib", description=_DESCRIPTION, formatter_class=fmt)
+    parser = argparse.ArgumentParser(prog="recalib", description=description, formatter_class=fmt)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -430,18 +419,13 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="start the service and run register -> infer -> recalibrate -> promote -> infer "
         "on the bundled demo model and data (accuracy and drift before/after), then keep "
-        "serving; --offline runs the same recalibration in-process without the service",
-        description="Run the bundled demo: through the REST API of a fresh service, or "
-        "in-process with --offline.",
+        "serving (the `recalib` command); --offline runs the same recalibration in-process "
+        "without the service",
+        description="Run the bundled demo: through the REST API of a fresh service (the "
+        "`recalib` command), or in-process with --offline.",
         formatter_class=fmt,
     )
     demo.add_argument("--offline", action="store_true", help="in-process, no service")
-    demo.add_argument("--exit", action="store_true", help="stop the service after the story")
-    demo.add_argument("--host", default=None, help="service host (default 127.0.0.1)")
-    demo.add_argument("--port", type=int, default=None, help="service port (default 8000)")
-    demo.add_argument(
-        "--home", default=None, help="service state directory (default: RECALIB_HOME or ./.recalib)"
-    )
     demo.add_argument(
         "--method",
         choices=["exact", "ema", "prior"],
@@ -456,38 +440,52 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default=None, help="--offline: save the recalibrated .pt2 here")
     demo.set_defaults(func=_cmd_demo)
+    return parser, sub
 
-    serve = sub.add_parser(
+
+def _parser() -> argparse.ArgumentParser:
+    """``python -m recalib``: the core commands, and ``serve`` only to say where it is."""
+    parser, sub = build_parser()
+    sub.add_parser(
         "serve",
-        help="run the REST service",
-        description="Run the REST service until interrupted. Settings come from the "
-        "RECALIB_* environment; the options override host, port and home.",
-        formatter_class=fmt,
+        add_help=False,  # `serve --help` gets the one line too
+        help="run the REST service: the `recalib` command (python -m service), not python -m "
+        "recalib",
     )
-    serve.add_argument(
-        "--host", default=None, help="interface to bind (default: RECALIB_HOST or 127.0.0.1)"
-    )
-    serve.add_argument(
-        "--port", type=int, default=None, help="TCP port (default: RECALIB_PORT or 8000)"
-    )
-    serve.add_argument(
-        "--home", default=None, help="state directory (default: RECALIB_HOME or ./.recalib)"
-    )
-    serve.set_defaults(func=_cmd_serve)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed command ``args.func(args)``: bad input (:class:`CliError`,
+    :class:`~recalib.errors.RecalibError`, an unreadable or unwritable file) is one line on
+    stderr and exit code 2."""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return int(args.func(args))
     except (CliError, RecalibError) as exc:
-        print(f"recalib: error: {_one_line(str(exc))}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
     except OSError as exc:  # a file that cannot be read or written (permissions, disk full)
-        print(f"recalib: error: {_one_line(str(exc))}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m recalib``: the core commands (recalibrate, export, demo --offline)."""
+    parser = _parser()
+    # Known args only: the service commands' options are not the core's, and their one
+    # line (use the `recalib` command) must come before argparse refuses those options.
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "serve":
+        return _fail(_service_only("serve"))
+    if args.command == "demo" and not args.offline:
+        return _fail(_service_only("demo"))
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return run(args)
+
+
+def _fail(reason: str) -> int:
+    print(f"recalib: error: {_one_line(reason)}", file=sys.stderr)
+    return 2
 
 
 def _one_line(text: str) -> str:

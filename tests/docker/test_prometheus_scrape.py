@@ -1,6 +1,6 @@
 """End to end against the real thing: Debian's Prometheus scrapes a running recalib service.
 
-The service runs as ``python -m recalib serve`` (the container's entry point) on loopback
+The service runs as ``python -m service serve`` (the container's ``recalib serve``) on loopback
 with its own home; Prometheus runs from the shipped ``docker/prometheus/prometheus.yml``
 with only the target addresses and intervals swapped, and loads the shipped alert rules.
 The test registers the bundled demo model, sends inference traffic from the demo's shifted
@@ -178,7 +178,7 @@ def test_prometheus_scrapes_service_metrics(prometheus_binary: str, tmp_path: Pa
         f"--web.listen-address=127.0.0.1:{prometheus_port}",
         "--log.level=warn",
     ]
-    serve_args = [sys.executable, "-m", "recalib", "serve", "--host", "127.0.0.1"]
+    serve_args = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1"]
     serve_args += ["--port", str(service_port), "--home", str(tmp_path / "home")]
     with (
         _process(prometheus_args, prometheus_log, env) as prometheus_proc,

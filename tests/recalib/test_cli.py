@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import json
 import zipfile
@@ -13,6 +14,7 @@ import onnx
 import pytest
 import torch
 
+import recalib
 from recalib.cli import _parser, main
 from recalib.demo import ASSETS
 from recalib.onnx.names import bn_node_stats
@@ -191,24 +193,46 @@ def test_unwritable_report_exits_2_with_one_line(
 
 
 @pytest.mark.parametrize(
-    ("argv", "reason"),
-    [
-        (["--host", "0.0.0.0"], "refusing to serve on a non-loopback host without RECALIB_API"),
-        (["--port", "99999"], "port: Input should be less than or equal to 65535 (got 99999)"),
-    ],
+    "argv",
+    [["serve"], ["serve", "--host", "0.0.0.0"], ["serve", "--help"], ["demo"], ["demo", "--exit"]],
 )
-def test_serve_with_bad_settings_exits_2_with_one_line(
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-    argv: list[str],
-    reason: str,
+def test_service_commands_point_to_the_recalib_command_in_one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
 ) -> None:
-    for name in ("RECALIB_API_TOKEN", "RECALIB_ALLOW_OPEN", "RECALIB_HOST", "RECALIB_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    assert main(["serve", *argv]) == 2
+    assert main(argv) == 2
     line = _stderr_line(capsys)
-    assert line.startswith("recalib: error: invalid service settings: ")
-    assert reason in line
+    assert f"run `recalib {argv[0]}` (the console script)" in line
+    assert f"`python -m service {argv[0]}`" in line
+
+
+def test_unknown_options_are_still_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["demo", "--offline", "--bogus"])
+    assert stop.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def _imported_modules(tree: ast.AST) -> set[str]:
+    """Modules named by ``import``/``from`` and by string arguments of calls (``__import__``,
+    ``importlib.import_module``)."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Call):
+            args = [a.value for a in node.args if isinstance(a, ast.Constant)]
+            names.update(a for a in args if isinstance(a, str))
+    return names
+
+
+def test_the_core_never_imports_the_service() -> None:
+    root = Path(recalib.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        names = _imported_modules(ast.parse(path.read_text(), filename=str(path)))
+        service = sorted(n for n in names if n == "service" or n.startswith("service."))
+        assert not service, (path, service)
 
 
 def test_help_is_plain_text_with_a_help_and_default_for_every_option(
