@@ -255,7 +255,7 @@ def in_process(model: Path, x: np.ndarray, concurrency: int, seconds: float) -> 
 
 
 def _http_request(port: int, x: np.ndarray, binary: bool) -> bytes:
-    from service.runtime.kserve import HEADER_LENGTH, encode_request
+    from service.api.v2_codec import HEADER_LENGTH, encode_request
 
     body, header = encode_request({"input": x}, binary=binary, binary_output=binary)
     lines = [

@@ -29,20 +29,23 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import cast
 
 from fastapi import FastAPI, HTTPException
 from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .api import datasets as datasets_api
+from .api import metrics_route, v2
 from .api import models as models_api
 from .api import recalibrations as recalibrations_api
-from .auth import check_bearer
+from .auth import bearer_token, check_bearer
+from .dataplane import DataPlane, InferenceRuntime, server_version
 from .datasets import DatasetStore
 from .db import Database
 from .errors import Unauthorized, install_error_handlers
 from .jobs import JobManager, WorkerTarget
+from .metrics import ServiceMetrics
 from .registry import Registry, Runtime
 from .settings import Settings
 
@@ -147,11 +150,7 @@ class AuthGate:
 def _bearer(scope: Scope) -> str | None:
     """The credentials of the ``Authorization: Bearer <token>`` header (as HTTPBearer)."""
     value: bytes = dict(scope["headers"]).get(b"authorization", b"")
-    raw = value.decode("latin-1")
-    scheme, _, credentials = raw.partition(" ")
-    if scheme.lower() != "bearer" or not credentials:
-        return None
-    return credentials
+    return bearer_token(value.decode("latin-1"))
 
 
 async def _reject(
@@ -173,31 +172,27 @@ async def _reject(
     await send({"type": "http.response.body", "body": body})
 
 
-def _metrics(registry: CollectorRegistry) -> Any:
-    try:
-        from .metrics import ServiceMetrics
-    except ImportError:
-        log.warning("service.metrics is not available: no Prometheus metrics")
-        return None
-    return ServiceMetrics(registry)
-
-
-def _runtime(settings: Settings, metrics: Any) -> Runtime:
+def _runtime(settings: Settings, metrics: ServiceMetrics) -> Runtime:
     from .runtime.runtime import ServingRuntime
 
     runtime: Runtime = ServingRuntime(settings, metrics)
     return runtime
 
 
-def _include_data_plane(app: FastAPI) -> None:
-    """Add the inference (``/v2``) and ``/metrics`` routers when they are installed."""
-    for module in ("service.api.v2", "service.api.metrics_route"):
-        try:
-            router = __import__(module, fromlist=["router"]).router
-        except ImportError as exc:
-            log.warning("%s is not available (%s): its routes are missing", module, exc)
-            continue
-        app.include_router(router)
+def _include_data_plane(
+    app: FastAPI,
+    settings: Settings,
+    registry: Registry,
+    runtime: Runtime,
+    metrics: ServiceMetrics,
+) -> None:
+    """Put the :class:`DataPlane` on ``app.state.dataplane`` (the gRPC server takes it from
+    there too) and add the inference (``/v2``) and ``/metrics`` routers."""
+    # The app's runtime is the ServingRuntime; the control-plane fakes of the tests
+    # implement only the registry's Runtime and are never asked for inference.
+    app.state.dataplane = DataPlane(settings, registry, cast(InferenceRuntime, runtime), metrics)
+    app.include_router(v2.router)
+    app.include_router(metrics_route.router)
 
 
 def create_app(
@@ -220,10 +215,11 @@ def create_app(
 
     Returns:
         The FastAPI app; its state holds ``settings``, ``registry``, ``datasets``,
-        ``jobs``, ``runtime``, ``metrics`` and ``metrics_registry``.
+        ``jobs``, ``runtime``, ``metrics``, ``metrics_registry`` and ``dataplane`` (the
+        :class:`~service.dataplane.DataPlane` the ``/v2`` routes use).
     """
     metrics_registry = metrics_registry if metrics_registry is not None else CollectorRegistry()
-    metrics = _metrics(metrics_registry)
+    metrics = ServiceMetrics(metrics_registry)
     runtime = runtime if runtime is not None else _runtime(settings, metrics)
     registry = (
         registry
@@ -257,7 +253,7 @@ def create_app(
     app = FastAPI(
         title="recalib",
         summary="Recalibrate BatchNorm statistics for new domains; serve with drift monitoring.",
-        version=_version(),
+        version=server_version(),
         lifespan=lifespan,
     )
     app.state.settings = settings
@@ -271,7 +267,7 @@ def create_app(
     app.include_router(models_api.router)
     app.include_router(datasets_api.router)
     app.include_router(recalibrations_api.router)
-    _include_data_plane(app)
+    _include_data_plane(app, settings, registry, runtime, metrics)
     app.add_middleware(
         BodyLimit,
         upload_bytes=settings.max_upload_bytes,
@@ -279,12 +275,3 @@ def create_app(
     )
     app.add_middleware(AuthGate, settings=settings)  # outermost: authentication first
     return app
-
-
-def _version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("recalib")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"

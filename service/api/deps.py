@@ -2,11 +2,13 @@
 
 Routes declare what they need as ``Annotated`` aliases (``registry: RegistryDep``);
 :func:`service.app.create_app` puts the components on ``app.state``. ``AuthDep`` /
-:func:`require_token` guard every ``/v1`` route and inference; :func:`require_health_token`
-and :func:`require_metrics_token` guard health and ``/metrics`` only when the settings say
-so (``protect_health``, ``protect_metrics``). The dependencies are ``async`` so FastAPI
-calls them on the event loop (a plain ``def`` dependency costs a thread-pool hop per
-request); the ``get_*`` accessors are plain functions for direct calls.
+:func:`require_token` guard every ``/v1`` route and inference (through ``HTTPBearer``,
+which marks them in the OpenAPI document); :func:`require_metrics_token` guards
+``/metrics`` only with ``protect_metrics``, reading the header itself so the document
+gives that open-by-default route no security requirement (health and server metadata:
+:mod:`service.api.v2`, by the data plane's rules). The dependencies are ``async`` so
+FastAPI calls them on the event loop (a plain ``def`` dependency costs a thread-pool hop
+per request); the ``get_*`` accessors are plain functions for direct calls.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
-from ..auth import check_bearer
+from ..auth import bearer_token, check_bearer
 from ..datasets import DatasetStore
 from ..errors import Forbidden
 from ..jobs import JobManager
+from ..metrics import ServiceMetrics
 from ..registry import Registry, Runtime
 from ..settings import Settings
 
@@ -42,7 +45,6 @@ __all__ = [
     "get_runtime",
     "get_settings",
     "require_control_role",
-    "require_health_token",
     "require_metrics_token",
     "require_token",
 ]
@@ -86,9 +88,10 @@ def get_runtime(request: Request) -> Runtime:
     return runtime
 
 
-def get_metrics(request: Request) -> Any:
-    """The app's ``ServiceMetrics`` (``None`` if the metrics module is missing)."""
-    return request.app.state.metrics
+def get_metrics(request: Request) -> ServiceMetrics:
+    """The app's :class:`~service.metrics.ServiceMetrics`."""
+    metrics: ServiceMetrics = request.app.state.metrics
+    return metrics
 
 
 def get_datasets(request: Request) -> DatasetStore:
@@ -126,18 +129,11 @@ FORBIDDEN_RESPONSE: dict[int | str, dict[str, Any]] = {
 """The 403 of the routes guarded by :func:`require_control_role`, for the OpenAPI document."""
 
 
-async def require_health_token(request: Request, credentials: _Credentials) -> None:
-    """The bearer token on health and server metadata, only with ``protect_health``."""
-    settings = get_settings(request)
-    if settings.protect_health:
-        check_bearer(settings.api_token, _presented(credentials))
-
-
-async def require_metrics_token(request: Request, credentials: _Credentials) -> None:
+async def require_metrics_token(request: Request) -> None:
     """The bearer token on ``/metrics``, only with ``protect_metrics``."""
     settings = get_settings(request)
     if settings.protect_metrics:
-        check_bearer(settings.api_token, _presented(credentials))
+        check_bearer(settings.api_token, bearer_token(request.headers.get("authorization")))
 
 
 # The dependencies proper: async wrappers of the accessors above (which stay plain
@@ -156,7 +152,7 @@ async def _runtime(request: Request) -> Runtime:
     return get_runtime(request)
 
 
-async def _metrics(request: Request) -> Any:
+async def _metrics(request: Request) -> ServiceMetrics:
     return get_metrics(request)
 
 
@@ -171,7 +167,7 @@ async def _jobs(request: Request) -> JobManager:
 SettingsDep = Annotated[Settings, Depends(_settings)]
 RegistryDep = Annotated[Registry, Depends(_registry)]
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]
-MetricsDep = Annotated[Any, Depends(_metrics)]
+MetricsDep = Annotated[ServiceMetrics, Depends(_metrics)]
 DatasetsDep = Annotated[DatasetStore, Depends(_datasets)]
 JobsDep = Annotated[JobManager, Depends(_jobs)]
 AuthDep = Annotated[None, Depends(require_token)]

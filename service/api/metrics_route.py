@@ -14,23 +14,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.api.deps import require_metrics_token
-from service.metrics import ServiceMetrics
+from .deps import get_metrics, require_metrics_token
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["monitoring"])
 
 MetricsAuth = Annotated[None, Depends(require_metrics_token)]
-
-
-def _metrics(request: Request) -> ServiceMetrics:
-    state = request.app.state
-    metrics = getattr(state, "metrics", None)
-    if metrics is None:
-        metrics = state.runtime.metrics
-    result: ServiceMetrics = metrics
-    return result
 
 
 @router.get(
@@ -44,6 +34,8 @@ def _metrics(request: Request) -> ServiceMetrics:
     },
 )
 def metrics(request: Request, _: MetricsAuth) -> Response:
-    """Every service metric, in the Prometheus text format."""
-    body = generate_latest(_metrics(request).registry)
+    """Every service metric, in the Prometheus text format. Open unless
+    RECALIB_PROTECT_METRICS is set; then the bearer token (RECALIB_API_TOKEN) is
+    required."""
+    body = generate_latest(get_metrics(request).registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

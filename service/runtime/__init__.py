@@ -1,7 +1,7 @@
 """Inference runtime: ONNX Runtime sessions, dynamic batching, the v2 codec, drift.
 
 * :mod:`.sessions` - provider selection, thread settings, signatures, warm-up.
-* :mod:`.kserve` - Open Inference Protocol v2 JSON and binary-extension codec.
+* :mod:`.tensors` - protocol-neutral inference requests, responses and their checks.
 * :mod:`.batching` - the dynamic batcher.
 * :mod:`.drift_monitor` - rolling BN-statistics drift per model version.
 * :mod:`.runtime` - :class:`ServingRuntime`, what the app and the v2 router use.

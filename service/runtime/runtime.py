@@ -32,6 +32,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -42,14 +43,14 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from recalib.errors import RecalibError
 from recalib.onnx.taps import add_drift_taps
-from service.errors import InvalidInput, NotFound, NotReady, ServiceError, without_path
-from service.metrics import ServiceMetrics
-from service.settings import Settings
 
+from ..errors import InvalidInput, NotFound, NotReady, ServiceError, without_path
+from ..metrics import ServiceMetrics
+from ..settings import Settings
 from .batching import Batcher
 from .drift_monitor import DriftMonitor
-from .kserve import InferOutput, InferRequest, InferResponse, select_outputs, to_feed
 from .sessions import CUDA, ModelSession, TensorSpec, create_session, warmup_sizes
+from .tensors import InferOutput, InferRequest, InferResponse, select_outputs, to_feed
 
 __all__ = ["IDLE_SECONDS", "PIN_SECONDS", "PLATFORM", "ServingRuntime", "concurrent_runs"]
 
@@ -203,7 +204,7 @@ class ServingRuntime:
         self._retiring: set[asyncio.Task[None]] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._wanted: dict[str, int] = {}  # the version the latest serve() asked for
-        self._epochs: dict[str, int] = {}  # unload_model() calls per name
+        self._generations: dict[str, int] = {}  # see generation()
         self._executor: ThreadPoolExecutor | None = None
         self._drift_executor: ThreadPoolExecutor | None = None
         self._closed = False
@@ -240,14 +241,39 @@ class ServingRuntime:
 
     # -- loading -----------------------------------------------------------------------
 
-    async def load(self, name: str, version: int, onnx_path: Path) -> None:
+    def generation(self, name: str) -> int:
+        """How many times ``name`` was unloaded (:meth:`unload_model`) so far.
+
+        A caller that resolves a version in the registry and then loads or serves it takes
+        the generation *before* resolving and passes it on (``generation=``): if the model
+        was deleted meanwhile, the load is refused (:class:`NotFound`) instead of bringing
+        a deleted version back.
+        """
+        return self._generations.get(name, 0)
+
+    def _check_generation(self, name: str, generation: int | None, what: str) -> None:
+        if generation is not None and self._generations.get(name, 0) != generation:
+            raise NotFound(f"model {name!r} was deleted while {what}")
+
+    async def load(
+        self, name: str, version: int, onnx_path: Path, *, generation: int | None = None
+    ) -> None:
         """Build, warm up and register ``name`` ``version`` (idempotent; concurrent calls
         share one load).
 
+        Args:
+            name, version, onnx_path: the version and its ONNX file.
+            generation: :meth:`generation` of ``name`` when ``version`` was resolved;
+                ``None`` for a caller that holds the registry's lock of the model.
+
         Raises:
+            NotFound: the model was unloaded (deleted) since ``generation``, or during the
+                load.
             InvalidInput: the file is not a loadable ONNX model or fails its warm-up.
             ProviderUnavailable: CUDA requested, not in use, and fallback forbidden.
         """
+        what = f"version {version} loaded"
+        self._check_generation(name, generation, what)
         await self.start()
         key = (name, version)
         if key in self._versions:
@@ -266,6 +292,8 @@ class ServingRuntime:
                 raise  # this caller was cancelled
             # the load was cancelled by unload_model() or close()
             raise NotFound(f"model {name!r} was unloaded while version {version} loaded") from None
+        # unload_model() drops what was loaded meanwhile; a later load is someone else's
+        self._check_generation(name, generation, what)
 
     async def _load(self, key: tuple[str, int], path: Path) -> _Version:
         started = time.perf_counter()
@@ -400,7 +428,13 @@ class ServingRuntime:
                 self._retire_later(key)
 
     def _retire_later(self, key: tuple[str, int]) -> None:
-        task = asyncio.get_running_loop().create_task(self._retire(key))
+        self._background(self._retire(key))
+
+    def _drop_later(self, entry: _Version) -> None:
+        self._background(self._drop(entry))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
@@ -430,7 +464,13 @@ class ServingRuntime:
         return lock
 
     async def serve(
-        self, name: str, version: int, onnx_path: Path, *, if_unserved: bool = False
+        self,
+        name: str,
+        version: int,
+        onnx_path: Path,
+        *,
+        if_unserved: bool = False,
+        generation: int | None = None,
     ) -> None:
         """Make ``version`` the one unversioned requests get, with no downtime.
 
@@ -447,16 +487,22 @@ class ServingRuntime:
             name, version, onnx_path: the version to serve and its ONNX file.
             if_unserved: only serve it if ``name`` has no served version by then (the
                 lazy first request); it never overrides another call.
+            generation: :meth:`generation` of ``name`` when ``version`` was resolved (see
+                :meth:`load`); ``None``: the generation at this call.
+
+        Raises:
+            NotFound: ``generation`` was given and the model was unloaded since.
         """
-        epoch = self._epochs.get(name, 0)
+        guarded = generation is not None
+        epoch = self.generation(name) if generation is None else generation
         if not if_unserved:
             self._wanted[name] = version
-        await self.load(name, version, onnx_path)
+        await self.load(name, version, onnx_path, generation=generation)
         key = (name, version)
         detached: _Version | None = None
         async with self._lock(name):
             old = self._served.get(name)
-            if self._epochs.get(name, 0) != epoch:  # the model was unloaded meanwhile
+            if self.generation(name) != epoch:  # the model was unloaded meanwhile
                 if old != version:
                     detached = self._versions.pop(key, None)
             elif if_unserved and old is not None:
@@ -475,19 +521,37 @@ class ServingRuntime:
                     detached = self._versions.pop((name, old))
         if detached is not None:
             await self._drop(detached)
+        if guarded and self.generation(name) != epoch:
+            raise NotFound(f"model {name!r} was deleted while version {version} loaded")
 
     async def unload_model(self, name: str) -> None:
         """Forget every version of ``name`` (the model was deleted); in-flight requests
-        finish first. A :meth:`serve` of ``name`` still under way does not serve it."""
-        self._epochs[name] = self._epochs.get(name, 0) + 1
+        finish first. A :meth:`serve` or :meth:`load` of ``name`` still under way does not
+        serve it, nor leave it loaded.
+
+        The generation of ``name`` moves on when this starts and again when it returns,
+        and what a load resolved before that second step brought in is dropped then; the
+        caller removes the model's records right after (before awaiting anything else),
+        so a request that resolves the model later finds nothing.
+        """
+        entries = await self._forget(name)
+        await asyncio.gather(*(self._drop(entry) for entry in entries))
+        # loads that resolved the model while the in-flight requests finished
+        late = await self._forget(name)
+        for entry in late:
+            self._drop_later(entry)
+
+    async def _forget(self, name: str) -> list[_Version]:
+        """Move ``name`` to its next generation: cancel its loads, unserve it, and take
+        its loaded versions out (returned, for dropping)."""
+        self._generations[name] = self._generations.get(name, 0) + 1
         self._wanted.pop(name, None)
         async with self._lock(name):
             self._served.pop(name, None)
             for key, task in list(self._loading.items()):
                 if key[0] == name:
                     task.cancel()
-            entries = [self._versions.pop(k) for k in list(self._versions) if k[0] == name]
-        await asyncio.gather(*(self._drop(entry) for entry in entries))
+            return [self._versions.pop(k) for k in list(self._versions) if k[0] == name]
 
     def served_version(self, name: str) -> int | None:
         """The version unversioned requests for ``name`` get, ``None`` if none."""

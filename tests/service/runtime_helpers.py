@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from recalib.onnx.export import export_onnx
 from service.api import metrics_route, v2
+from service.dataplane import DataPlane
 from service.errors import NotFound, install_error_handlers
 from service.metrics import ServiceMetrics
 from service.runtime.runtime import ServingRuntime
@@ -153,6 +154,7 @@ def build_app(settings: Settings, registry: Any) -> FastAPI:
     app.state.registry = registry
     app.state.runtime = runtime
     app.state.metrics = metrics
+    app.state.dataplane = DataPlane(settings, registry, runtime, metrics)
     install_error_handlers(app)
     app.include_router(v2.router)
     app.include_router(metrics_route.router)

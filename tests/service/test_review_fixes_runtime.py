@@ -26,7 +26,7 @@ from runtime_helpers import (
 from service.errors import NotFound, ServiceError
 from service.metrics import ServiceMetrics
 from service.runtime.batching import Batcher
-from service.runtime.kserve import HEADER_LENGTH, decode_request
+from service.api.v2_codec import HEADER_LENGTH, decode_request
 from service.runtime.runtime import ServingRuntime
 
 

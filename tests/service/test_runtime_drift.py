@@ -24,7 +24,7 @@ from recalib.drift import MomentWindow, score_model
 from recalib.onnx.taps import add_drift_taps
 from service.metrics import ServiceMetrics
 from service.runtime.drift_monitor import DriftMonitor
-from service.runtime.kserve import decode_request, encode_request
+from service.api.v2_codec import decode_request, encode_request
 from service.runtime.runtime import ServingRuntime
 from service.runtime.sessions import create_session
 from service.settings import Settings

@@ -22,7 +22,7 @@ from runtime_helpers import (
     source_images,
 )
 
-from service.runtime.kserve import HEADER_LENGTH, decode_response, encode_request
+from service.api.v2_codec import HEADER_LENGTH, decode_response, encode_request
 
 TOKEN = "s3cret-token"
 

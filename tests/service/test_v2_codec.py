@@ -1,4 +1,5 @@
-"""The v2 codec: JSON and binary round trips, datatypes, and every malformed-request path."""
+"""The v2 REST body codec: JSON and binary round trips, datatypes, and every malformed-body
+path (the tensor checks against a model's signature are in test_runtime_tensors.py)."""
 
 from __future__ import annotations
 
@@ -8,23 +9,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.errors import InvalidInput
-from service.runtime import kserve
-from service.runtime.kserve import (
+from service.api.v2_codec import (
     HEADER_LENGTH,
-    InferOutput,
-    InferResponse,
     decode_request,
     decode_response,
     encode_request,
     encode_response,
-    select_outputs,
-    to_feed,
 )
-from service.runtime.sessions import DATATYPES, TensorSpec
-
-SPEC_X = TensorSpec("x", "FP32", (-1, 3, 2))
-SPEC_Y = TensorSpec("y", "INT64", (-1,))
+from service.errors import InvalidInput
+from service.runtime.sessions import DATATYPES
+from service.runtime.tensors import InferOutput, InferResponse
 
 
 def _body(obj: dict[str, Any], binary: bytes = b"") -> tuple[bytes, int | None]:
@@ -223,88 +217,7 @@ def test_malformed_requests(raw: bytes, message: str) -> None:
         decode_request(raw)
 
 
-def _request(inputs: dict[str, np.ndarray]) -> Any:
-    return decode_request(*encode_request(inputs))
-
-
-def test_to_feed_ok_and_rows() -> None:
-    x = np.zeros((4, 3, 2), np.float32)
-    y = np.zeros(4, np.int64)
-    feed, rows = to_feed(_request({"y": y, "x": x}), [SPEC_X, SPEC_Y])
-    assert rows == 4 and set(feed) == {"x", "y"}
-
-
-@pytest.mark.parametrize(
-    ("inputs", "message"),
-    [
-        (
-            {"x": np.zeros((1, 3, 2), np.float64), "y": np.zeros(1, np.int64)},
-            r"input 'x': expected datatype FP32 \(got FP64\)",
-        ),
-        (
-            {"x": np.zeros((1, 3, 3), np.float32), "y": np.zeros(1, np.int64)},
-            r"input 'x': expected shape \[-1, 3, 2\] \(-1: any size\) \(got \[1, 3, 3\]\)",
-        ),
-        (
-            {"x": np.zeros((3, 2), np.float32), "y": np.zeros(3, np.int64)},
-            r"expected shape \[-1, 3, 2\]",
-        ),
-        (
-            {"x": np.zeros((1, 3, 2), np.float32)},
-            r"missing input 'y': the model takes x \(FP32 \[-1, 3, 2\]\), y \(INT64 \[-1\]\)",
-        ),
-        (
-            {
-                "x": np.zeros((1, 3, 2), np.float32),
-                "y": np.zeros(1, np.int64),
-                "z": np.zeros(1, np.int64),
-            },
-            "unexpected input 'z': the model takes x",
-        ),
-        ({"x": np.zeros((2, 3, 2), np.float32), "y": np.zeros(3, np.int64)}, "one batch size"),
-    ],
-)
-def test_to_feed_refuses_with_expected_vs_got(inputs: dict[str, np.ndarray], message: str) -> None:
-    with pytest.raises(InvalidInput, match=message):
-        to_feed(_request(inputs), [SPEC_X, SPEC_Y])
-
-
-def test_bytes_refused_clearly() -> None:
-    obj = {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["abc"]}]}
-    request = decode_request(*_body(obj))
-    with pytest.raises(InvalidInput, match="expected datatype FP32 \\(got BYTES\\)"):
-        to_feed(request, [TensorSpec("x", "FP32", (-1,))])
-    with pytest.raises(InvalidInput, match="BYTES tensors are not supported"):
-        to_feed(request, [TensorSpec("x", "BYTES", (-1,))])
-
-
-def test_select_outputs_binary_flags() -> None:
-    specs = [TensorSpec("a", "FP32", (-1,)), TensorSpec("b", "FP32", (-1,))]
-    x = {"x": np.zeros((1, 3, 2), np.float32)}
-    all_binary = decode_request(*encode_request(x, binary_output=True))
-    assert [(s.name, b) for s, b in select_outputs(all_binary, specs)] == [("a", True), ("b", True)]
-    none_binary = decode_request(*encode_request(x, binary_output=False))
-    assert [b for _, b in select_outputs(none_binary, specs)] == [False, False]
-    only_b = decode_request(*encode_request(x, outputs=["b"], binary_output=True))
-    assert [(s.name, b) for s, b in select_outputs(only_b, specs)] == [("b", True)]
-    unknown = decode_request(*encode_request(x, outputs=["c"]))
-    with pytest.raises(
-        InvalidInput, match=r"unknown output 'c': the model has outputs \['a', 'b'\]"
-    ):
-        select_outputs(unknown, specs)
-
-
-@pytest.fixture(params=["json", "orjson"])
-def json_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test with the standard-library JSON and (when installed) with orjson."""
-    if request.param == "orjson":
-        monkeypatch.setattr(kserve, "_orjson", pytest.importorskip("orjson"))
-    else:
-        monkeypatch.setattr(kserve, "_orjson", None)
-    return str(request.param)
-
-
-def test_json_backends_agree(json_backend: str) -> None:
+def test_json_float16_booleans_and_big_endian_round_trip() -> None:
     x = np.arange(6, dtype=np.float16).reshape(2, 3) / 3
     flags = np.array([True, False])
     body, header = encode_request({"x": x, "f": flags}, binary=False, request_id="j")
