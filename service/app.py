@@ -198,42 +198,36 @@ def _include_data_plane(
 def create_app(
     settings: Settings,
     *,
-    registry: Registry | None = None,
     runtime: Runtime | None = None,
     metrics_registry: CollectorRegistry | None = None,
     worker: WorkerTarget | None = None,
 ) -> FastAPI:
     """Build the service.
 
+    The app owns its database (``home/recalib.db``, opened on first use, closed when the
+    app stops) and hands it to the registry, the data set store and the job manager; the
+    runtime is given to the registry (which has it serve ``production`` versions) once.
+
     Args:
         settings: the configuration (``home`` holds all state).
-        registry: a model registry (default: one over ``home/recalib.db``).
         runtime: the serving runtime (default: ``ServingRuntime(settings, metrics)``).
         metrics_registry: where the Prometheus metrics register (default: a fresh one).
         worker: the function job processes run (default :func:`service.worker.run_job`;
             tests substitute slow or crashing ones).
 
     Returns:
-        The FastAPI app; its state holds ``settings``, ``registry``, ``datasets``,
-        ``jobs``, ``runtime``, ``metrics``, ``metrics_registry`` and ``dataplane`` (the
-        :class:`~service.dataplane.DataPlane` the ``/v2`` routes use).
+        The FastAPI app; its state holds ``settings``, ``db``, ``registry``,
+        ``datasets``, ``jobs``, ``runtime``, ``metrics``, ``metrics_registry`` and
+        ``dataplane`` (the :class:`~service.dataplane.DataPlane` the ``/v2`` routes use).
     """
     metrics_registry = metrics_registry if metrics_registry is not None else CollectorRegistry()
     metrics = ServiceMetrics(metrics_registry)
     runtime = runtime if runtime is not None else _runtime(settings, metrics)
-    registry = (
-        registry
-        if registry is not None
-        else Registry(Database(settings.home / "recalib.db"), settings.home)
-    )
-    datasets = DatasetStore(registry.db, settings.home)
+    db = Database(settings.home / "recalib.db")
+    registry = Registry(db, settings.home, runtime)
+    datasets = DatasetStore(db, settings.home)
     jobs = JobManager(
-        settings,
-        registry=registry,
-        datasets=datasets,
-        runtime=runtime,
-        metrics=metrics,
-        target=worker,
+        settings, db=db, registry=registry, datasets=datasets, metrics=metrics, target=worker
     )
 
     @asynccontextmanager
@@ -242,13 +236,13 @@ def create_app(
         registry.sweep()
         await jobs.start()
         await runtime.start()
-        await registry.serve_all(runtime)
+        await registry.serve_all()
         try:
             yield
         finally:
             await jobs.close()
             await runtime.close()
-            registry.db.close()
+            db.close()
 
     app = FastAPI(
         title="recalib",
@@ -257,6 +251,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.db = db
     app.state.registry = registry
     app.state.datasets = datasets
     app.state.jobs = jobs

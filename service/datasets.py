@@ -3,7 +3,7 @@
 A data set is one ``.npz``, ``.npy`` or ``.safetensors`` file (the formats of
 :mod:`recalib.datafiles`; nothing is unpickled). An upload is copied in 1 MiB chunks into a
 staging directory under ``home/tmp`` while its size is counted (413 above the limit) and
-its sha256 computed; the file is then described from its headers only (array names, shapes
+its sha256 computed (:mod:`service.uploads`); the file is then described from its headers only (array names, shapes
 and dtypes: nothing is loaded whole; each ``.npy`` must be exactly as long as its header
 says, ``.npz`` members are CRC-checked by streaming, safetensors checks its offsets) and
 moved into ``home/datasets/<id>/`` with one rename, so a half-written data set is never
@@ -15,7 +15,6 @@ length is the sample count.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 import shutil
@@ -23,7 +22,7 @@ import sqlite3
 import uuid
 import zipfile
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 import numpy as np
 from pydantic import BaseModel
@@ -34,23 +33,19 @@ from recalib.errors import DataError
 from .db import Database, dumps, loads, utcnow
 from .errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
 from .names import check_name
+from .uploads import Upload, copy_upload, staging, upload_suffix
 
 __all__ = [
     "DatasetInfo",
     "DatasetList",
     "DatasetStore",
     "TensorInfo",
-    "Upload",
     "check_uncompressed_size",
-    "copy_upload",
     "describe_arrays",
     "input_array_name",
-    "upload_suffix",
 ]
 
 log = logging.getLogger(__name__)
-
-CHUNK = 1 << 20
 
 # safetensors dtype codes -> NumPy dtype names.
 _SAFETENSORS_DTYPES = {
@@ -69,13 +64,6 @@ _SAFETENSORS_DTYPES = {
     "BOOL": "bool",
 }
 _FLOATS = ("float64", "float32", "float16", "bfloat16")
-
-
-class Upload(Protocol):
-    """What an upload handler needs from an uploaded file (FastAPI's ``UploadFile`` fits)."""
-
-    filename: str | None
-    file: BinaryIO
 
 
 class TensorInfo(BaseModel):
@@ -103,42 +91,6 @@ class DatasetInfo(BaseModel):
 
 class DatasetList(BaseModel):
     datasets: list[DatasetInfo]
-
-
-def copy_upload(source: BinaryIO, dest: Path, *, max_bytes: int) -> tuple[int, str]:
-    """Copy ``source`` to ``dest`` in chunks, counting; return ``(bytes, sha256 hex)``.
-
-    Raises:
-        PayloadTooLarge: more than ``max_bytes`` arrived (``dest`` is removed).
-    """
-    digest = hashlib.sha256()
-    size = 0
-    with dest.open("wb") as out:
-        while chunk := source.read(CHUNK):
-            size += len(chunk)
-            if size > max_bytes:
-                out.close()
-                dest.unlink(missing_ok=True)
-                raise PayloadTooLarge(f"expected an upload of at most {max_bytes} bytes (got more)")
-            digest.update(chunk)
-            out.write(chunk)
-    return size, digest.hexdigest()
-
-
-def upload_suffix(filename: str | None, allowed: tuple[str, ...], what: str) -> str:
-    """The lower-cased suffix of an uploaded file's name, one of ``allowed``.
-
-    The name itself is never used as a path.
-
-    Raises:
-        InvalidInput: another suffix.
-    """
-    suffix = Path(filename or "").suffix.lower()
-    if suffix not in allowed:
-        raise InvalidInput(
-            f"expected a {what} file ending in {', '.join(allowed)} (got {filename!r})"
-        )
-    return suffix
 
 
 def _npy_header(f: BinaryIO, where: str, size: int) -> TensorInfo:
@@ -297,24 +249,20 @@ class DatasetStore:
                 ``max_uncompressed_bytes`` once decompressed.
         """
         suffix = upload_suffix(upload.filename, SUFFIXES, "data")
-        staging = self._home / "tmp" / f"dataset-{uuid.uuid4().hex}"
-        staging.mkdir(parents=True)
-        try:
+        with staging(self._home, "dataset") as files:
             return await asyncio.to_thread(
-                self._store, upload, staging, suffix, max_bytes, max_uncompressed_bytes
+                self._store, upload, files, suffix, max_bytes, max_uncompressed_bytes
             )
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def _store(
         self,
         upload: Upload,
-        staging: Path,
+        files: Path,
         suffix: str,
         max_bytes: int,
         max_uncompressed_bytes: int | None = None,
     ) -> DatasetInfo:
-        data = staging / f"data{suffix}"
+        data = files / f"data{suffix}"
         size, sha = copy_upload(upload.file, data, max_bytes=max_bytes)
         if max_uncompressed_bytes is not None:
             check_uncompressed_size(data, size, max_uncompressed_bytes)
@@ -336,7 +284,7 @@ class DatasetStore:
         )
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / info.id
-        staging.rename(final)
+        files.rename(final)
         try:
             self._insert(info)
         except BaseException:

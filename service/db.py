@@ -4,7 +4,9 @@ Tables: ``models``, ``versions`` (immutable once written), ``aliases``, ``datase
 ``jobs``; JSON-valued columns hold lineage, reports and progress. Artifacts and uploaded
 data live on the filesystem; rows only point at them.
 
-The connection is opened lazily (nothing touches the disk until the first query) and shared
+One :class:`Database` per app: :func:`service.app.create_app` creates it, hands it to the
+registry, the data set store and the job manager, and closes it when the app stops. The
+connection is opened lazily (nothing touches the disk until the first query) and shared
 by the server's threads behind a lock; a job's worker process opens its own connection to
 report progress (WAL lets it write while the server reads; ``busy_timeout`` covers the
 short write overlaps).

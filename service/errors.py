@@ -17,8 +17,6 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from recalib.errors import RecalibError
-
 __all__ = [
     "Conflict",
     "Forbidden",
@@ -118,6 +116,9 @@ def _body(message: str) -> dict[str, str]:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Register the exception -> HTTP table on ``app`` (the only place it lives)."""
+    # Here, not at the top: the recalib package imports torch, and importing the
+    # service's domain modules (which import this one) must not.
+    from recalib.errors import RecalibError
 
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
@@ -134,7 +135,12 @@ def install_error_handlers(app: FastAPI) -> None:
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()))
             parts.append(f"{where}: {err.get('msg')}")
-        return JSONResponse(_body("invalid request: " + "; ".join(parts)), status_code=422)
+        # A malformed name, alias or id in the path is invalid input (400), as when the
+        # domain's own check refuses it (service.api.params runs that check first).
+        in_path = any(err.get("loc", ())[:1] == ("path",) for err in exc.errors())
+        return JSONResponse(
+            _body("invalid request: " + "; ".join(parts)), status_code=400 if in_path else 422
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

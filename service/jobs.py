@@ -6,7 +6,8 @@ process (``multiprocessing`` ``spawn`` context), at most ``Settings.job_workers`
 the server's event loop only polls the process. When it exits, the server reads its
 ``result.json``, adds the new version to the registry from the job's output directory
 (one rename, lineage recorded), and - if the job asked for it and the optional validation
-passed - points ``production`` at it through the runtime.
+passed - points ``production`` at it (:meth:`service.registry.Registry.set_alias`, which
+has the runtime load it first).
 
 * Cancel (``DELETE /v1/recalibrations/{id}``): a queued job ends at once; a running job's
   process is terminated (SIGTERM, then SIGKILL after 5 s); a cancel that arrives as the
@@ -50,11 +51,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from recalib.errors import DataError, RecalibError
 from recalib.options import DEFAULTS
 
+from .artifacts import ARTIFACT_FILES
 from .datasets import DatasetStore, input_array_name
 from .db import Database, dumps, loads, utcnow
 from .errors import Conflict, InvalidInput, NotFound, ServiceError
+from .metrics import ServiceMetrics
 from .names import check_name
-from .registry import ARTIFACT_FILES, PRODUCTION, Registry, Runtime
+from .registry import Registry
+from .registry_models import PRODUCTION
 from .settings import Settings
 from .worker import OUT_DIR, RESULT_FILE, JobSpec, run_job
 
@@ -66,6 +70,7 @@ __all__ = [
     "JobState",
     "RecalibrationRequest",
     "ValidationRequest",
+    "WorkerTarget",
 ]
 
 log = logging.getLogger(__name__)
@@ -186,15 +191,34 @@ def _worker_threads() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
+def _read_result(work: Path, exitcode: int | None) -> dict[str, Any] | str:
+    """The worker's ``result.json`` in ``work``, or why there is none to read.
+
+    Returns:
+        The result object, or the job's error: the process died without writing one,
+        or it is not a readable JSON object.
+    """
+    result_file = work / RESULT_FILE
+    if not result_file.is_file():
+        return f"the worker process died (exit code {exitcode})"
+    try:
+        result = json.loads(result_file.read_text())
+    except (OSError, ValueError) as exc:
+        return f"unreadable {RESULT_FILE} from the worker: {exc}"
+    if not isinstance(result, dict):
+        return f"expected a JSON object in {RESULT_FILE} (got {type(result).__name__})"
+    return result
+
+
 class JobManager:
     """Submits, runs, cancels and recovers recalibration jobs.
 
     Args:
         settings: ``home``, ``job_workers``, ``job_timeout_seconds``.
-        registry: the model registry (its database holds the jobs).
+        db: the metadata store (the ``jobs`` table; workers report progress to it).
+        registry: the model registry (versions; promotion).
         datasets: the data set store.
-        runtime: the serving runtime (promotion).
-        metrics: the ``ServiceMetrics`` (``job_finished``), or ``None``.
+        metrics: counts finished jobs (``job_finished``).
         target: the function the worker process runs (tests substitute slow or crashing
             ones; it must be importable by name, as ``spawn`` pickles it).
     """
@@ -203,19 +227,18 @@ class JobManager:
         self,
         settings: Settings,
         *,
+        db: Database,
         registry: Registry,
         datasets: DatasetStore,
-        runtime: Runtime,
-        metrics: Any = None,
+        metrics: ServiceMetrics,
         target: WorkerTarget | None = None,
     ) -> None:
         self._settings = settings
+        self._db = db
         self._registry = registry
         self._datasets = datasets
-        self._runtime = runtime
         self._metrics = metrics
         self._target: WorkerTarget = target or run_job
-        self._db: Database = registry.db
         self._ctx = multiprocessing.get_context("spawn")
         self._slots = asyncio.Semaphore(settings.job_workers)
         self._live: dict[str, _Handle] = {}
@@ -259,12 +282,8 @@ class JobManager:
                 )
         for row in rows:
             shutil.rmtree(self.work_root / row["id"], ignore_errors=True)
-            self._count("interrupted", 0.0)
+            self._metrics.job_finished("interrupted", 0.0)
         return len(rows)
-
-    def _count(self, outcome: str, seconds: float) -> None:
-        if self._metrics is not None and hasattr(self._metrics, "job_finished"):
-            self._metrics.job_finished(outcome, seconds)
 
     # -- queries -------------------------------------------------------------------------
 
@@ -472,7 +491,7 @@ class JobManager:
             ),
         )
         seconds = 0.0 if handle.started is None else time.monotonic() - handle.started
-        self._count(state, seconds)
+        self._metrics.job_finished(state, seconds)
         log.info("job %s %s%s", handle.id, state, f": {error}" if error else "")
 
     async def _run(self, handle: _Handle) -> None:
@@ -555,19 +574,9 @@ class JobManager:
 
     async def _register(self, handle: _Handle, work: Path) -> None:
         """Turn a finished worker's output into a version (and maybe promote it)."""
-        result_file = work / RESULT_FILE
-        if not result_file.is_file():
-            code = handle.process.exitcode
-            self._finish(handle, "failed", error=f"the worker process died (exit code {code})")
-            return
-        try:
-            result = json.loads(result_file.read_text())
-        except (OSError, ValueError) as exc:
-            self._finish(handle, "failed", error=f"unreadable {RESULT_FILE} from the worker: {exc}")
-            return
-        if not isinstance(result, dict):
-            error = f"expected a JSON object in {RESULT_FILE} (got {type(result).__name__})"
-            self._finish(handle, "failed", error=error)
+        result = _read_result(work, handle.process.exitcode)
+        if isinstance(result, str):
+            self._finish(handle, "failed", error=result)
             return
         if not result.get("ok"):
             if result.get("traceback"):
@@ -626,7 +635,7 @@ class JobManager:
             return
         if handle.promote:
             try:
-                await self._registry.set_alias(self._runtime, handle.model, PRODUCTION, version)
+                await self._registry.set_alias(handle.model, PRODUCTION, version)
             # Whatever the runtime raised, the job must end; the version stays unpromoted.
             except Exception as exc:
                 log.exception("job %s: promoting version %d failed", handle.id, version)

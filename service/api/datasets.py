@@ -15,6 +15,7 @@ from .deps import (
     require_control_role,
     require_token,
 )
+from .params import DatasetIdPath
 
 __all__ = ["router"]
 
@@ -51,11 +52,11 @@ def list_datasets(datasets: DatasetsDep) -> DatasetList:
 
 
 @router.get("/{dataset_id}", summary="Get a data set")
-def get_dataset(datasets: DatasetsDep, dataset_id: str) -> DatasetInfo:
+def get_dataset(datasets: DatasetsDep, dataset_id: DatasetIdPath) -> DatasetInfo:
     return datasets.get(dataset_id)
 
 
 @router.delete("/{dataset_id}", status_code=204, summary="Delete a data set")
-def delete_dataset(datasets: DatasetsDep, dataset_id: str) -> Response:
+def delete_dataset(datasets: DatasetsDep, dataset_id: DatasetIdPath) -> Response:
     datasets.delete(dataset_id)
     return Response(status_code=204)

@@ -1,8 +1,10 @@
 """``/v1/models``: register, list, delete models; versions (read, push), artifacts, aliases,
 drift.
 
-Routes only translate HTTP to registry and runtime calls (:mod:`service.registry`);
-errors are the domain's, mapped to HTTP in :mod:`service.errors`.
+Routes only translate HTTP to registry and runtime calls (:mod:`service.registry`; the
+registry has its own runtime, so only the drift routes use the runtime directly); errors
+are the domain's, mapped to HTTP in :mod:`service.errors`. Path parameters are declared
+in :mod:`service.api.params`.
 """
 
 from __future__ import annotations
@@ -13,19 +15,20 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 from fastapi.responses import FileResponse
 
+from ..artifacts import ArtifactFormat
 from ..errors import InvalidInput
-from ..registry import (
+from ..registry_models import (
     MAX_VERSION,
     AliasInfo,
     AliasList,
     AliasUpdate,
-    ArtifactFormat,
     ModelInfo,
     ModelList,
     VersionInfo,
     VersionList,
 )
 from .deps import ERROR_RESPONSES, ErrorBody, RegistryDep, RuntimeDep, SettingsDep, require_token
+from .params import AliasPath, ModelNamePath, NewAliasPath, VersionPath
 
 __all__ = ["router"]
 
@@ -60,14 +63,12 @@ def _metadata(raw: str | None) -> dict[str, Any]:
 @router.post("", status_code=201, summary="Register a model (creates version 1, in production)")
 async def register_model(
     registry: RegistryDep,
-    runtime: RuntimeDep,
     settings: SettingsDep,
     name: Annotated[str, Form(description="model name")],
     file: Annotated[UploadFile, File(description=".onnx with BatchNormalization, or .pt2")],
     metadata: Annotated[str | None, Form(description="JSON object kept with the model")] = None,
 ) -> ModelInfo:
     return await registry.register(
-        runtime,
         name=name,
         upload=file,
         metadata=_metadata(metadata),
@@ -81,18 +82,18 @@ def list_models(registry: RegistryDep) -> ModelList:
 
 
 @router.get("/{name}", summary="Get a model")
-def get_model(registry: RegistryDep, name: str) -> ModelInfo:
+def get_model(registry: RegistryDep, name: ModelNamePath) -> ModelInfo:
     return registry.model(name)
 
 
 @router.delete("/{name}", status_code=204, summary="Delete a model, its versions and files")
-async def delete_model(registry: RegistryDep, runtime: RuntimeDep, name: str) -> Response:
-    await registry.delete(runtime, name)
+async def delete_model(registry: RegistryDep, name: ModelNamePath) -> Response:
+    await registry.delete(name)
     return Response(status_code=204)
 
 
 @router.get("/{name}/versions", summary="List a model's versions")
-def list_versions(registry: RegistryDep, name: str) -> VersionList:
+def list_versions(registry: RegistryDep, name: ModelNamePath) -> VersionList:
     return VersionList(versions=registry.versions(name))
 
 
@@ -110,10 +111,9 @@ def list_versions(registry: RegistryDep, name: str) -> VersionList:
 )
 async def push_version(
     registry: RegistryDep,
-    runtime: RuntimeDep,
     settings: SettingsDep,
     response: Response,
-    name: str,
+    name: ModelNamePath,
     file: Annotated[
         UploadFile,
         File(description=".onnx with BatchNormalization (or .pt2 for a model registered from one)"),
@@ -142,7 +142,6 @@ async def push_version(
     """The artifact must have the signature of the model's versions (else 422). If moving
     ``alias`` fails, the version stays stored and the error says so."""
     info = await registry.push_version(
-        runtime,
         name,
         upload=file,
         max_bytes=settings.max_upload_bytes,
@@ -156,7 +155,7 @@ async def push_version(
 
 
 @router.get("/{name}/versions/{version}", summary="Get a version and its lineage")
-def get_version(registry: RegistryDep, name: str, version: str) -> VersionInfo:
+def get_version(registry: RegistryDep, name: ModelNamePath, version: VersionPath) -> VersionInfo:
     """``version`` is a number or an alias."""
     return registry.version(name, version)
 
@@ -169,8 +168,8 @@ def get_version(registry: RegistryDep, name: str, version: str) -> VersionInfo:
 )
 def get_artifact(
     registry: RegistryDep,
-    name: str,
-    version: str,
+    name: ModelNamePath,
+    version: VersionPath,
     fmt: Annotated[ArtifactFormat, Query(alias="format", description="which file")] = "onnx",
 ) -> FileResponse:
     path = registry.artifact(name, version, fmt)
@@ -179,7 +178,7 @@ def get_artifact(
 
 
 @router.get("/{name}/aliases", summary="List a model's aliases")
-def list_aliases(registry: RegistryDep, name: str) -> AliasList:
+def list_aliases(registry: RegistryDep, name: ModelNamePath) -> AliasList:
     return AliasList(aliases=registry.aliases(name))
 
 
@@ -188,24 +187,26 @@ def list_aliases(registry: RegistryDep, name: str) -> AliasList:
     summary="Point an alias at a version (production: loaded and warmed before it switches)",
 )
 async def put_alias(
-    registry: RegistryDep, runtime: RuntimeDep, name: str, alias: str, body: AliasUpdate
+    registry: RegistryDep, name: ModelNamePath, alias: NewAliasPath, body: AliasUpdate
 ) -> AliasInfo:
-    return await registry.set_alias(runtime, name, alias, body.version)
+    return await registry.set_alias(name, alias, body.version)
 
 
 @router.get("/{name}/aliases/{alias}", summary="Get an alias")
-def get_alias(registry: RegistryDep, name: str, alias: str) -> AliasInfo:
+def get_alias(registry: RegistryDep, name: ModelNamePath, alias: AliasPath) -> AliasInfo:
     return registry.alias(name, alias)
 
 
 @router.delete("/{name}/aliases/{alias}", status_code=204, summary="Delete an alias")
-def delete_alias(registry: RegistryDep, name: str, alias: str) -> Response:
+def delete_alias(registry: RegistryDep, name: ModelNamePath, alias: AliasPath) -> Response:
     registry.delete_alias(name, alias)
     return Response(status_code=204)
 
 
 @router.get("/{name}/drift", summary="Drift of the served version")
-async def get_drift(registry: RegistryDep, runtime: RuntimeDep, name: str) -> dict[str, Any]:
+async def get_drift(
+    registry: RegistryDep, runtime: RuntimeDep, name: ModelNamePath
+) -> dict[str, Any]:
     """Model score, per-layer scores, samples in the window, window bounds, threshold and
     whether it is exceeded (see ``recalib.drift``)."""
     registry.model(name)
@@ -213,7 +214,7 @@ async def get_drift(registry: RegistryDep, runtime: RuntimeDep, name: str) -> di
 
 
 @router.post("/{name}/drift/reset", status_code=204, summary="Empty the drift window")
-async def reset_drift(registry: RegistryDep, runtime: RuntimeDep, name: str) -> Response:
+async def reset_drift(registry: RegistryDep, runtime: RuntimeDep, name: ModelNamePath) -> Response:
     registry.model(name)
     runtime.reset_drift(name)
     return Response(status_code=204)

@@ -13,6 +13,7 @@ from .deps import (
     require_control_role,
     require_token,
 )
+from .params import JobIdPath, ModelNamePath
 
 __all__ = ["router"]
 
@@ -32,7 +33,7 @@ router = APIRouter(
     responses=FORBIDDEN_RESPONSE,
 )
 async def start_recalibration(
-    jobs: JobsDep, name: str, body: RecalibrationRequest, response: Response
+    jobs: JobsDep, name: ModelNamePath, body: RecalibrationRequest, response: Response
 ) -> JobInfo:
     job = await jobs.submit(name, body)
     response.headers["Location"] = f"/v1/recalibrations/{job.id}"
@@ -40,17 +41,17 @@ async def start_recalibration(
 
 
 @router.get("/models/{name}/recalibrations", summary="List a model's recalibration jobs")
-def list_recalibrations(jobs: JobsDep, name: str) -> JobList:
+def list_recalibrations(jobs: JobsDep, name: ModelNamePath) -> JobList:
     return JobList(jobs=jobs.jobs(name))
 
 
 @router.get("/recalibrations/{job_id}", summary="Get a job: state, progress, result")
-def get_recalibration(jobs: JobsDep, job_id: str) -> JobInfo:
+def get_recalibration(jobs: JobsDep, job_id: JobIdPath) -> JobInfo:
     return jobs.get(job_id)
 
 
 @router.delete(
     "/recalibrations/{job_id}", summary="Cancel a queued or running job (returns it, final)"
 )
-async def cancel_recalibration(jobs: JobsDep, job_id: str) -> JobInfo:
+async def cancel_recalibration(jobs: JobsDep, job_id: JobIdPath) -> JobInfo:
     return await jobs.cancel(job_id)

@@ -3,7 +3,8 @@
 The fake runtime implements the runtime contract the control plane uses (``start``,
 ``close``, ``serve``, ``unload_model``, ``drift``, ``reset_drift``) and records calls, so
 registry, alias and job tests need no ONNX Runtime sessions; tests of the whole story use
-the real ``ServingRuntime``.
+the real ``ServingRuntime``. The control plane is built by ``create_app`` only
+(``make_api``, ``registry``), never wired by hand.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from service.app import create_app
 from service.errors import InvalidInput, NotFound
+from service.registry import Registry
 from service.settings import Settings
 
 TOKEN = "s3cret-token"
@@ -156,6 +158,15 @@ def make_api(runtime: FakeRuntime) -> Iterator[Callable[..., Api]]:
 @pytest.fixture
 def api(make_api: Callable[..., Api], settings: Settings) -> Api:
     return make_api(settings)
+
+
+@pytest.fixture
+def registry(settings: Settings, runtime: FakeRuntime) -> Iterator[Registry]:
+    """The registry as :func:`create_app` wires it (over the fake runtime), without HTTP
+    and without starting the app; its database is closed at teardown."""
+    app = create_app(settings, runtime=runtime, metrics_registry=CollectorRegistry())
+    yield app.state.registry
+    app.state.db.close()
 
 
 @pytest.fixture(scope="session")

@@ -19,9 +19,10 @@ from onnx import TensorProto, helper, numpy_helper
 from runtime_helpers import export, make_model
 
 from recalib.demo import ASSETS
-from service.db import Database
+from service.artifacts import signature_difference
 from service.errors import Conflict
-from service.registry import Registry, Signature, TensorSpec, _signature_difference
+from service.registry import Registry
+from service.registry_models import Signature, TensorSpec
 from service.settings import Settings
 
 
@@ -207,18 +208,18 @@ def test_signature_rules() -> None:
             outputs=[TensorSpec(name=out, dtype="float32", shape=["n", 3])],
         )
 
-    assert _signature_difference(sig("batch", 3), sig("N", 3)) is None  # names of dynamic axes
-    assert _signature_difference(sig(None, 3), sig("N", 3)) is None
-    assert _signature_difference(sig("batch", 3), sig(2, 3)) == (
+    assert signature_difference(sig("batch", 3), sig("N", 3)) is None  # names of dynamic axes
+    assert signature_difference(sig(None, 3), sig("N", 3)) is None
+    assert signature_difference(sig("batch", 3), sig(2, 3)) == (
         "input 'x' is float32 [2, 3], expected float32 [batch, 3]"
     )
-    assert _signature_difference(sig(2, 3), sig(None, 3)) == (
+    assert signature_difference(sig(2, 3), sig(None, 3)) == (
         "input 'x' is float32 [?, 3], expected float32 [2, 3]"
     )
-    assert _signature_difference(sig(2, 3), sig(2, 3, 1)) is not None
+    assert signature_difference(sig(2, 3), sig(2, 3, 1)) is not None
     extra = sig(2, 3)
     extra.outputs.append(TensorSpec(name="z", dtype="float32", shape=[2]))
-    assert _signature_difference(sig(2, 3), extra) == "output 'z' is new"
+    assert signature_difference(sig(2, 3), extra) == "output 'z' is new"
 
 
 def test_failed_alias_switch_keeps_the_version(api: Any, bn_onnx: bytes) -> None:
@@ -309,17 +310,12 @@ class _Upload:
     file: BinaryIO
 
 
-def test_file_above_the_limit_is_413_after_copying(
-    tmp_path: Path, runtime: Any, bn_onnx: bytes
-) -> None:
+def test_file_above_the_limit_is_413_after_copying(registry: Registry, bn_onnx: bytes) -> None:
     """The file part itself is counted too (the middleware counts the whole body)."""
     from service.errors import PayloadTooLarge
 
-    registry = Registry(Database(tmp_path / "db.sqlite"), tmp_path)
-
     async def story() -> None:
         await registry.register(
-            runtime,
             name="m",
             upload=_Upload("m.onnx", io.BytesIO(bn_onnx)),
             metadata={},
@@ -327,28 +323,26 @@ def test_file_above_the_limit_is_413_after_copying(
         )
         with pytest.raises(PayloadTooLarge, match="at most 100 bytes"):
             await registry.push_version(
-                runtime, "m", upload=_Upload("m.onnx", io.BytesIO(bn_onnx)), max_bytes=100
+                "m", upload=_Upload("m.onnx", io.BytesIO(bn_onnx)), max_bytes=100
             )
 
     asyncio.run(story())
     assert [v.version for v in registry.versions("m")] == [1]
-    assert not any((tmp_path / "tmp").iterdir())
+    assert not any((registry.home / "tmp").iterdir())
 
 
 def test_concurrent_pushes_of_one_number_make_one_version(
-    tmp_path: Path, runtime: Any, bn_onnx: bytes
+    registry: Registry, bn_onnx: bytes
 ) -> None:
-    registry = Registry(Database(tmp_path / "db.sqlite"), tmp_path)
-
     def upload() -> _Upload:
         return _Upload("m.onnx", io.BytesIO(bn_onnx))
 
     async def story() -> list[Any]:
-        await registry.register(runtime, name="m", upload=upload(), metadata={}, max_bytes=1 << 30)
+        await registry.register(name="m", upload=upload(), metadata={}, max_bytes=1 << 30)
         pushes = [
-            registry.push_version(runtime, "m", upload=upload(), max_bytes=1 << 30, version=4)
+            registry.push_version("m", upload=upload(), max_bytes=1 << 30, version=4)
             for _ in range(3)
-        ] + [registry.push_version(runtime, "m", upload=upload(), max_bytes=1 << 30)]
+        ] + [registry.push_version("m", upload=upload(), max_bytes=1 << 30)]
         return await asyncio.gather(*pushes, return_exceptions=True)
 
     results = asyncio.run(story())
@@ -357,10 +351,10 @@ def test_concurrent_pushes_of_one_number_make_one_version(
     assert all(isinstance(r, Conflict) for r in refused), refused
     assert 4 in made and len(made) + len(refused) == 4
     assert [v.version for v in registry.versions("m")] == [1, *made]
-    assert sorted(p.name for p in next((tmp_path / "artifacts").iterdir()).iterdir()) == sorted(
+    assert sorted(p.name for p in next(registry.root.iterdir()).iterdir()) == sorted(
         str(v) for v in [1, *made]
     )
-    assert not any((tmp_path / "tmp").iterdir())
+    assert not any((registry.home / "tmp").iterdir())
 
 
 def test_push_requires_the_token(api: Any, bn_onnx: bytes) -> None:

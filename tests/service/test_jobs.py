@@ -226,7 +226,7 @@ def test_restart_after_a_crash_interrupts_leftover_jobs(
     model_id = first.client.get("/v1/models/m").json()["id"]
     first.close()
     # What a killed server leaves: rows still queued/running, a half-written output.
-    db = first.app.state.registry.db
+    db = first.app.state.db
     ids = [uuid.uuid4().hex, uuid.uuid4().hex]
     for job_id, state in zip(ids, ("running", "queued"), strict=True):
         db.execute(

@@ -14,7 +14,6 @@ from typing import Any, BinaryIO
 
 import pytest
 
-from service.db import Database
 from service.errors import Conflict, InvalidInput, NotFound
 from service.names import check_alias, check_name, is_number
 from service.registry import MAX_VERSION, PRODUCTION, Registry
@@ -26,16 +25,9 @@ class _Upload:
     file: BinaryIO
 
 
-@pytest.fixture
-def registry(tmp_path: Path) -> Registry:
-    return Registry(Database(tmp_path / "db.sqlite"), tmp_path)
-
-
-def _register(registry: Registry, runtime: Any, data: bytes, name: str = "m") -> Any:
+def _register(registry: Registry, data: bytes, name: str = "m") -> Any:
     upload = _Upload("x.onnx", io.BytesIO(data))
-    return asyncio.run(
-        registry.register(runtime, name=name, upload=upload, metadata={}, max_bytes=1 << 30)
-    )
+    return asyncio.run(registry.register(name=name, upload=upload, metadata={}, max_bytes=1 << 30))
 
 
 def _staging(registry: Registry, onnx_bytes: bytes, tag: str = "a") -> Path:
@@ -63,7 +55,7 @@ def _add(registry: Registry, staging: Path, parent: int = 1) -> Any:
 def test_register_writes_version_1_and_serves_it(
     registry: Registry, runtime: Any, bn_onnx: bytes
 ) -> None:
-    model = _register(registry, runtime, bn_onnx)
+    model = _register(registry, bn_onnx)
     assert model.aliases == {PRODUCTION: 1}
     path = registry.artifact("m", 1, "onnx")
     assert path.read_bytes() == bn_onnx
@@ -72,10 +64,8 @@ def test_register_writes_version_1_and_serves_it(
     assert not (registry.home / "tmp").exists() or not any((registry.home / "tmp").iterdir())
 
 
-def test_add_version_records_lineage_and_moves_files(
-    registry: Registry, runtime: Any, bn_onnx: bytes
-) -> None:
-    _register(registry, runtime, bn_onnx)
+def test_add_version_records_lineage_and_moves_files(registry: Registry, bn_onnx: bytes) -> None:
+    _register(registry, bn_onnx)
     staging = _staging(registry, bn_onnx)
     v2 = _add(registry, staging)
     assert (v2.version, v2.parent_version, v2.dataset, v2.job) == (2, 1, "ds-1", "job1")
@@ -89,12 +79,12 @@ def test_add_version_records_lineage_and_moves_files(
         registry.artifact("m", 2, "stats")
 
 
-def test_resolve_rules(registry: Registry, runtime: Any, bn_onnx: bytes) -> None:
-    _register(registry, runtime, bn_onnx)
+def test_resolve_rules(registry: Registry, bn_onnx: bytes) -> None:
+    _register(registry, bn_onnx)
     _add(registry, _staging(registry, bn_onnx))
     assert registry.resolve("m", None)[0] == 1  # production, not the latest
     assert registry.resolve("m", "2") == (2, registry.artifact("m", 2, "onnx"))
-    asyncio.run(registry.set_alias(runtime, "m", "canary", 2))
+    asyncio.run(registry.set_alias("m", "canary", 2))
     assert registry.resolve("m", "canary")[0] == 2
     for ref, error in [("3", NotFound), ("nope", NotFound), ("../x", InvalidInput)]:
         with pytest.raises(error):
@@ -116,36 +106,32 @@ def test_resolve_rules(registry: Registry, runtime: Any, bn_onnx: bytes) -> None
     ],
 )
 def test_numbers_beyond_any_version_are_not_found(
-    registry: Registry, runtime: Any, bn_onnx: bytes, ref: str | int
+    registry: Registry, bn_onnx: bytes, ref: str | int
 ) -> None:
-    _register(registry, runtime, bn_onnx)
+    _register(registry, bn_onnx)
     with pytest.raises(NotFound, match="has no version"):
         registry.resolve_version("m", ref)
 
 
-def test_only_ascii_digits_are_version_numbers(
-    registry: Registry, runtime: Any, bn_onnx: bytes
-) -> None:
-    _register(registry, runtime, bn_onnx)
+def test_only_ascii_digits_are_version_numbers(registry: Registry, bn_onnx: bytes) -> None:
+    _register(registry, bn_onnx)
     assert registry.resolve_version("m", "0001") == 1
     for ref in ("\u00b2", "\u0661", "\uff11"):  # superscript two, Arabic-Indic and fullwidth one
         with pytest.raises(InvalidInput, match="version number or alias"):
             registry.resolve_version("m", ref)
 
 
-def test_numeric_alias_refused(registry: Registry, runtime: Any, bn_onnx: bytes) -> None:
-    _register(registry, runtime, bn_onnx)
+def test_numeric_alias_refused(registry: Registry, bn_onnx: bytes) -> None:
+    _register(registry, bn_onnx)
     with pytest.raises(InvalidInput, match="alias that is not a number"):
-        asyncio.run(registry.set_alias(runtime, "m", "2", 1))
+        asyncio.run(registry.set_alias("m", "2", 1))
     assert [a.alias for a in registry.aliases("m")] == [PRODUCTION]
     assert check_alias("v2") == "v2"
     assert [is_number(v) for v in ("12", "0", "1a", "\u00b2", "")] == [True] * 2 + [False] * 3
 
 
-def test_latest_version_without_production(
-    registry: Registry, runtime: Any, bn_onnx: bytes
-) -> None:
-    model = _register(registry, runtime, bn_onnx)
+def test_latest_version_without_production(registry: Registry, bn_onnx: bytes) -> None:
+    model = _register(registry, bn_onnx)
     _add(registry, _staging(registry, bn_onnx))
     registry.db.execute("DELETE FROM aliases WHERE model_id = ?", (model.id,))
     assert registry.resolve("m", None)[0] == 2
@@ -154,14 +140,14 @@ def test_latest_version_without_production(
 def test_failed_load_leaves_production_alone(
     registry: Registry, runtime: Any, bn_onnx: bytes
 ) -> None:
-    _register(registry, runtime, bn_onnx)
+    _register(registry, bn_onnx)
     _add(registry, _staging(registry, bn_onnx))
     runtime.fail.add(("m", 2))
     with pytest.raises(InvalidInput, match="could not load"):
-        asyncio.run(registry.set_alias(runtime, "m", PRODUCTION, 2))
+        asyncio.run(registry.set_alias("m", PRODUCTION, 2))
     assert registry.alias("m", PRODUCTION).version == 1
     runtime.fail.clear()
-    asyncio.run(registry.set_alias(runtime, "m", PRODUCTION, 2))
+    asyncio.run(registry.set_alias("m", PRODUCTION, 2))
     assert registry.alias("m", PRODUCTION).version == 2
     assert runtime.served == {"m": 2}
 
@@ -171,15 +157,13 @@ def test_register_rolled_back_when_serving_fails(
 ) -> None:
     runtime.fail.add(("m", 1))
     with pytest.raises(InvalidInput):
-        _register(registry, runtime, bn_onnx)
+        _register(registry, bn_onnx)
     assert registry.models() == []
     assert not any(registry.root.iterdir())
 
 
-def test_versions_are_immutable_numbers_never_reused(
-    registry: Registry, runtime: Any, bn_onnx: bytes
-) -> None:
-    _register(registry, runtime, bn_onnx)
+def test_versions_are_immutable_numbers_never_reused(registry: Registry, bn_onnx: bytes) -> None:
+    _register(registry, bn_onnx)
     v2 = _add(registry, _staging(registry, bn_onnx, "a"))
     v3 = _add(registry, _staging(registry, bn_onnx, "b"), parent=2)
     assert (v2.version, v3.version, v3.parent_version) == (2, 3, 2)
@@ -187,8 +171,8 @@ def test_versions_are_immutable_numbers_never_reused(
         registry.delete_alias("m", PRODUCTION)
 
 
-def test_sweep_removes_what_a_crash_left(registry: Registry, runtime: Any, bn_onnx: bytes) -> None:
-    model = _register(registry, runtime, bn_onnx)
+def test_sweep_removes_what_a_crash_left(registry: Registry, bn_onnx: bytes) -> None:
+    model = _register(registry, bn_onnx)
     committed = registry.root / model.id / "1"
     half = registry.root / model.id / "2"  # renamed in, row never committed
     shutil.copytree(committed, half)
