@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from runtime_helpers import export, make_model, source_images
 
-from service.errors import NotReady
+from service.errors import NotReady, ServiceError
 from service.runtime.batching import Batcher
 from service.runtime.runtime import concurrent_runs
 from service.runtime.sessions import create_session
@@ -255,3 +255,37 @@ def test_concurrent_runs_rule(threads: int, provider: str, expected: int | None)
     cpus = os.cpu_count() or 1
     got = concurrent_runs(Settings(intra_op_threads=threads), provider)
     assert got == (cpus if expected is None else expected)
+
+
+def test_a_failed_batching_consumer_fails_its_requests_and_restarts() -> None:
+    def double(feed: dict[str, np.ndarray], rows: int) -> list[np.ndarray]:
+        return [feed["x"] * 2.0]
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(double, executor=pool, max_batch_size=8, max_delay=0.0)
+            grow = batcher._grow
+            failures = [RuntimeError("injected")]
+
+            async def broken(batch: list[Any], held: Any) -> list[Any]:
+                if failures:  # after the run slot was taken and the first item popped
+                    raise failures.pop()
+                return await grow(batch, held)
+
+            batcher._grow = broken  # type: ignore[method-assign]
+            x = np.ones((1, 3), np.float32)
+            first = await asyncio.wait_for(
+                asyncio.gather(
+                    *(batcher.submit({"x": x}, 1) for _ in range(3)), return_exceptions=True
+                ),
+                10.0,
+            )
+            for result in first:
+                assert isinstance(result, ServiceError)
+                assert "batching failed: injected" in str(result)
+            # the consumer is back and the run slot (max_concurrent=1) was given back
+            (out,) = await asyncio.wait_for(batcher.submit({"x": x}, 1), 10.0)
+            np.testing.assert_array_equal(out, x * 2.0)
+            await asyncio.wait_for(batcher.close(), 10.0)
+
+    asyncio.run(main())

@@ -22,9 +22,9 @@ from runtime_helpers import export, make_model, shifted_images, source_images
 import recalib
 from recalib.drift import MomentWindow, score_model
 from recalib.onnx.taps import add_drift_taps
+from service.api.v2_codec import decode_request, encode_request
 from service.metrics import ServiceMetrics
 from service.runtime.drift_monitor import DriftMonitor
-from service.api.v2_codec import decode_request, encode_request
 from service.runtime.runtime import ServingRuntime
 from service.runtime.sessions import create_session
 from service.settings import Settings

@@ -14,11 +14,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 from runtime_helpers import export_versions, runtime_settings, shifted_images, source_images
 
-from service.metrics import ServiceMetrics
 from service.api.v2_codec import decode_request, encode_request
-from service.runtime.tensors import InferRequest
+from service.metrics import ServiceMetrics
 from service.runtime.runtime import ServingRuntime
 from service.runtime.sessions import CUDA, cuda_usable
+from service.runtime.tensors import InferRequest
 
 pytestmark = [
     pytest.mark.gpu,

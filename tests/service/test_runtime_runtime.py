@@ -18,13 +18,13 @@ from runtime_helpers import (
     source_images,
 )
 
+from service.api.v2_codec import decode_request, encode_request
 from service.errors import InvalidInput, NotFound, NotReady
 from service.metrics import ServiceMetrics
 from service.runtime import runtime as runtime_module
-from service.api.v2_codec import decode_request, encode_request
-from service.runtime.tensors import InferRequest
 from service.runtime.runtime import ServingRuntime
 from service.runtime.sessions import CPU, CUDA, ProviderUnavailable, create_session, cuda_usable
+from service.runtime.tensors import InferRequest
 from service.settings import Settings
 
 T = TypeVar("T")

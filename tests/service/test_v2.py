@@ -23,6 +23,7 @@ from runtime_helpers import (
 )
 
 from service.api.v2_codec import HEADER_LENGTH, decode_response, encode_request
+from service.errors import NotFound
 
 TOKEN = "s3cret-token"
 
@@ -256,3 +257,38 @@ def test_non_bearer_authorization_is_refused(models: dict[int, Any], tmp_path: P
             headers={HEADER_LENGTH: str(header), "Authorization": f"Basic {TOKEN}"},
         )
     assert basic.status_code == 401
+
+
+# -- shapes at the edges (the tapped graph is the one that broke on 0 rows) ----------
+
+
+def test_zero_rows_is_400(client: TestClient) -> None:
+    body = {"inputs": [{"name": "input", "shape": [0, 3, 8, 8], "datatype": "FP32", "data": []}]}
+    response = client.post("/v2/models/m/infer", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json() == {"error": "expected at least 1 row (got 0)"}
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_huge_dimension_of_an_empty_shape_is_400(client: TestClient, binary: bool) -> None:
+    entry: dict[str, Any] = {"name": "input", "shape": [0, 3, 8, 2**62], "datatype": "FP32"}
+    if binary:
+        entry["parameters"] = {"binary_data_size": 0}
+    else:
+        entry["data"] = []
+    header = json.dumps({"inputs": [entry]}).encode()
+    response = client.post(
+        "/v2/models/m/infer", content=header, headers={HEADER_LENGTH: str(len(header))}
+    )
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]
+    assert "expected dimensions of at most 2147483647" in message
+    assert str(2**62) in message
+
+
+def test_fake_registry_takes_only_ascii_digits_as_versions(models: dict[int, Any]) -> None:
+    onnx_path = models[1][1]
+    registry = FakeRegistry({1: onnx_path})
+    assert registry.resolve("m", "1") == (1, onnx_path)
+    with pytest.raises(NotFound, match="no alias"):
+        registry.resolve("m", "\u00b9")  # superscript one: str.isdigit() says yes

@@ -238,3 +238,9 @@ def test_json_float16_booleans_and_big_endian_round_trip() -> None:
     np.testing.assert_array_equal(decoded["i"], [0, 1, 2])
     with pytest.raises(InvalidInput, match="invalid JSON"):
         decode_request(b'{"inputs": [}')
+
+
+def test_element_count_is_capped() -> None:
+    entry = {"name": "input", "shape": [0, 2**20, 2**20, 2**20], "datatype": "FP32", "data": []}
+    with pytest.raises(InvalidInput, match="expected at most 2147483647 elements"):
+        decode_request(json.dumps({"inputs": [entry]}).encode())

@@ -1,80 +1,26 @@
-"""Regression tests for data-plane review findings: empty and oversized shapes, races of
-serve/unload on the served pointer, and a batcher whose consumer dies."""
+"""The serving runtime under concurrent serve / load / unload_model: the served pointer
+moves in call order, and a model unloaded (deleted) while one of its versions loads is
+neither served nor kept loaded afterwards (its generation moved on)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
-from runtime_helpers import (
-    FakeRegistry,
-    build_app,
-    export,
-    make_model,
-    runtime_settings,
-)
+from runtime_helpers import export, make_model, runtime_settings
 
-from service.errors import NotFound, ServiceError
+from service.errors import NotFound
 from service.metrics import ServiceMetrics
-from service.runtime.batching import Batcher
-from service.api.v2_codec import HEADER_LENGTH, decode_request
 from service.runtime.runtime import ServingRuntime
 
 
 @pytest.fixture(scope="module")
 def onnx_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export(make_model(0), tmp_path_factory.mktemp("fixes") / "v1.onnx")
-
-
-@pytest.fixture
-def client(onnx_path: Path, tmp_path: Path) -> Iterator[TestClient]:
-    # drift on every request: the tapped graph is the one that broke on 0 rows
-    settings = runtime_settings(tmp_path, drift_sample_fraction=1.0)
-    with TestClient(build_app(settings, FakeRegistry({1: onnx_path}))) as c:
-        yield c
-
-
-def test_zero_rows_is_400(client: TestClient) -> None:
-    body = {"inputs": [{"name": "input", "shape": [0, 3, 8, 8], "datatype": "FP32", "data": []}]}
-    response = client.post("/v2/models/m/infer", json=body)
-    assert response.status_code == 400, response.text
-    assert response.json() == {"error": "expected at least 1 row (got 0)"}
-
-
-@pytest.mark.parametrize("binary", [False, True])
-def test_huge_dimension_of_an_empty_shape_is_400(client: TestClient, binary: bool) -> None:
-    entry: dict[str, Any] = {"name": "input", "shape": [0, 3, 8, 2**62], "datatype": "FP32"}
-    if binary:
-        entry["parameters"] = {"binary_data_size": 0}
-    else:
-        entry["data"] = []
-    header = json.dumps({"inputs": [entry]}).encode()
-    response = client.post(
-        "/v2/models/m/infer", content=header, headers={HEADER_LENGTH: str(len(header))}
-    )
-    assert response.status_code == 400, response.text
-    message = response.json()["error"]
-    assert "expected dimensions of at most 2147483647" in message
-    assert str(2**62) in message
-
-
-def test_element_count_is_capped() -> None:
-    entry = {"name": "input", "shape": [0, 2**20, 2**20, 2**20], "datatype": "FP32", "data": []}
-    with pytest.raises(Exception, match="expected at most 2147483647 elements") as info:
-        decode_request(json.dumps({"inputs": [entry]}).encode())
-    assert type(info.value).__name__ == "InvalidInput"
-
-
-# -- serve / unload races ----------------------------------------------------------------
+    return export(make_model(0), tmp_path_factory.mktemp("races") / "v1.onnx")
 
 
 class _Gates:
@@ -190,45 +136,91 @@ def test_unload_between_load_and_pointer_move_wins(onnx_path: Path, tmp_path: Pa
     asyncio.run(main())
 
 
-# -- batcher consumer failure ------------------------------------------------------------
+# -- generations: a deleted model is not loaded back ------------------------------------
 
 
-def test_a_failed_batching_consumer_fails_its_requests_and_restarts() -> None:
-    def double(feed: dict[str, np.ndarray], rows: int) -> list[np.ndarray]:
-        return [feed["x"] * 2.0]
-
+def test_unload_model_moves_the_generation(onnx_path: Path, tmp_path: Path) -> None:
     async def main() -> None:
-        with ThreadPoolExecutor(1) as pool:
-            batcher = Batcher(double, executor=pool, max_batch_size=8, max_delay=0.0)
-            grow = batcher._grow
-            failures = [RuntimeError("injected")]
-
-            async def broken(batch: list[Any], held: Any) -> list[Any]:
-                if failures:  # after the run slot was taken and the first item popped
-                    raise failures.pop()
-                return await grow(batch, held)
-
-            batcher._grow = broken  # type: ignore[method-assign]
-            x = np.ones((1, 3), np.float32)
-            first = await asyncio.wait_for(
-                asyncio.gather(
-                    *(batcher.submit({"x": x}, 1) for _ in range(3)), return_exceptions=True
-                ),
-                10.0,
-            )
-            for result in first:
-                assert isinstance(result, ServiceError)
-                assert "batching failed: injected" in str(result)
-            # the consumer is back and the run slot (max_concurrent=1) was given back
-            (out,) = await asyncio.wait_for(batcher.submit({"x": x}, 1), 10.0)
-            np.testing.assert_array_equal(out, x * 2.0)
-            await asyncio.wait_for(batcher.close(), 10.0)
+        runtime = _runtime(tmp_path)
+        try:
+            assert runtime.generation("m") == 0
+            await runtime.serve("m", 1, onnx_path)
+            await runtime.unload_model("m")
+            assert runtime.generation("m") > 0
+            assert runtime.generation("other") == 0
+        finally:
+            await runtime.close()
 
     asyncio.run(main())
 
 
-def test_fake_registry_takes_only_ascii_digits_as_versions(onnx_path: Path) -> None:
-    registry = FakeRegistry({1: onnx_path})
-    assert registry.resolve("m", "1") == (1, onnx_path)
-    with pytest.raises(NotFound, match="no alias"):
-        registry.resolve("m", "\u00b9")  # superscript one: str.isdigit() says yes
+@pytest.mark.parametrize("lazy", [True, False])
+def test_a_load_resolved_before_an_unload_is_refused(
+    onnx_path: Path, tmp_path: Path, lazy: bool
+) -> None:
+    async def main() -> None:
+        runtime = _runtime(tmp_path)
+        try:
+            generation = runtime.generation("m")  # then the registry resolves ...
+            await runtime.unload_model("m")  # ... and the model is deleted meanwhile
+            with pytest.raises(NotFound, match="deleted"):
+                if lazy:
+                    await runtime.serve("m", 1, onnx_path, if_unserved=True, generation=generation)
+                else:
+                    await runtime.load("m", 1, onnx_path, generation=generation)
+            assert runtime.served_version("m") is None
+            assert runtime.loaded_versions("m") == []
+        finally:
+            await runtime.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_a_load_during_an_unload_is_dropped_when_it_returns(
+    onnx_path: Path, tmp_path: Path, lazy: bool
+) -> None:
+    """The window the stress test of test_delete_race.py hit: a request resolves the model
+    while unload_model waits for in-flight requests, and loads it back."""
+
+    async def main() -> None:
+        runtime = _runtime(tmp_path)
+        try:
+            await runtime.serve("m", 1, onnx_path)
+            entry = runtime._versions[("m", 1)]
+            entry.enter(explicit=False)  # an in-flight request holds the unload
+            unloading = asyncio.create_task(runtime.unload_model("m"))
+            await _until(lambda: runtime.served_version("m") is None)
+            generation = runtime.generation("m")  # resolved during the unload
+            if lazy:
+                await runtime.serve("m", 2, onnx_path, if_unserved=True, generation=generation)
+                assert runtime.served_version("m") == 2
+            else:
+                await runtime.load("m", 2, onnx_path, generation=generation)
+            assert runtime.loaded_versions("m") == [2]
+            entry.leave()
+            await unloading
+            assert runtime.served_version("m") is None
+            assert runtime.loaded_versions("m") == []
+            assert runtime.generation("m") != generation
+        finally:
+            await runtime.close()
+
+    asyncio.run(main())
+
+
+def test_a_model_registered_again_after_an_unload_serves(onnx_path: Path, tmp_path: Path) -> None:
+    async def main() -> None:
+        runtime = _runtime(tmp_path)
+        try:
+            await runtime.serve("m", 1, onnx_path)
+            await runtime.unload_model("m")
+            await runtime.serve("m", 1, onnx_path)  # POST /v1/models again
+            assert runtime.served_version("m") == 1 and runtime.is_ready("m")
+            generation = runtime.generation("m")
+            await runtime.load("m", 2, onnx_path, generation=generation)
+            assert runtime.loaded_versions("m") == [1, 2]
+        finally:
+            await runtime.close()
+
+    asyncio.run(main())
