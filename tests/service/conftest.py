@@ -47,7 +47,17 @@ class FakeRuntime:
     async def close(self) -> None:
         self.closed = True
 
-    async def serve(self, name: str, version: int, onnx_path: Path) -> None:
+    async def serve(
+        self,
+        name: str,
+        version: int,
+        onnx_path: Path,
+        *,
+        if_unserved: bool = False,
+        generation: int | None = None,  # noqa: ARG002 - the data plane's race guard
+    ) -> None:
+        if if_unserved and name in self.served:
+            return
         self.calls.append(("serve", name, version))
         if (name, version) in self.fail or not onnx_path.is_file():
             raise InvalidInput(f"could not load {name} version {version}")
@@ -55,6 +65,10 @@ class FakeRuntime:
 
     def served_version(self, name: str) -> int | None:
         return self.served.get(name)
+
+    def generation(self, name: str) -> int:  # noqa: ARG002 - no deletes race here
+        """The data plane reads it before resolving (see ``service.dataplane``)."""
+        return 0
 
     async def unload_model(self, name: str) -> None:
         self.calls.append(("unload", name))
