@@ -83,6 +83,7 @@ def _serve(args: argparse.Namespace) -> None:
     from prometheus_client import CollectorRegistry
 
     from service.api import metrics_route, v2
+    from service.dataplane import DataPlane
     from service.errors import install_error_handlers
     from service.metrics import ServiceMetrics
     from service.runtime.runtime import ServingRuntime
@@ -110,6 +111,9 @@ def _serve(args: argparse.Namespace) -> None:
                 raise NotFound(f"model {name!r} version {ref} not found")
             return 1, path
 
+        def model_names(self) -> list[str]:
+            return [MODEL_NAME]
+
     metrics = ServiceMetrics(CollectorRegistry())
     runtime = ServingRuntime(settings, metrics)
 
@@ -127,6 +131,7 @@ def _serve(args: argparse.Namespace) -> None:
     app.state.registry = OneModel()
     app.state.runtime = runtime
     app.state.metrics = metrics
+    app.state.dataplane = DataPlane(settings, app.state.registry, runtime, metrics)
     install_error_handlers(app)
     app.include_router(v2.router)
     app.include_router(metrics_route.router)

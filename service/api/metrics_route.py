@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .deps import get_metrics, require_metrics_token
+from .deps import ERROR_RESPONSES, get_metrics, require_metrics_token
 
 __all__ = ["router"]
 
@@ -30,7 +30,8 @@ MetricsAuth = Annotated[None, Depends(require_metrics_token)]
         200: {
             "description": "Prometheus text exposition format",
             "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
-        }
+        },
+        401: ERROR_RESPONSES[401],
     },
 )
 def metrics(request: Request, _: MetricsAuth) -> Response:

@@ -1,0 +1,222 @@
+"""The data plane without HTTP: health, readiness, metadata, inference, its metrics window,
+the token rules, and a model deleted between resolving and loading."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
+from runtime_helpers import FakeRegistry, export_versions, runtime_settings, source_images
+
+from service.dataplane import EXTENSIONS, SERVER_NAME, DataPlane, server_version
+from service.errors import InvalidInput, NotFound, Unauthorized
+from service.metrics import ServiceMetrics
+from service.runtime.runtime import ServingRuntime
+from service.runtime.tensors import InferInput, InferRequest
+
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    return {v: p for v, (_, p) in export_versions(tmp_path_factory.mktemp("plane")).items()}
+
+
+def _plane(tmp_path: Path, paths: dict[int, Path], **settings: Any) -> DataPlane:
+    config = runtime_settings(tmp_path, drift_sample_fraction=0.0, **settings)
+    metrics = ServiceMetrics(CollectorRegistry())
+    return DataPlane(config, FakeRegistry(paths), ServingRuntime(config, metrics), metrics)
+
+
+def _run(plane: DataPlane, body: Callable[[DataPlane], Awaitable[T]]) -> T:
+    """``body(plane)`` with the runtime started, then closed."""
+    runtime = plane.runtime
+    assert isinstance(runtime, ServingRuntime)
+
+    async def main() -> T:
+        await runtime.start()
+        try:
+            return await body(plane)
+        finally:
+            await runtime.close()
+
+    return asyncio.run(main())
+
+
+def _request(rows: int = 2, name: str = "input") -> InferRequest:
+    x = source_images(rows, 0)
+    return InferRequest([InferInput(name, "FP32", tuple(x.shape), x)], id="r1")
+
+
+def _requests(plane: DataPlane, outcome: str, version: str = "1") -> float | None:
+    labels = {"model": "m", "version": version, "outcome": outcome}
+    value: float | None = plane.metrics.registry.get_sample_value("recalib_requests_total", labels)
+    return value
+
+
+def test_live_and_server_metadata(tmp_path: Path, paths: dict[int, Path]) -> None:
+    plane = _plane(tmp_path, paths)
+    assert plane.live() is True
+    assert plane.server_metadata() == {
+        "name": SERVER_NAME,
+        "version": server_version(),
+        "extensions": list(EXTENSIONS),
+    }
+
+
+def test_token_rules(tmp_path: Path, paths: dict[int, Path]) -> None:
+    open_plane = _plane(tmp_path, paths)
+    open_plane.check_token(None)
+    assert open_plane.authorized(None) and not open_plane.protect_health
+    plane = _plane(tmp_path, paths, api_token=SecretStr("t0ken"), protect_health=True)
+    plane.check_token("t0ken")
+    assert plane.protect_health and plane.authorized("t0ken")
+    assert not plane.authorized("wrong") and not plane.authorized(None)
+    with pytest.raises(Unauthorized, match="got none"):
+        plane.check_token(None)
+
+
+def test_ready_waits_for_registered_and_expected_models(
+    tmp_path: Path, paths: dict[int, Path]
+) -> None:
+    plane = _plane(tmp_path, paths, expect_models=["other"])
+    assert plane.ready(show_names=True) == (False, [])  # the runtime is not started
+
+    async def body(plane: DataPlane) -> None:
+        assert plane.ready(show_names=True) == (False, ["m", "other"])
+        assert plane.ready(show_names=False) == (False, None)
+        await plane.model_metadata("m", None)  # serves m on first use
+        assert plane.ready(show_names=True) == (False, ["other"])
+        plane.settings.expect_models.clear()
+        assert plane.ready(show_names=False) == (True, [])
+
+    _run(plane, body)
+
+
+def test_metadata_and_readiness(tmp_path: Path, paths: dict[int, Path]) -> None:
+    async def body(plane: DataPlane) -> None:
+        served = await plane.model_metadata("m", None)
+        assert served["name"] == "m" and served["versions"] == ["1"]
+        assert served["platform"] == "onnx_onnxv1"
+        assert served["inputs"][0]["shape"] == [-1, 3, 8, 8]
+        staging = await plane.model_metadata("m", "staging")
+        assert staging["versions"] == ["2"]
+        assert await plane.model_ready("m", None) is True
+        assert await plane.model_ready("m", "2") is True
+        with pytest.raises(NotFound):
+            await plane.model_ready("nope", None)
+        with pytest.raises(NotFound):
+            await plane.model_ready("m", "7")
+        with pytest.raises(InvalidInput, match="model name"):
+            await plane.model_ready("bad/name", None)
+        with pytest.raises(InvalidInput, match="version number or alias"):
+            await plane.model_ready("m", "b" * 100)
+
+    _run(_plane(tmp_path, paths), body)
+
+
+def test_a_version_that_fails_to_load_is_not_ready_with_the_reason(
+    tmp_path: Path, paths: dict[int, Path]
+) -> None:
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not onnx")
+
+    plane = _plane(tmp_path, {**paths, 3: broken})
+
+    async def check(plane: DataPlane) -> None:
+        ready, error = await plane.model_readiness("m", "3")
+        assert not ready and error is not None and "expected an ONNX model file" in error
+        assert str(tmp_path) not in error
+        assert await plane.model_ready("m", "3") is False
+
+    _run(plane, check)
+
+
+def test_infer_answers_and_counts(tmp_path: Path, paths: dict[int, Path]) -> None:
+    async def body(plane: DataPlane) -> None:
+        response = await plane.infer("m", None, _request(3))
+        assert (response.model_name, response.model_version, response.id) == ("m", "1", "r1")
+        assert response.outputs[0].data.shape == (3, 3)
+        explicit = await plane.infer("m", "staging", _request())
+        assert explicit.model_version == "2"
+        with pytest.raises(InvalidInput, match="unexpected input 'x'"):
+            await plane.infer("m", None, _request(name="x"))
+        with pytest.raises(NotFound):
+            await plane.infer("nope", None, _request())
+
+    plane = _plane(tmp_path, paths)
+    _run(plane, body)
+    assert _requests(plane, "ok") == 1.0
+    assert _requests(plane, "ok", version="2") == 1.0
+    assert _requests(plane, "client_error") == 1.0
+    registry = plane.metrics.registry
+    assert registry.get_sample_value("recalib_inflight_requests", {"model": "m"}) == 0.0
+    # an unknown model never becomes a label
+    assert registry.get_sample_value("recalib_inflight_requests", {"model": "nope"}) is None
+    latency = registry.get_sample_value(
+        "recalib_request_duration_seconds_count", {"model": "m", "version": "1"}
+    )
+    assert latency == 2.0
+
+
+def test_the_inference_window_counts_what_fails_inside_it(
+    tmp_path: Path, paths: dict[int, Path]
+) -> None:
+    async def body(plane: DataPlane) -> None:
+        async with plane.inference("m", None) as call:
+            assert call.version == 1
+            assert (
+                plane.metrics.registry.get_sample_value("recalib_inflight_requests", {"model": "m"})
+                == 1.0
+            )
+            response = await call.infer(_request())
+        np.testing.assert_array_equal(response.outputs[0].data.shape, (2, 3))
+        with pytest.raises(InvalidInput):
+            async with plane.inference("m", "1"):
+                raise InvalidInput("request: expected a JSON object (got list)")  # the body
+        with pytest.raises(RuntimeError):
+            async with plane.inference("m", "1"):
+                raise RuntimeError("the protocol layer broke")
+
+    plane = _plane(tmp_path, paths)
+    _run(plane, body)
+    assert _requests(plane, "ok") == 1.0
+    assert _requests(plane, "client_error") == 1.0
+    assert _requests(plane, "server_error") == 1.0
+
+
+@pytest.mark.parametrize("ref", [None, "2"])
+def test_a_model_deleted_while_it_is_resolved_is_not_loaded_back(
+    tmp_path: Path, paths: dict[int, Path], ref: str | None
+) -> None:
+    plane = _plane(tmp_path, paths)
+    runtime = plane.runtime
+    assert isinstance(runtime, ServingRuntime)
+    registry = plane.registry
+    assert isinstance(registry, FakeRegistry)
+    resolve = registry.resolve
+
+    def resolve_then_delete(name: str, ref: str | None) -> tuple[int, Path]:
+        found = resolve(name, ref)
+        # a DELETE /v1/models/m now: unload_model moves the generation, the rows go
+        runtime._generations[name] = runtime.generation(name) + 1
+        del registry.versions[name]
+        return found
+
+    registry.resolve = resolve_then_delete  # type: ignore[method-assign]
+
+    async def body(plane: DataPlane) -> None:
+        with pytest.raises(NotFound, match="deleted"):
+            await plane.infer("m", ref, _request())
+        assert runtime.served_version("m") is None
+        assert runtime.loaded_versions("m") == []
+        with pytest.raises(NotFound):
+            await plane.infer("m", None, _request())
+
+    _run(plane, body)
