@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from service.errors import NotReady, ServiceError
+from ..errors import NotReady, ServiceError
 
 __all__ = ["BatchObserver", "Batcher", "RunFn"]
 

@@ -42,8 +42,8 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from service.errors import InvalidInput, NotReady, without_path
-from service.settings import Settings
+from ..errors import InvalidInput, NotReady, without_path
+from ..settings import Settings
 
 __all__ = [
     "CPU",
