@@ -210,6 +210,36 @@ def _read_result(work: Path, exitcode: int | None) -> dict[str, Any] | str:
     return result
 
 
+def _job_info(row: sqlite3.Row, model: str) -> JobInfo:
+    """A ``jobs`` row as the API shows it."""
+    return JobInfo(
+        id=row["id"],
+        model=model,
+        state=row["state"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        base_version=row["base_version"],
+        dataset=row["dataset_id"],
+        params=loads(row["params"]),
+        progress=loads(row["progress"]),
+        error=row["error"],
+        result_version=row["result_version"],
+        promoted=bool(row["promoted"]),
+        validation=loads(row["validation"]),
+        plan=loads(row["plan"]),
+    )
+
+
+async def _stop(proc: Any) -> None:
+    """Terminate a worker process; kill it if it is still alive after a grace period."""
+    proc.terminate()
+    await asyncio.to_thread(proc.join, _KILL_AFTER)
+    if proc.is_alive():
+        proc.kill()
+        await asyncio.to_thread(proc.join)
+
+
 class JobManager:
     """Submits, runs, cancels and recovers recalibration jobs.
 
@@ -287,26 +317,6 @@ class JobManager:
 
     # -- queries -------------------------------------------------------------------------
 
-    @staticmethod
-    def _info(row: sqlite3.Row, model: str) -> JobInfo:
-        return JobInfo(
-            id=row["id"],
-            model=model,
-            state=row["state"],
-            created_at=row["created_at"],
-            started_at=row["started_at"],
-            finished_at=row["finished_at"],
-            base_version=row["base_version"],
-            dataset=row["dataset_id"],
-            params=loads(row["params"]),
-            progress=loads(row["progress"]),
-            error=row["error"],
-            result_version=row["result_version"],
-            promoted=bool(row["promoted"]),
-            validation=loads(row["validation"]),
-            plan=loads(row["plan"]),
-        )
-
     def get(self, job_id: str) -> JobInfo:
         """Raises: NotFound (InvalidInput for a malformed id)."""
         check_name(job_id, "job id")
@@ -317,7 +327,7 @@ class JobManager:
         )
         if row is None:
             raise NotFound(f"recalibration job {job_id!r} not found")
-        return self._info(row, row["model_name"])
+        return _job_info(row, row["model_name"])
 
     def jobs(self, model: str) -> list[JobInfo]:
         """A model's jobs, oldest first."""
@@ -325,7 +335,7 @@ class JobManager:
         rows = self._db.query(
             "SELECT * FROM jobs WHERE model_id = ? ORDER BY created_at, id", (info.id,)
         )
-        return [self._info(r, model) for r in rows]
+        return [_job_info(r, model) for r in rows]
 
     # -- submit --------------------------------------------------------------------------
 
@@ -557,20 +567,12 @@ class JobManager:
                 else None
             )
             if why is not None:
-                await self._stop(proc)
+                await _stop(proc)
                 return why
             await asyncio.sleep(_POLL)
         # A cancel that arrived while the process was exiting still wins: the caller of
         # cancel() is told "cancelled", so no version may appear.
         return "cancelled" if handle.cancel_requested else "exited"
-
-    @staticmethod
-    async def _stop(proc: Any) -> None:
-        proc.terminate()
-        await asyncio.to_thread(proc.join, _KILL_AFTER)
-        if proc.is_alive():
-            proc.kill()
-            await asyncio.to_thread(proc.join)
 
     async def _register(self, handle: _Handle, work: Path) -> None:
         """Turn a finished worker's output into a version (and maybe promote it)."""
