@@ -3,13 +3,13 @@
 A data set is one ``.npz``, ``.npy`` or ``.safetensors`` file (the formats of
 :mod:`recalib.datafiles`; nothing is unpickled). An upload is copied in 1 MiB chunks into a
 staging directory under ``home/tmp`` while its size is counted (413 above the limit) and
-its sha256 computed (:mod:`service.uploads`); the file is then described from its headers only (array names, shapes
-and dtypes: nothing is loaded whole; each ``.npy`` must be exactly as long as its header
-says, ``.npz`` members are CRC-checked by streaming, safetensors checks its offsets) and
-moved into ``home/datasets/<id>/`` with one rename, so a half-written data set is never
-visible. The data set's *input* is the array :func:`recalib.datafiles.pick_input` would
-pick (``x``, or the only array, ...): it must be floating point with a batch axis, and its
-length is the sample count.
+its sha256 computed (:mod:`service.uploads`); the file is then described from its headers
+only (array names, shapes and dtypes: nothing is loaded whole; each ``.npy`` must be
+exactly as long as its header says, ``.npz`` members are CRC-checked by streaming,
+safetensors checks its offsets) and moved into ``home/datasets/<id>/`` with one rename, so
+a half-written data set is never visible. The data set's *input* is the array
+:func:`recalib.datafiles.pick_input` would pick (``x``, or the only array, ...): it must be
+floating point with a batch axis, and its length is the sample count.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ import pytest
 
 from service.errors import Conflict, InvalidInput, NotFound
 from service.names import check_alias, check_name, is_number
-from service.registry import MAX_VERSION, PRODUCTION, Registry
+from service.registry import Registry
+from service.registry_models import MAX_VERSION, PRODUCTION
 
 
 @dataclass
