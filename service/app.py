@@ -44,6 +44,7 @@ from .dataplane import DataPlane, InferenceRuntime, server_version
 from .datasets import DatasetStore
 from .db import Database
 from .errors import Unauthorized, install_error_handlers
+from .grpc_api import GrpcServer
 from .jobs import JobManager, WorkerTarget
 from .metrics import ServiceMetrics
 from .registry import Registry, Runtime
@@ -179,22 +180,6 @@ def _runtime(settings: Settings, metrics: ServiceMetrics) -> Runtime:
     return runtime
 
 
-def _include_data_plane(
-    app: FastAPI,
-    settings: Settings,
-    registry: Registry,
-    runtime: Runtime,
-    metrics: ServiceMetrics,
-) -> None:
-    """Put the :class:`DataPlane` on ``app.state.dataplane`` (the gRPC server takes it from
-    there too) and add the inference (``/v2``) and ``/metrics`` routers."""
-    # The app's runtime is the ServingRuntime; the control-plane fakes of the tests
-    # implement only the registry's Runtime and are never asked for inference.
-    app.state.dataplane = DataPlane(settings, registry, cast(InferenceRuntime, runtime), metrics)
-    app.include_router(v2.router)
-    app.include_router(metrics_route.router)
-
-
 def create_app(
     settings: Settings,
     *,
@@ -218,7 +203,9 @@ def create_app(
     Returns:
         The FastAPI app; its state holds ``settings``, ``db``, ``registry``,
         ``datasets``, ``jobs``, ``runtime``, ``metrics``, ``metrics_registry`` and
-        ``dataplane`` (the :class:`~service.dataplane.DataPlane` the ``/v2`` routes use).
+        ``dataplane`` (the :class:`~service.dataplane.DataPlane` the ``/v2`` routes and
+        the gRPC service use) and ``grpc_port`` (the bound gRPC port while the app runs,
+        with ``settings.grpc``).
     """
     metrics_registry = metrics_registry if metrics_registry is not None else CollectorRegistry()
     metrics = ServiceMetrics(metrics_registry)
@@ -229,6 +216,10 @@ def create_app(
     jobs = JobManager(
         settings, db=db, registry=registry, datasets=datasets, metrics=metrics, target=worker
     )
+    # The app's runtime is the ServingRuntime; the control-plane fakes of the tests
+    # implement only the registry's Runtime and are never asked for inference.
+    dataplane = DataPlane(settings, registry, cast(InferenceRuntime, runtime), metrics)
+    grpc_server = GrpcServer(settings, dataplane) if settings.grpc else None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -237,9 +228,14 @@ def create_app(
         await jobs.start()
         await runtime.start()
         await registry.serve_all()
+        if grpc_server is not None:
+            await grpc_server.start()
+            app.state.grpc_port = grpc_server.port
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop()
             await jobs.close()
             await runtime.close()
             db.close()
@@ -262,7 +258,10 @@ def create_app(
     app.include_router(models_api.router)
     app.include_router(datasets_api.router)
     app.include_router(recalibrations_api.router)
-    _include_data_plane(app, settings, registry, runtime, metrics)
+    app.state.dataplane = dataplane
+    app.state.grpc_port = None
+    app.include_router(v2.router)
+    app.include_router(metrics_route.router)
     app.add_middleware(
         BodyLimit,
         upload_bytes=settings.max_upload_bytes,

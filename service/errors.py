@@ -1,8 +1,9 @@
-"""The service's error hierarchy and its one mapping to HTTP.
+"""The service's error hierarchy and its one mapping to HTTP and gRPC status codes.
 
 Domain code raises :class:`ServiceError` subclasses (or the core's
 :class:`recalib.errors.RecalibError`); :func:`install_error_handlers` maps each to a status
-code and the Open Inference Protocol's error body ``{"error": "<message>"}``. Routes never
+code and the Open Inference Protocol's error body ``{"error": "<message>"}``, and
+:func:`grpc_error` to a gRPC status code with the same message. Routes and RPCs never
 build error responses themselves.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -27,6 +29,7 @@ __all__ = [
     "PayloadTooLarge",
     "ServiceError",
     "Unauthorized",
+    "grpc_error",
     "install_error_handlers",
     "without_path",
 ]
@@ -112,6 +115,26 @@ def without_path(message: str, path: Path) -> str:
 
 def _body(message: str) -> dict[str, str]:
     return {"error": message}
+
+
+_GRPC_CODES: dict[int, grpc.StatusCode] = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.FAILED_PRECONDITION,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    422: grpc.StatusCode.FAILED_PRECONDITION,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def grpc_error(exc: ServiceError) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and message of an error (the same message as over HTTP):
+    ``InvalidInput`` -> ``INVALID_ARGUMENT``, ``Unauthorized`` -> ``UNAUTHENTICATED``,
+    ``NotFound`` -> ``NOT_FOUND``, ``PayloadTooLarge`` -> ``RESOURCE_EXHAUSTED``,
+    ``NotReady`` -> ``UNAVAILABLE``, ``Conflict`` -> ``FAILED_PRECONDITION``, ..."""
+    return _GRPC_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -31,6 +31,15 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     """TCP port ``recalib serve`` listens on."""
 
+    grpc: bool = True
+    """Serve the v2 gRPC protocol (``inference.GRPCInferenceService``) beside REST."""
+
+    grpc_port: int = Field(default=8001, ge=0, le=65535)
+    """TCP port of the gRPC service on ``host`` (0: any free port)."""
+
+    grpc_max_message_bytes: int = Field(default=64 << 20, gt=0)
+    """Largest gRPC message, received or sent (RESOURCE_EXHAUSTED above)."""
+
     api_token: SecretStr | None = None
     """Bearer token required on every /v1 and /v2 inference call when set."""
 

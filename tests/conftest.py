@@ -11,6 +11,7 @@ hypothesis tests can use them without the function-scoped-fixture health check.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
@@ -20,6 +21,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
+
+# Every app a test starts serves gRPC on a free port (the default 8001 would collide
+# between tests and with anything else on the machine); tests that need the port read
+# ``app.state.grpc_port``.
+os.environ.setdefault("RECALIB_GRPC_PORT", "0")
 
 # Tiny models: one intra-op thread is several times faster than two on a loaded 2-core
 # machine (thread hand-off costs more than the work), and keeps reductions deterministic.

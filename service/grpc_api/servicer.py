@@ -1,0 +1,205 @@
+"""``inference.GRPCInferenceService``: the Open Inference Protocol over gRPC.
+
+Every RPC translates gRPC <-> :class:`~service.dataplane.DataPlane` calls, exactly as the
+REST routes do for HTTP: the same version resolution and lazy loading, dynamic batching,
+drift sampling, metrics and bearer token (``authorization: Bearer <token>`` in the call's
+metadata, as ``tritonclient.grpc`` sends ``headers=``). Health and server metadata need
+the token only with ``protect_health``, as over REST. Errors are the service's
+:class:`~service.errors.ServiceError` hierarchy, mapped to gRPC status codes by
+:func:`service.errors.grpc_error` with the same messages as over REST.
+
+The RPCs of extensions recalib does not implement (shared memory, trace, logging) answer
+``UNIMPLEMENTED`` with a message naming the extension.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from ..dataplane import DataPlane
+from ..errors import InvalidInput, NotFound, ServiceError, grpc_error
+from .codec import decode_infer_request, encode_infer_response
+
+__all__ = ["InferenceServicer"]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+
+def _bearer(context: grpc.aio.ServicerContext) -> str | None:
+    """The token of an ``authorization: Bearer <token>`` metadata entry."""
+    for key, value in context.invocation_metadata() or ():
+        if key.lower() == "authorization":
+            text = value.decode("latin-1") if isinstance(value, bytes) else value
+            scheme, _, credentials = text.partition(" ")
+            if scheme.lower() == "bearer" and credentials:
+                return credentials
+            return None
+    return None
+
+
+def _ref(version: str) -> str | None:
+    return version or None
+
+
+def _unsupported(extension: str) -> Callable[..., Awaitable[Any]]:
+    async def rpc(self: InferenceServicer, request: Any, context: Any) -> Any:  # noqa: ARG001
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"the {extension} extension is not supported by this server",
+        )
+
+    return rpc
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """The v2 gRPC service over one :class:`DataPlane`.
+
+    Args:
+        dataplane: the protocol-neutral data plane the REST routes use too.
+    """
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    async def _call(
+        self,
+        context: grpc.aio.ServicerContext,
+        work: Callable[[], Awaitable[_T]],
+        *,
+        health: bool = False,
+    ) -> _T:
+        """Authenticate, run ``work``, and turn service errors into gRPC statuses."""
+        try:
+            if not health or self.dataplane.protect_health:
+                self.dataplane.check_token(_bearer(context))
+            return await work()
+        except ServiceError as exc:
+            await context.abort(*grpc_error(exc))
+        raise AssertionError("unreachable")  # context.abort raises
+
+    # -- health and metadata -----------------------------------------------------------
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: ARG002
+        async def work() -> Any:
+            return pb.ServerLiveResponse(live=self.dataplane.live())
+
+        return await self._call(context, work, health=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: ARG002
+        async def work() -> Any:
+            ready, _ = self.dataplane.ready(show_names=False)
+            return pb.ServerReadyResponse(ready=ready)
+
+        return await self._call(context, work, health=True)
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: ARG002
+        async def work() -> Any:
+            meta = self.dataplane.server_metadata()
+            return pb.ServerMetadataResponse(
+                name=meta["name"], version=meta["version"], extensions=meta["extensions"]
+            )
+
+        return await self._call(context, work, health=True)
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        async def work() -> Any:
+            try:
+                ready = await self.dataplane.model_ready(request.name, _ref(request.version))
+            except NotFound:
+                ready = False  # as Triton: an unknown model is not ready, not an error
+            return pb.ModelReadyResponse(ready=ready)
+
+        return await self._call(context, work)
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        async def work() -> Any:
+            meta = await self.dataplane.model_metadata(request.name, _ref(request.version))
+            return pb.ModelMetadataResponse(
+                name=meta["name"],
+                versions=meta["versions"],
+                platform=meta["platform"],
+                inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["inputs"]],
+                outputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["outputs"]],
+            )
+
+        return await self._call(context, work)
+
+    # -- inference ---------------------------------------------------------------------
+
+    async def _infer(self, request: Any) -> Any:
+        if not request.model_name:
+            raise InvalidInput("request: expected a model_name (got none)")
+        decoded = decode_infer_request(request)
+        response = await self.dataplane.infer(
+            request.model_name, _ref(request.model_version), decoded
+        )
+        return encode_infer_response(response)
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        return await self._call(context, lambda: self._infer(request))
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
+        """Bidirectional stream: each request is answered as soon as it is done (in
+        completion order, matched by ``id``, as Triton does), so concurrent requests of
+        one stream are batched together. A failed request answers ``error_message`` and
+        the stream goes on."""
+        try:
+            self.dataplane.check_token(_bearer(context))
+        except ServiceError as exc:
+            await context.abort(*grpc_error(exc))
+        answers: asyncio.Queue[Any] = asyncio.Queue()
+        pending: set[asyncio.Task[None]] = set()
+
+        async def answer(request: Any) -> None:
+            try:
+                result = await self._infer(request)
+                await answers.put(pb.ModelStreamInferResponse(infer_response=result))
+            except ServiceError as exc:
+                _, message = grpc_error(exc)
+                await answers.put(pb.ModelStreamInferResponse(error_message=message))
+            except Exception:
+                log.exception("stream inference failed")
+                await answers.put(pb.ModelStreamInferResponse(error_message="internal error"))
+
+        async def read() -> None:
+            async for request in request_iterator:
+                task = asyncio.ensure_future(answer(request))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            await asyncio.gather(*list(pending))
+            await answers.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                item = await answers.get()
+                if item is None:
+                    break
+                yield item
+            await reader
+        finally:
+            reader.cancel()
+            for task in list(pending):
+                task.cancel()
+
+    # -- extensions this server does not implement --------------------------------------
+
+    SystemSharedMemoryStatus = _unsupported("system shared memory")
+    SystemSharedMemoryRegister = _unsupported("system shared memory")
+    SystemSharedMemoryUnregister = _unsupported("system shared memory")
+    CudaSharedMemoryStatus = _unsupported("CUDA shared memory")
+    CudaSharedMemoryRegister = _unsupported("CUDA shared memory")
+    CudaSharedMemoryUnregister = _unsupported("CUDA shared memory")
+    TraceSetting = _unsupported("trace")
+    LogSettings = _unsupported("logging")
