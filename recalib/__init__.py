@@ -10,35 +10,85 @@ The public API::
 ``recalib.drift`` holds the drift math (symmetric KL, mergeable/rolling windows).
 """
 
-from .adapt import adapt, adapt_onnx, data_flow_order
-from .errors import (
-    BatchNormFoldedError,
-    BnGraphError,
-    DataError,
-    DivergedError,
-    ExportError,
-    ExportParityError,
-    LayerMismatchError,
-    NoBatchNormError,
-    NonFiniteError,
-    NotConvergedError,
-    OnnxModelError,
-    OptionsError,
-    OutputError,
-    RecalibError,
-    StatBankMismatchError,
-)
-from .layers import NormLayer, find_norm_layers
-from .moments import ChannelMoments
-from .onnx.export import ExportReport, export_onnx
-from .onnx.recalibrate import recalibrate_onnx
-from .onnx.taps import add_drift_taps
-from .options import DEFAULTS, RecalibOptions
-from .plans import PlanReport
-from .recalibrate import recalibrate
-from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
-from .report import LayerReport, RecalibrationReport
-from .statbank import StatBank, apply_stat_bank, load_stat_bank, save_stat_bank
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .adapt import adapt, adapt_onnx, data_flow_order
+    from .errors import (
+        BatchNormFoldedError,
+        BnGraphError,
+        DataError,
+        DivergedError,
+        ExportError,
+        ExportParityError,
+        LayerMismatchError,
+        NoBatchNormError,
+        NonFiniteError,
+        NotConvergedError,
+        OnnxModelError,
+        OptionsError,
+        OutputError,
+        RecalibError,
+        StatBankMismatchError,
+    )
+    from .layers import NormLayer, find_norm_layers
+    from .moments import ChannelMoments
+    from .onnx.export import ExportReport, export_onnx
+    from .onnx.recalibrate import recalibrate_onnx
+    from .onnx.taps import add_drift_taps
+    from .options import DEFAULTS, RecalibOptions
+    from .plans import PlanReport
+    from .recalibrate import recalibrate
+    from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+    from .report import LayerReport, RecalibrationReport
+    from .statbank import StatBank, apply_stat_bank, load_stat_bank, save_stat_bank
+
+_LAZY: dict[str, str] = {
+    "BatchNormFoldedError": ".errors",
+    "BatchRenorm1d": ".renorm",
+    "BatchRenorm2d": ".renorm",
+    "BatchRenorm3d": ".renorm",
+    "BnGraphError": ".errors",
+    "ChannelMoments": ".moments",
+    "DEFAULTS": ".options",
+    "DataError": ".errors",
+    "DivergedError": ".errors",
+    "ExportError": ".errors",
+    "ExportParityError": ".errors",
+    "ExportReport": ".onnx.export",
+    "LayerMismatchError": ".errors",
+    "LayerReport": ".report",
+    "NoBatchNormError": ".errors",
+    "NonFiniteError": ".errors",
+    "NormLayer": ".layers",
+    "NotConvergedError": ".errors",
+    "OnnxModelError": ".errors",
+    "OptionsError": ".errors",
+    "OutputError": ".errors",
+    "PlanReport": ".plans",
+    "RecalibError": ".errors",
+    "RecalibOptions": ".options",
+    "RecalibrationReport": ".report",
+    "StatBank": ".statbank",
+    "StatBankMismatchError": ".errors",
+    "adapt": ".adapt",
+    "adapt_onnx": ".adapt",
+    "add_drift_taps": ".onnx.taps",
+    "apply_stat_bank": ".statbank",
+    "data_flow_order": ".adapt",
+    "export_onnx": ".onnx.export",
+    "find_norm_layers": ".layers",
+    "load_stat_bank": ".statbank",
+    "recalibrate": ".recalibrate",
+    "recalibrate_onnx": ".onnx.recalibrate",
+    "save_stat_bank": ".statbank",
+}
+"""Public name -> the submodule defining it: imported on first use (PEP 562), so the
+torch-free parts (``recalib.drift``, ``recalib.errors``, ``recalib.onnx.taps``) load
+without torch - what the serving process imports."""
 
 __version__ = "0.1.0"
 
@@ -83,3 +133,16 @@ __all__ = [
     "recalibrate_onnx",
     "save_stat_bank",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

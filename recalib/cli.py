@@ -28,8 +28,7 @@ import numpy as np
 import torch
 
 from .errors import RecalibError
-from .estimators import METHODS
-from .options import DEFAULTS, MODES
+from .options import DEFAULTS, METHODS, MODES
 
 __all__ = ["CliError", "Subcommands", "build_parser", "demo_offline", "main", "run"]
 

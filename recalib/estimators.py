@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .moments import ChannelMoments
+from .options import METHODS
 
 __all__ = [
     "EmaEstimator",
@@ -44,7 +45,6 @@ __all__ = [
 ]
 
 Method = Literal["exact", "ema", "prior"]
-METHODS: tuple[str, ...] = ("exact", "ema", "prior")
 
 
 class StatEstimator(Protocol):

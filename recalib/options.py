@@ -14,9 +14,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import OptionsError
-from .estimators import METHODS
 
-__all__ = ["DEFAULTS", "INITS", "MODES", "RecalibOptions"]
+__all__ = ["DEFAULTS", "INITS", "METHODS", "MODES", "RecalibOptions"]
+
+METHODS: tuple[str, ...] = ("exact", "ema", "prior")
+"""The estimators of new running statistics (:mod:`recalib.estimators`), by name."""
 
 MODES = ("train", "eval")
 INITS = ("batch", "source")

@@ -8,10 +8,27 @@
 * :class:`GraphIndex` (:mod:`.graph`) - the one look-up structure over a graph.
 """
 
-from .export import ExportReport, export_onnx
-from .graph import GraphIndex
-from .recalibrate import OnnxModelError, recalibrate_onnx
-from .taps import add_drift_taps
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .export import ExportReport, export_onnx
+    from .graph import GraphIndex
+    from .recalibrate import OnnxModelError, recalibrate_onnx
+    from .taps import add_drift_taps
+
+_LAZY: dict[str, str] = {
+    "ExportReport": ".export",
+    "GraphIndex": ".graph",
+    "OnnxModelError": ".recalibrate",
+    "add_drift_taps": ".taps",
+    "export_onnx": ".export",
+    "recalibrate_onnx": ".recalibrate",
+}
+"""Imported on first use: ``recalib.onnx.taps`` and ``.names`` (what serving needs) load
+without torch."""
 
 __all__ = [
     "ExportReport",
@@ -21,3 +38,16 @@ __all__ = [
     "export_onnx",
     "recalibrate_onnx",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
