@@ -47,8 +47,10 @@ from .errors import Unauthorized, install_error_handlers
 from .grpc_api import GrpcServer
 from .jobs import JobManager, WorkerTarget
 from .metrics import ServiceMetrics
+from .model_store import ModelStore, StoreMetrics, TritonOptions
 from .registry import Registry, Runtime
 from .settings import Settings
+from .store_replica import Periodic, StoreResolver, StoreRuntime, StoreWatcher
 
 __all__ = ["AuthGate", "BodyLimit", "create_app"]
 
@@ -180,6 +182,21 @@ def _runtime(settings: Settings, metrics: ServiceMetrics) -> Runtime:
     return runtime
 
 
+def _model_store(
+    settings: Settings, metrics_registry: CollectorRegistry
+) -> tuple[ModelStore | None, StoreMetrics | None]:
+    """The shared model store of ``settings.model_store`` and its counters (or none)."""
+    if settings.model_store is None:
+        return None, None
+    triton = TritonOptions(
+        max_batch_size=settings.max_batch_size,
+        dynamic_batching=settings.dynamic_batching,
+        max_queue_delay_ms=settings.max_queue_delay_ms,
+        gpu={"cpu": False, "cuda": True}.get(settings.execution_provider),
+    )
+    return ModelStore(settings.model_store, triton=triton), StoreMetrics(metrics_registry)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -210,24 +227,48 @@ def create_app(
     metrics_registry = metrics_registry if metrics_registry is not None else CollectorRegistry()
     metrics = ServiceMetrics(metrics_registry)
     runtime = runtime if runtime is not None else _runtime(settings, metrics)
-    db = Database(settings.home / "recalib.db")
-    registry = Registry(db, settings.home, runtime)
+    db = Database(settings.home / "recalib.db")  # opened on first use: never store-fed
+    store, store_metrics = _model_store(settings, metrics_registry)
+    registry = Registry(
+        db,
+        settings.home,
+        runtime,
+        store=None if settings.store_fed else store,
+        store_metrics=store_metrics,
+    )
     datasets = DatasetStore(db, settings.home)
     jobs = JobManager(
         settings, db=db, registry=registry, datasets=datasets, metrics=metrics, target=worker
     )
     # The app's runtime is the ServingRuntime; the control-plane fakes of the tests
     # implement only the registry's Runtime and are never asked for inference.
-    dataplane = DataPlane(settings, registry, cast(InferenceRuntime, runtime), metrics)
+    resolver = StoreResolver(store) if settings.store_fed and store is not None else None
+    store_loop: StoreWatcher | Periodic | None = None
+    if resolver is not None:  # an inference replica serving the store: no database
+        store_loop = StoreWatcher(
+            resolver,
+            cast(StoreRuntime, runtime),
+            settings.store_poll_seconds,
+            metrics=store_metrics,
+        )
+    elif store is not None:  # the control replica: repair failed publications
+        store_loop = Periodic(
+            settings.store_poll_seconds, registry.reconcile_store, "model store publication"
+        )
+    dataplane = DataPlane(settings, resolver or registry, cast(InferenceRuntime, runtime), metrics)
     grpc_server = GrpcServer(settings, dataplane) if settings.grpc else None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        settings.home.mkdir(parents=True, exist_ok=True)
-        registry.sweep()
-        await jobs.start()
+        if resolver is None:
+            settings.home.mkdir(parents=True, exist_ok=True)
+            registry.sweep()
+            await jobs.start()
         await runtime.start()
-        await registry.serve_all()
+        if resolver is None:
+            await registry.serve_all()  # and publishes to the store, if any
+        if store_loop is not None:
+            await store_loop.start()  # store-fed: serves what the store holds first
         if grpc_server is not None:
             await grpc_server.start()
             app.state.grpc_port = grpc_server.port
@@ -236,7 +277,10 @@ def create_app(
         finally:
             if grpc_server is not None:
                 await grpc_server.stop()
-            await jobs.close()
+            if store_loop is not None:
+                await store_loop.close()
+            if resolver is None:
+                await jobs.close()
             await runtime.close()
             db.close()
 
@@ -259,6 +303,8 @@ def create_app(
     app.include_router(datasets_api.router)
     app.include_router(recalibrations_api.router)
     app.state.dataplane = dataplane
+    app.state.resolver = resolver or registry
+    app.state.model_store = store
     app.state.grpc_port = None
     app.include_router(v2.router)
     app.include_router(metrics_route.router)

@@ -110,6 +110,16 @@ class Settings(BaseSettings):
     stays out of the load balancer until the rollout step has pushed them. Every
     registered model's production version must be loaded too, expected or not."""
 
+    model_store: Path | None = None
+    """Shared model store (a Triton model repository, see docs/design.md "Model store"). With
+    ``role=all`` the control replica publishes every model's production version there;
+    with ``role=inference`` the replica serves what it holds, read-only, with no database
+    of its own, and answers the /v1 routes with 403."""
+
+    store_poll_seconds: float = Field(default=2.0, gt=0)
+    """How often a store-fed replica looks for new production versions (and the control
+    replica repairs publications that failed)."""
+
     job_workers: int = Field(default=1, ge=1)
     """Recalibration jobs run at once (each in its own worker process)."""
 
@@ -118,6 +128,11 @@ class Settings(BaseSettings):
 
     allow_open: bool = False
     """Allow a non-loopback host without a token (only behind an authenticating proxy)."""
+
+    @property
+    def store_fed(self) -> bool:
+        """An inference replica fed by the model store (no database, no /v1 writes)."""
+        return self.role == "inference" and self.model_store is not None
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:

@@ -1,7 +1,9 @@
 """FastAPI dependencies: the app's components (from ``app.state``) and authentication.
 
 Routes declare what they need as ``Annotated`` aliases (``registry: RegistryDep``);
-:func:`service.app.create_app` puts the components on ``app.state``. ``AuthDep`` /
+:func:`service.app.create_app` puts the components on ``app.state``. On a replica fed by
+the model store, the registry, data sets and jobs dependencies answer 403
+(:func:`require_database`): it has no database. ``AuthDep`` /
 :func:`require_token` guard every ``/v1`` route and inference (through ``HTTPBearer``,
 which marks them in the OpenAPI document); :func:`require_metrics_token` guards
 ``/metrics`` only with ``protect_metrics``, reading the header itself so the document
@@ -20,6 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from ..auth import bearer_token, check_bearer
+from ..dataplane import ModelResolver
 from ..datasets import DatasetStore
 from ..errors import Forbidden
 from ..jobs import JobManager
@@ -36,15 +39,18 @@ __all__ = [
     "JobsDep",
     "MetricsDep",
     "RegistryDep",
+    "ResolverDep",
     "RuntimeDep",
     "SettingsDep",
     "get_datasets",
     "get_jobs",
     "get_metrics",
     "get_registry",
+    "get_resolver",
     "get_runtime",
     "get_settings",
     "require_control_role",
+    "require_database",
     "require_metrics_token",
     "require_token",
 ]
@@ -81,6 +87,13 @@ def get_settings(request: Request) -> Settings:
 def get_registry(request: Request) -> Registry:
     registry: Registry = request.app.state.registry
     return registry
+
+
+def get_resolver(request: Request) -> ModelResolver:
+    """What names the served models and versions: the registry, or on a replica fed by the
+    model store, the store (:class:`service.store_replica.StoreResolver`)."""
+    resolver: ModelResolver = request.app.state.resolver
+    return resolver
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -123,8 +136,23 @@ async def require_control_role(request: Request) -> None:
         )
 
 
+def require_database(request: Request) -> None:
+    """Refuse what needs the registry's database on a replica fed by the model store
+    (``RECALIB_ROLE=inference`` with ``RECALIB_MODEL_STORE``), which has none."""
+    if get_settings(request).store_fed:
+        raise Forbidden(
+            f"this replica serves the model store read-only (RECALIB_ROLE=inference with "
+            f"RECALIB_MODEL_STORE): send {request.method} {request.url.path} to the control "
+            f"replica; models and versions are published to the store from there"
+        )
+
+
 FORBIDDEN_RESPONSE: dict[int | str, dict[str, Any]] = {
-    403: {"model": ErrorBody, "description": "Refused by this replica's role (inference)"}
+    403: {
+        "model": ErrorBody,
+        "description": "Refused by this replica's role (inference; with a model store, "
+        "every /v1 call but drift)",
+    }
 }
 """The 403 of the routes guarded by :func:`require_control_role`, for the OpenAPI document."""
 
@@ -145,7 +173,12 @@ async def _settings(request: Request) -> Settings:
 
 
 async def _registry(request: Request) -> Registry:
+    require_database(request)
     return get_registry(request)
+
+
+async def _resolver(request: Request) -> ModelResolver:
+    return get_resolver(request)
 
 
 async def _runtime(request: Request) -> Runtime:
@@ -157,15 +190,18 @@ async def _metrics(request: Request) -> ServiceMetrics:
 
 
 async def _datasets(request: Request) -> DatasetStore:
+    require_database(request)
     return get_datasets(request)
 
 
 async def _jobs(request: Request) -> JobManager:
+    require_database(request)
     return get_jobs(request)
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
 RegistryDep = Annotated[Registry, Depends(_registry)]
+ResolverDep = Annotated[ModelResolver, Depends(_resolver)]
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 MetricsDep = Annotated[ServiceMetrics, Depends(_metrics)]
 DatasetsDep = Annotated[DatasetStore, Depends(_datasets)]

@@ -4,7 +4,8 @@ drift.
 Routes only translate HTTP to registry and runtime calls (:mod:`service.registry`; the
 registry has its own runtime, so only the drift routes use the runtime directly); errors
 are the domain's, mapped to HTTP in :mod:`service.errors`. Path parameters are declared
-in :mod:`service.api.params`.
+in :mod:`service.api.params`. On a replica fed by the model store every route but drift
+answers 403 (its ``RegistryDep`` refuses: there is no registry there).
 """
 
 from __future__ import annotations
@@ -27,7 +28,16 @@ from ..registry_models import (
     VersionInfo,
     VersionList,
 )
-from .deps import ERROR_RESPONSES, ErrorBody, RegistryDep, RuntimeDep, SettingsDep, require_token
+from .deps import (
+    ERROR_RESPONSES,
+    FORBIDDEN_RESPONSE,
+    ErrorBody,
+    RegistryDep,
+    ResolverDep,
+    RuntimeDep,
+    SettingsDep,
+    require_token,
+)
 from .params import AliasPath, ModelNamePath, NewAliasPath, VersionPath
 
 __all__ = ["router"]
@@ -36,7 +46,7 @@ router = APIRouter(
     prefix="/v1/models",
     tags=["models"],
     dependencies=[Depends(require_token)],
-    responses=ERROR_RESPONSES,
+    responses={**ERROR_RESPONSES, **FORBIDDEN_RESPONSE},
 )
 
 _MEDIA = {
@@ -205,16 +215,17 @@ def delete_alias(registry: RegistryDep, name: ModelNamePath, alias: AliasPath) -
 
 @router.get("/{name}/drift", summary="Drift of the served version")
 async def get_drift(
-    registry: RegistryDep, runtime: RuntimeDep, name: ModelNamePath
+    resolver: ResolverDep, runtime: RuntimeDep, name: ModelNamePath
 ) -> dict[str, Any]:
     """Model score, per-layer scores, samples in the window, window bounds, threshold and
-    whether it is exceeded (see ``recalib.drift``)."""
-    registry.model(name)
+    whether it is exceeded (see ``recalib.drift``). Per replica: a replica fed by the model
+    store answers for its own traffic."""
+    resolver.resolve(name, None)  # NotFound for an unknown model
     return runtime.drift(name)
 
 
 @router.post("/{name}/drift/reset", status_code=204, summary="Empty the drift window")
-async def reset_drift(registry: RegistryDep, runtime: RuntimeDep, name: ModelNamePath) -> Response:
-    registry.model(name)
+async def reset_drift(resolver: ResolverDep, runtime: RuntimeDep, name: ModelNamePath) -> Response:
+    resolver.resolve(name, None)  # NotFound for an unknown model
     runtime.reset_drift(name)
     return Response(status_code=204)

@@ -1,0 +1,477 @@
+"""The shared model store: promoted versions published as a Triton model repository.
+
+The control replica (``RECALIB_ROLE=all`` with ``RECALIB_MODEL_STORE``) *publishes*, the
+only writer; inference replicas (``RECALIB_ROLE=inference`` with the same store) read it,
+with no database of their own (:mod:`service.store_replica`). Layout (Triton's, plus
+recalib's metadata beside it)::
+
+    <store>/<model>/config.pbtxt          Triton ModelConfig (parses in a real Triton)
+    <store>/<model>/recalib.json          {"uid", "name", "production", "versions": {...}}
+    <store>/<model>/<version>/model.onnx  one immutable directory per published version
+
+``recalib.json`` is the commit point: a reader acts only on the versions and the
+production number it lists, and it is only ever replaced whole (``os.replace``), after
+everything it names is in place:
+
+* a model's first publication is built complete (version directory, ``recalib.json``,
+  ``config.pbtxt``) in ``<store>/.staging-<random>/`` and renamed to ``<store>/<model>``;
+* a later version is copied into ``<store>/<model>/.staging-<random>/`` and renamed to
+  ``<store>/<model>/<version>`` (never overwritten: versions are immutable); then
+  ``recalib.json`` and ``config.pbtxt`` are replaced, in that order;
+* removing a model renames its directory to ``<store>/.trash-<random>`` (readers see it
+  go at once), then deletes it.
+
+``config.pbtxt`` has ``version_policy: specific`` on the production version, so a Triton
+serving the same repository answers unversioned requests with the version recalib does.
+Nothing but model directories stays in the store's root (Triton takes every directory
+there for a model): the ``.staging-*`` / ``.trash-*`` directories exist only while a
+publication or removal runs, and :meth:`ModelStore.sweep` (the control replica, at
+start-up) removes what a crash left.
+
+On object-store mounts without atomic rename (s3fs, gcsfuse), point the control replica
+at a volume synced to the bucket instead; the commit point stays the ``recalib.json``
+replace, which such a sync must copy last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter
+
+from .names import check_name
+
+if TYPE_CHECKING:  # imported where used: they load ONNX Runtime and tritonclient
+    from .runtime.sessions import TensorSpec
+
+__all__ = [
+    "CONFIG_FILE",
+    "METADATA_FILE",
+    "ModelStore",
+    "StoreMetrics",
+    "StoreUnreadable",
+    "StoredModel",
+    "TritonOptions",
+    "tensor_specs",
+]
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "recalib.json"
+"""recalib's metadata of one model in the store (the commit point of a publication)."""
+
+CONFIG_FILE = "config.pbtxt"
+"""Triton's model configuration, beside the version directories."""
+
+ONNX_FILE = "model.onnx"
+"""The file of a version inside ``<store>/<model>/<version>/`` (Triton's default name)."""
+
+_FORMAT = 1
+_STAGING = ".staging-"
+_TRASH = ".trash-"
+# NumPy dtype names (the registry's signatures) -> Open Inference Protocol datatypes
+_NUMPY_TO_V2 = {
+    "bool": "BOOL",
+    "uint8": "UINT8",
+    "uint16": "UINT16",
+    "uint32": "UINT32",
+    "uint64": "UINT64",
+    "int8": "INT8",
+    "int16": "INT16",
+    "int32": "INT32",
+    "int64": "INT64",
+    "float16": "FP16",
+    "float32": "FP32",
+    "float64": "FP64",
+    "object": "BYTES",
+}
+
+
+class StoreUnreadable(Exception):
+    """A model's ``recalib.json`` exists but cannot be read, or makes no sense.
+
+    Attributes:
+        io_error: reading failed (perhaps for a moment), rather than what was read.
+    """
+
+    def __init__(self, message: str, *, io_error: bool) -> None:
+        super().__init__(message)
+        self.io_error = io_error
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    """What the control replica writes into each ``config.pbtxt`` (its serving settings).
+
+    Attributes:
+        max_batch_size, dynamic_batching, max_queue_delay_ms: as the service settings.
+        gpu: one instance on the GPU (``True``), on the CPU (``False``), or on a GPU where
+            there is one (``None``: Triton's ``KIND_AUTO``, as ``execution_provider=auto``).
+    """
+
+    max_batch_size: int = 32
+    dynamic_batching: bool = True
+    max_queue_delay_ms: float = 2.0
+    gpu: bool | None = None
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """One model as the store lists it (its committed ``recalib.json``).
+
+    Attributes:
+        name: the model's name.
+        uid: the control replica's id of the model: a model deleted and registered again
+            under the same name has another one (its version numbers start over).
+        production: the version unversioned requests go to.
+        versions: published version number -> its metadata (``sha256``, ``bytes``,
+            ``created_at``, ``parent_version``).
+        directory: ``<store>/<model>``.
+    """
+
+    name: str
+    uid: str
+    production: int
+    versions: dict[int, dict[str, Any]] = field(default_factory=dict)
+    directory: Path = Path()
+
+    def onnx_path(self, version: int) -> Path:
+        """Where version ``version``'s ONNX file is."""
+        return self.directory / str(version) / ONNX_FILE
+
+
+def tensor_specs(specs: Sequence[Mapping[str, Any]]) -> list[TensorSpec]:
+    """The registry's signature entries (``{name, dtype, shape}``: NumPy dtype names,
+    ``None`` or a name for dynamic axes) as v2 :class:`TensorSpec` (``-1`` for those)."""
+    from .runtime.sessions import TensorSpec
+
+    return [
+        TensorSpec(
+            str(s["name"]),
+            _NUMPY_TO_V2.get(str(s["dtype"]), f"UNSUPPORTED:{s['dtype']}"),
+            tuple(d if isinstance(d, int) and d >= 0 else -1 for d in s["shape"]),
+        )
+        for s in specs
+    ]
+
+
+class StoreMetrics:
+    """The store's counters, registered in ``registry`` (the one ``/metrics`` exposes).
+
+    * ``recalib_model_store_publish_failures_total{model}``: publications (or removals)
+      the control replica could not write; it retries them.
+    * ``recalib_model_store_load_failures_total{model}``: versions an inference replica
+      found in the store but could not load; the previous version keeps serving.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.publish_failures = Counter(
+            "recalib_model_store_publish_failures_total",
+            "Model store publications or removals that failed (retried)",
+            ["model"],
+            registry=registry,
+        )
+        self.load_failures = Counter(
+            "recalib_model_store_load_failures_total",
+            "Versions found in the model store that failed to load on this replica",
+            ["model"],
+            registry=registry,
+        )
+
+    def publish_failed(self, model: str) -> None:
+        self.publish_failures.labels(model=model).inc()
+
+    def load_failed(self, model: str) -> None:
+        self.load_failures.labels(model=model).inc()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (best effort: not every filesystem allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step (a temporary file, then ``os.replace``)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _copy_onnx(source: Path, directory: Path) -> None:
+    directory.mkdir(parents=True)
+    target = directory / ONNX_FILE
+    shutil.copyfile(source, target)
+    with open(target, "rb") as f:
+        os.fsync(f.fileno())
+
+
+class ModelStore:
+    """A model repository directory: the control replica writes, inference replicas read.
+
+    Args:
+        root: the store's directory (created on first publication).
+        triton: what ``config.pbtxt`` says about batching and placement.
+    """
+
+    def __init__(self, root: Path, *, triton: TritonOptions | None = None) -> None:
+        self.root = Path(root)
+        self.triton = triton if triton is not None else TritonOptions()
+
+    def _model_dir(self, name: str) -> Path:
+        check_name(name, "model name")  # never a path component like "..", never "."-led
+        return self.root / name
+
+    # -- reading -------------------------------------------------------------------------
+
+    def read(self, name: str) -> StoredModel | None:
+        """The store's entry of ``name``: ``None`` when it has none (no committed
+        ``recalib.json``).
+
+        Raises:
+            InvalidInput: a malformed model name.
+            StoreUnreadable: ``recalib.json`` exists but cannot be read or makes no sense
+                (a reader keeps what it had; the writer replaces it).
+        """
+        directory = self._model_dir(name)
+        try:
+            raw = json.loads((directory / METADATA_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreUnreadable(
+                f"cannot read {name}/{METADATA_FILE}: {exc}", io_error=True
+            ) from exc
+        except ValueError as exc:
+            raise StoreUnreadable(
+                f"malformed {name}/{METADATA_FILE}: {exc}", io_error=False
+            ) from exc
+        try:
+            versions = {int(k): dict(v) for k, v in raw["versions"].items()}
+            model = StoredModel(
+                str(raw["name"]), str(raw["uid"]), int(raw["production"]), versions, directory
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise StoreUnreadable(
+                f"malformed {name}/{METADATA_FILE}: {exc!r}", io_error=False
+            ) from exc
+        if model.name != name or model.production not in versions:
+            raise StoreUnreadable(
+                f"inconsistent {name}/{METADATA_FILE}: name {model.name!r}, production "
+                f"{model.production} not among versions {sorted(versions)}",
+                io_error=False,
+            )
+        return model
+
+    def scan(self) -> tuple[dict[str, StoredModel], dict[str, str]]:
+        """Every committed model in the store, and the models whose ``recalib.json``
+        could not be read (name -> why).
+
+        Raises:
+            OSError: the store's directory cannot be listed (it is absent: no models).
+        """
+        try:
+            entries = sorted(self.root.iterdir())
+        except FileNotFoundError:
+            return {}, {}
+        found: dict[str, StoredModel] = {}
+        unreadable: dict[str, str] = {}
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            try:
+                model = self.read(entry.name)
+            except StoreUnreadable as exc:
+                unreadable[entry.name] = str(exc)
+                continue
+            except ValueError:  # InvalidInput: not a model name, so not ours
+                continue
+            if model is not None:
+                found[model.name] = model
+        return found, unreadable
+
+    def models(self) -> dict[str, StoredModel]:
+        """Every committed (and readable) model in the store, by name."""
+        return self.scan()[0]
+
+    # -- writing (the control replica only) -----------------------------------------------
+
+    def publish(
+        self,
+        name: str,
+        version: int,
+        onnx_path: Path,
+        *,
+        uid: str,
+        inputs: Sequence[TensorSpec],
+        outputs: Sequence[TensorSpec],
+        metadata: Mapping[str, Any] | None = None,
+    ) -> StoredModel:
+        """Make ``version`` the model's production version in the store, copying its
+        ``model.onnx`` in first unless it is published already.
+
+        A store entry of another model of that name (another ``uid``: the name was
+        deleted and registered again) is removed first.
+
+        Args:
+            name: the model.
+            version: the version to serve; ``onnx_path`` is its registry artifact.
+            uid: the registry's id of the model.
+            inputs, outputs: the signature (for ``config.pbtxt``).
+            metadata: what ``recalib.json`` records about the version.
+
+        Returns:
+            The model's entry as readers now see it.
+        """
+        directory = self._model_dir(name)
+        try:
+            current = self.read(name)
+        except StoreUnreadable as exc:
+            if exc.io_error:
+                raise  # perhaps for a moment: fail (and retry) rather than replace the model
+            log.warning("model store: replacing %s (%s)", name, exc)
+            current = None
+        if current is None and directory.exists():
+            # no commit point: a leftover (or a foreign directory) with that name
+            self.remove(name)
+        elif current is not None and current.uid != uid:
+            log.info("model store: %s is a new model under an old name; replacing it", name)
+            self.remove(name)
+            current = None
+        versions = dict(current.versions) if current is not None else {}
+        versions[version] = dict(metadata or {})
+        document = {
+            "format": _FORMAT,
+            "name": name,
+            "uid": uid,
+            "production": version,
+            "versions": {str(v): versions[v] for v in sorted(versions)},
+        }
+        metadata_text = json.dumps(document, indent=1, sort_keys=True)
+        from .triton_config import config_text, model_config
+
+        config = model_config(
+            name,
+            inputs,
+            outputs,
+            max_batch_size=self.triton.max_batch_size,
+            dynamic_batching=self.triton.dynamic_batching,
+            max_queue_delay_ms=self.triton.max_queue_delay_ms,
+            gpu=bool(self.triton.gpu),
+            versions=[version],
+        )
+        if self.triton.gpu is None:
+            from tritonclient.grpc import model_config_pb2
+
+            for group in config.instance_group:
+                group.kind = model_config_pb2.ModelInstanceGroup.KIND_AUTO
+        pbtxt = config_text(config)
+        if current is None:
+            self._create(directory, version, onnx_path, metadata_text, pbtxt)
+        else:
+            self._add(directory, current, version, onnx_path)
+            _write_atomic(directory / METADATA_FILE, metadata_text)  # the commit point
+            _write_atomic(directory / CONFIG_FILE, pbtxt)
+        return StoredModel(name, uid, version, versions, directory)
+
+    def _create(
+        self, directory: Path, version: int, onnx_path: Path, metadata_text: str, pbtxt: str
+    ) -> None:
+        """A model's first publication: built complete aside, then renamed in."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f"{_STAGING}{uuid.uuid4().hex}"
+        try:
+            _copy_onnx(onnx_path, staging / str(version))
+            _write_atomic_new(staging / CONFIG_FILE, pbtxt)
+            _write_atomic_new(staging / METADATA_FILE, metadata_text)
+            os.rename(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _fsync_dir(self.root)
+
+    def _add(self, directory: Path, current: StoredModel, version: int, onnx_path: Path) -> None:
+        """Copy ``version`` into an existing model directory (not committed yet)."""
+        target = directory / str(version)
+        if version in current.versions and (target / ONNX_FILE).is_file():
+            return  # published before (a rollback): versions are immutable
+        if target.exists():
+            # left by a publication that crashed before its commit point: not trusted
+            self._discard(target)
+        staging = directory / f"{_STAGING}{uuid.uuid4().hex}"
+        try:
+            _copy_onnx(onnx_path, staging)
+            os.rename(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _fsync_dir(directory)
+
+    def _discard(self, path: Path) -> None:
+        trash = self.root / f"{_TRASH}{uuid.uuid4().hex}"
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def remove(self, name: str) -> bool:
+        """Take ``name`` out of the store (readers stop seeing it at once).
+
+        Returns:
+            Whether there was anything to remove.
+        """
+        directory = self._model_dir(name)
+        if not directory.exists():
+            return False
+        self._discard(directory)
+        _fsync_dir(self.root)
+        return True
+
+    def sweep(self) -> None:
+        """Remove what an interrupted publication or removal left (the writer, at start-up:
+        never while it publishes)."""
+        try:
+            entries = list(self.root.iterdir())
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if entry.name.startswith((_STAGING, _TRASH)):
+                log.warning("model store: removing leftover %s", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.is_dir() and not entry.name.startswith("."):
+                for inner in entry.iterdir():
+                    if inner.name.startswith((_STAGING, f".{METADATA_FILE}.", f".{CONFIG_FILE}.")):
+                        log.warning("model store: removing leftover %s", inner)
+                        if inner.is_dir():
+                            shutil.rmtree(inner, ignore_errors=True)
+                        else:
+                            inner.unlink(missing_ok=True)
+
+
+def _write_atomic_new(path: Path, text: str) -> None:
+    """Write a file of a directory nobody reads yet (flushed to disk before the rename)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
