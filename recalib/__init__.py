@@ -6,6 +6,7 @@ The public API::
     recalib.save_stat_bank(model, "domain_b.safetensors")
     recalib.export_onnx(model, example, "model.onnx")        # BN kept, parity-checked
     tapped = recalib.add_drift_taps(onnx.load("model.onnx"))  # in-graph BN input moments
+    banked = recalib.add_bank_inputs(onnx.load("model.onnx"))  # many banks, one session
 
 ``recalib.drift`` holds the drift math (symmetric KL, mergeable/rolling windows).
 """
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .adapt import adapt, adapt_onnx, data_flow_order
     from .errors import (
+        BankIndexError,
         BatchNormFoldedError,
         BnGraphError,
         DataError,
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     )
     from .layers import NormLayer, find_norm_layers
     from .moments import ChannelMoments
+    from .onnx.banks import BankTables, add_bank_inputs
     from .onnx.export import ExportReport, export_onnx
     from .onnx.recalibrate import recalibrate_onnx
     from .onnx.taps import add_drift_taps
@@ -47,6 +50,8 @@ if TYPE_CHECKING:
     from .statbank import StatBank, apply_stat_bank, load_stat_bank, save_stat_bank
 
 _LAZY: dict[str, str] = {
+    "BankIndexError": ".errors",
+    "BankTables": ".onnx.banks",
     "BatchNormFoldedError": ".errors",
     "BatchRenorm1d": ".renorm",
     "BatchRenorm2d": ".renorm",
@@ -76,6 +81,7 @@ _LAZY: dict[str, str] = {
     "StatBankMismatchError": ".errors",
     "adapt": ".adapt",
     "adapt_onnx": ".adapt",
+    "add_bank_inputs": ".onnx.banks",
     "add_drift_taps": ".onnx.taps",
     "apply_stat_bank": ".statbank",
     "data_flow_order": ".adapt",
@@ -93,6 +99,8 @@ without torch - what the serving process imports."""
 __version__ = "0.1.0"
 
 __all__ = [
+    "BankIndexError",
+    "BankTables",
     "BatchNormFoldedError",
     "BatchRenorm1d",
     "BatchRenorm2d",
@@ -123,6 +131,7 @@ __all__ = [
     "__version__",
     "adapt",
     "adapt_onnx",
+    "add_bank_inputs",
     "add_drift_taps",
     "apply_stat_bank",
     "data_flow_order",

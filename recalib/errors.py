@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "BankIndexError",
     "BatchNormFoldedError",
     "BnGraphError",
     "DataError",
@@ -89,6 +90,10 @@ class LayerMismatchError(RecalibError):
 
 class StatBankMismatchError(RecalibError):
     """A statistics bank was saved from a model with a different layer signature."""
+
+
+class BankIndexError(RecalibError):
+    """A per-row bank index of a stat-bank graph is not an integer in ``[-1, banks)``."""
 
 
 class OptionsError(RecalibError):

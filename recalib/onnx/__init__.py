@@ -5,6 +5,8 @@
 * :func:`recalibrate_onnx` (:mod:`.recalibrate`) - re-estimate the statistics of an ONNX
   model from any framework, in-graph, with ONNX Runtime.
 * :func:`add_drift_taps` (:mod:`.taps`) - per-channel BN-input moments as extra outputs.
+* :func:`add_bank_inputs`, :class:`BankTables` (:mod:`.banks`) - many stat banks in one
+  graph, chosen per row or routed in-graph to the nearest bank.
 * :class:`GraphIndex` (:mod:`.graph`) - the one look-up structure over a graph.
 """
 
@@ -14,28 +16,35 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .banks import BankTables, add_bank_inputs, read_bank_spec
     from .export import ExportReport, export_onnx
     from .graph import GraphIndex
     from .recalibrate import OnnxModelError, recalibrate_onnx
     from .taps import add_drift_taps
 
 _LAZY: dict[str, str] = {
+    "BankTables": ".banks",
     "ExportReport": ".export",
     "GraphIndex": ".graph",
     "OnnxModelError": ".recalibrate",
+    "add_bank_inputs": ".banks",
     "add_drift_taps": ".taps",
     "export_onnx": ".export",
+    "read_bank_spec": ".banks",
     "recalibrate_onnx": ".recalibrate",
 }
-"""Imported on first use: ``recalib.onnx.taps`` and ``.names`` (what serving needs) load
-without torch."""
+"""Imported on first use: ``recalib.onnx.taps``, ``.banks`` and ``.names`` (what serving
+needs) load without torch."""
 
 __all__ = [
+    "BankTables",
     "ExportReport",
     "GraphIndex",
     "OnnxModelError",
+    "add_bank_inputs",
     "add_drift_taps",
     "export_onnx",
+    "read_bank_spec",
     "recalibrate_onnx",
 ]
 
