@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter
 
+from .errors import InvalidInput
 from .names import check_name
 
 if TYPE_CHECKING:  # imported where used: they load ONNX Runtime and tritonclient
@@ -307,7 +308,7 @@ class ModelStore:
             except StoreUnreadable as exc:
                 unreadable[entry.name] = str(exc)
                 continue
-            except ValueError:  # InvalidInput: not a model name, so not ours
+            except InvalidInput:  # not a model name, so not ours
                 continue
             if model is not None:
                 found[model.name] = model
