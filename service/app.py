@@ -15,10 +15,10 @@ way the answer is 413 with the usual ``{"error": ...}`` body. Uploads (``POST /v
 every other body ``max_request_bytes``.
 
 Authentication comes first: :class:`AuthGate`, the outermost middleware, checks the bearer
-token of every protected path (``/v1/...``, ``/v2/models/...``; health and server metadata
-with ``protect_health``, ``/metrics`` with ``protect_metrics``) before routing, path
-parameters, body size or body parsing, so a caller without the token gets 401 whatever
-else is wrong with the request. The routes' own dependencies repeat the check (and
+token of every protected path (``/v1/...``, ``/v2/models/...``, ``/v2/repository/...``;
+health and server metadata with ``protect_health``, ``/metrics`` with ``protect_metrics``)
+before routing, path parameters, body size or body parsing, so a caller without the token
+gets 401 whatever else is wrong with the request. The routes' own dependencies repeat the check (and
 document it in the OpenAPI document).
 """
 
@@ -127,7 +127,9 @@ class AuthGate:
     def protected(self, path: str) -> bool:
         """Whether ``path`` needs the token (when one is configured)."""
         path = path.rstrip("/") or "/"
-        if path == "/v1" or path.startswith(("/v1/", "/v2/models/")) or path == "/v2/models":
+        if path in ("/v1", "/v2/models") or path.startswith(
+            ("/v1/", "/v2/models/", "/v2/repository")
+        ):
             return True
         if path == "/v2" or path.startswith("/v2/health"):
             return self.settings.protect_health

@@ -390,3 +390,16 @@ class Catalog:
                     shutil.rmtree(version_dir, ignore_errors=True)
             if not any(model_dir.iterdir()):
                 model_dir.rmdir()
+
+    def version_numbers(self, name: str) -> list[int]:
+        """A model's version numbers, ascending (the v2 model metadata and repository index
+        list them; cheaper than :meth:`versions`).
+
+        Raises:
+            NotFound: no such model; InvalidInput: a malformed name.
+        """
+        model = self._model_row(name)
+        rows = self.db.query(
+            "SELECT version FROM versions WHERE model_id = ? ORDER BY version", (model["id"],)
+        )
+        return [int(r["version"]) for r in rows]

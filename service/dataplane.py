@@ -15,6 +15,28 @@ Both read the runtime's :meth:`~service.runtime.runtime.ServingRuntime.generatio
 model *before* asking the registry, so a model deleted meanwhile is refused (404) rather
 than loaded back.
 
+Readiness never loads a version named explicitly: ``model_readiness(name, "2")`` answers
+from the runtime (loaded: ready; loading, failed or not loaded yet: not ready, with the
+last load failure as the reason). Only the served version (``ref=None``) is loaded on
+first use, as inference would - unless the repository extension unloaded the model.
+
+Extensions beyond the core protocol (listed in :data:`EXTENSIONS`):
+
+* model repository - :meth:`DataPlane.repository_index` (every registered version with
+  its state ``READY`` / ``LOADING`` / ``UNAVAILABLE`` and a reason),
+  :meth:`DataPlane.load_model` (serve the production version: loaded and warmed up, then
+  traffic moves, as a promote does) and :meth:`DataPlane.unload_model` (stop serving:
+  every loaded version is dropped once its in-flight requests finish, and the model
+  leaves server readiness; nothing is deleted, and the next unversioned inference, a
+  load or a promote serves it again);
+* model configuration - :meth:`DataPlane.model_config`, Triton's ``ModelConfig``
+  (:mod:`service.triton_config`);
+* statistics - :meth:`DataPlane.model_statistics`, Triton's per version counters
+  (:mod:`service.runtime.stats`).
+
+Request parameters the server does not honour (sequences, priority, timeout) are refused
+(:func:`~service.runtime.tensors.check_parameters`), never silently ignored.
+
 Examples::
 
     >>> plane = DataPlane(settings, registry, runtime, metrics)
@@ -30,14 +52,17 @@ import time
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from .auth import check_bearer
-from .errors import NotFound, ServiceError, Unauthorized
+from .errors import InvalidInput, NotFound, ServiceError, Unauthorized
 from .metrics import ServiceMetrics
 from .names import check_name, is_number
-from .runtime.tensors import InferRequest, InferResponse
+from .runtime.sessions import CUDA, TensorSpec
+from .runtime.stats import ModelStats
+from .runtime.tensors import InferRequest, InferResponse, check_parameters
 from .settings import Settings
+from .triton_config import model_config as triton_model_config
 
 __all__ = [
     "EXTENSIONS",
@@ -46,14 +71,20 @@ __all__ = [
     "Inference",
     "InferenceRuntime",
     "ModelResolver",
+    "VersionLister",
     "server_version",
 ]
 
 SERVER_NAME = "recalib"
 """The ``name`` of the server metadata."""
 
-EXTENSIONS = ("binary_tensor_data",)
-"""The protocol extensions the server metadata lists."""
+EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "statistics")
+"""The protocol extensions the server metadata lists (what the server implements)."""
+
+READY = "READY"
+LOADING = "LOADING"
+UNAVAILABLE = "UNAVAILABLE"
+"""The repository index's version states (Triton's names)."""
 
 
 def server_version() -> str:
@@ -74,6 +105,16 @@ class ModelResolver(Protocol):
 
     def model_names(self) -> list[str]:
         """Every registered model."""
+        ...
+
+
+@runtime_checkable
+class VersionLister(Protocol):
+    """A resolver that can also list a model's versions (the registry). With one that
+    cannot, metadata and the repository index list the production version only."""
+
+    def version_numbers(self, name: str) -> list[int]:
+        """Every version of ``name``, ascending; raises NotFound."""
         ...
 
 
@@ -105,6 +146,18 @@ class InferenceRuntime(Protocol):
     ) -> None: ...
 
     def metadata(self, name: str, version: int | None = None) -> dict[str, Any]: ...
+
+    def is_loading(self, name: str, version: int) -> bool: ...
+
+    def load_error(self, name: str, version: int) -> str | None: ...
+
+    async def unload_model(self, name: str) -> None: ...
+
+    def statistics(self, name: str | None = None) -> list[tuple[str, int, ModelStats]]: ...
+
+    def signature(
+        self, name: str, version: int | None = None
+    ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], str]: ...
 
     async def infer(
         self, name: str, version: int | None, request: InferRequest
@@ -140,6 +193,8 @@ class DataPlane:
         self.registry = registry
         self.runtime = runtime
         self.metrics = metrics
+        # models the repository extension unloaded (and nothing served since)
+        self._unloaded: set[str] = set()
 
     # -- authentication ------------------------------------------------------------------
 
@@ -177,7 +232,9 @@ class DataPlane:
         """Whether every model is ready for inference.
 
         Ready means: the runtime runs, every registered model's served version is loaded,
-        and every model of ``expect_models`` is registered and loaded.
+        and every model of ``expect_models`` is registered and loaded - except models the
+        repository extension unloaded (:meth:`unload_model`), which are not waited for
+        until something serves them again.
 
         Args:
             show_names: whether the caller may see model names (it holds the token, or
@@ -190,9 +247,11 @@ class DataPlane:
         """
         if not self.runtime.started:
             return False, []
-        names = set(self.registry.model_names())
-        names.update(self.settings.expect_models)
-        waiting = sorted(n for n in names if self.runtime.served_version(n) is None)
+        registered = set(self.registry.model_names())
+        unloaded = self._still_unloaded(registered)
+        names = registered | set(self.settings.expect_models)
+        served = self.runtime.served_version
+        waiting = sorted(n for n in names if served(n) is None and n not in unloaded)
         if not waiting:
             return True, []
         return False, waiting if show_names else None
@@ -202,8 +261,9 @@ class DataPlane:
         return {"name": SERVER_NAME, "version": server_version(), "extensions": list(EXTENSIONS)}
 
     async def model_metadata(self, name: str, ref: str | None) -> dict[str, Any]:
-        """Metadata of a version (loaded first if needed): ``name, versions, platform,
-        inputs, outputs`` (``-1`` for variable dimensions) and ``parameters``.
+        """Metadata of a version (loaded first if needed): ``name``, ``versions`` (every
+        registered version), ``platform``, ``inputs``, ``outputs`` (``-1`` for variable
+        dimensions) and ``parameters`` (``version``: the one described).
 
         Args:
             name: the model.
@@ -216,11 +276,13 @@ class DataPlane:
             NotFound: unknown model, version or alias (or deleted meanwhile).
             InvalidInput: the version's file does not load.
         """
-        _, explicit = await self._target(name, ref)
-        return self.runtime.metadata(name, explicit)
+        version, explicit = await self._target(name, ref)
+        meta = self.runtime.metadata(name, explicit)
+        return {**meta, "versions": [str(v) for v in self._versions(name, version)]}
 
     async def model_ready(self, name: str, ref: str | None) -> bool:
-        """Whether a version can answer (loaded on first call).
+        """Whether a version can answer now (the served version is loaded on first call;
+        a version named by ``ref`` never is, see the module).
 
         Args:
             name: the model.
@@ -238,7 +300,8 @@ class DataPlane:
 
     async def model_readiness(self, name: str, ref: str | None) -> tuple[bool, str | None]:
         """:meth:`model_ready` and why not: ``(ready, error)``, ``error`` the message of
-        a failed load (``None`` when ready or merely not ready yet).
+        a failed load, or that the model was unloaded (``None`` when ready or merely not
+        loaded yet).
 
         Raises:
             InvalidInput: a malformed model name or version reference.
@@ -248,13 +311,182 @@ class DataPlane:
         check_name(name, "model name")
         if ref is not None and not is_number(ref):
             check_name(ref, "version number or alias")
+        runtime = self.runtime
+        if ref is not None:  # answered without loading it
+            version, _ = self.registry.resolve(name, ref)
+            if runtime.is_ready(name, version):
+                return True, None
+            return False, runtime.load_error(name, version)
+        if name in self._unloaded and runtime.served_version(name) is None:
+            self.registry.resolve(name, None)  # NotFound once deleted
+            return False, _unloaded_reason(name)
         try:
-            _, explicit = await self._target(name, ref)
+            _, explicit = await self._target(name, None)
         except NotFound:
             raise
         except ServiceError as exc:
             return False, exc.message
-        return self.runtime.is_ready(name, explicit), None
+        return runtime.is_ready(name, explicit), None
+
+    # -- model configuration and statistics ----------------------------------------------
+
+    async def model_config(self, name: str, ref: str | None) -> Any:
+        """Triton's ``inference.ModelConfig`` of a version (loaded first if needed):
+        ``max_batch_size`` and dims without the batch axis when every input and output
+        has a variable axis 0, ``dynamic_batching`` when the service batches, one
+        instance on the CPU or GPU (see :func:`service.triton_config.model_config`).
+
+        Raises:
+            NotFound, InvalidInput: as :meth:`model_metadata`.
+        """
+        _, explicit = await self._target(name, ref)
+        inputs, outputs, provider = self.runtime.signature(name, explicit)
+        settings = self.settings
+        return triton_model_config(
+            name,
+            inputs,
+            outputs,
+            max_batch_size=settings.max_batch_size,
+            dynamic_batching=settings.dynamic_batching,
+            max_queue_delay_ms=settings.max_queue_delay_ms,
+            gpu=provider == CUDA,
+        )
+
+    def model_statistics(self, name: str | None, ref: str | None = None) -> list[dict[str, Any]]:
+        """Triton's statistics (``model_stats`` entries) of versions that answered.
+
+        Args:
+            name: the model; ``None`` for every registered model's loaded versions.
+            ref: a version number or alias (``None``: every version of ``name`` that was
+                loaded; the production version's zeros if none was).
+
+        Returns:
+            One object per version (:meth:`service.runtime.stats.ModelStats.to_dict`), by
+            model and version; a version never loaded has zeros. Counters start when a
+            version is loaded and end when the model is unloaded or deleted.
+
+        Raises:
+            NotFound: unknown model, version or alias; InvalidInput: a malformed one.
+        """
+        runtime = self.runtime
+        if name is None:
+            registered = set(self.registry.model_names())
+            return [s.to_dict(n, v) for n, v, s in runtime.statistics() if n in registered]
+        check_name(name, "model name")
+        version, _ = self.registry.resolve(name, ref)  # NotFound for an unknown model
+        found = runtime.statistics(name)
+        if ref is None and found:
+            return [s.to_dict(n, v) for n, v, s in found]
+        for n, v, s in found:
+            if v == version:
+                return [s.to_dict(n, v)]
+        return [ModelStats.empty(name, version)]
+
+    # -- model repository ----------------------------------------------------------------
+
+    def repository_index(self, *, ready_only: bool = False) -> list[dict[str, Any]]:
+        """Every registered version and its state, by model and version.
+
+        Args:
+            ready_only: only the versions that are ``READY``.
+
+        Returns:
+            ``{name, version, state, reason}`` objects: ``READY`` (loaded, reason ``""``),
+            ``LOADING``, or ``UNAVAILABLE`` with the reason (the last load failure,
+            ``unloaded``, or ``not loaded``: explicit versions load on first use).
+        """
+        runtime = self.runtime
+        registered = self.registry.model_names()
+        unloaded = self._still_unloaded(set(registered))
+        entries: list[dict[str, Any]] = []
+        for name in registered:
+            try:
+                versions = self._versions(name)
+            except NotFound:  # deleted meanwhile
+                continue
+            for version in versions:
+                if runtime.is_ready(name, version):
+                    state, reason = READY, ""
+                elif runtime.is_loading(name, version):
+                    state, reason = LOADING, "loading"
+                else:
+                    error = runtime.load_error(name, version)
+                    state = UNAVAILABLE
+                    reason = error or ("unloaded" if name in unloaded else "not loaded")
+                if ready_only and state != READY:
+                    continue
+                entries.append(
+                    {"name": name, "version": str(version), "state": state, "reason": reason}
+                )
+        return entries
+
+    async def load_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
+        """Serve ``name``'s production version: loaded and warmed up, then unversioned
+        requests move to it (as a promote does); a no-op when it is served already.
+
+        Args:
+            name: the model.
+            parameters: the load request's parameters; none are supported (Triton's
+                ``config`` and ``file:`` overrides are refused).
+
+        Raises:
+            NotFound: unknown model (or deleted meanwhile).
+            InvalidInput: a parameter, or the version's file does not load.
+        """
+        check_name(name, "model name")
+        for key in parameters or {}:
+            raise InvalidInput(
+                f"load parameter {key!r}: not supported by this server (a load serves the "
+                "registered production version; expected no parameters)"
+            )
+        runtime = self.runtime
+        generation = runtime.generation(name)  # before the registry: see the module
+        version, path = self.registry.resolve(name, None)
+        self._unloaded.discard(name)
+        await runtime.serve(name, version, path, generation=generation)
+
+    async def unload_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
+        """Stop serving ``name``: every loaded version is dropped once its in-flight
+        requests finish, its statistics end, and the server's readiness stops waiting
+        for it. The registry keeps it: the next unversioned inference (loaded on first
+        use), :meth:`load_model` or a promote serves it again.
+
+        Args:
+            name: the model.
+            parameters: ``unload_dependents`` (accepted: a model has no dependents);
+                anything else is refused.
+
+        Raises:
+            NotFound: unknown model; InvalidInput: an unsupported parameter.
+        """
+        check_name(name, "model name")
+        for key in parameters or {}:
+            if key != "unload_dependents":
+                raise InvalidInput(
+                    f"unload parameter {key!r}: not supported by this server (expected "
+                    "none, or unload_dependents)"
+                )
+        self.registry.resolve(name, None)  # NotFound for an unknown model
+        self._unloaded.add(name)
+        await self.runtime.unload_model(name)
+        self._unloaded.add(name)  # again: a request may have served it meanwhile
+
+    def _still_unloaded(self, registered: set[str]) -> set[str]:
+        """The unloaded models that are still registered and not served (the others are
+        forgotten: served again, or deleted)."""
+        if self._unloaded:
+            served = self.runtime.served_version
+            self._unloaded = {n for n in self._unloaded if n in registered and served(n) is None}
+        return self._unloaded
+
+    def _versions(self, name: str, also: int | None = None) -> list[int]:
+        """Every version of ``name``; from a resolver that cannot list them, the
+        production version (and ``also``)."""
+        registry = self.registry
+        if isinstance(registry, VersionLister):
+            return registry.version_numbers(name)
+        version, _ = registry.resolve(name, None)
+        return sorted({version} if also is None else {version, also})
 
     # -- inference -----------------------------------------------------------------------
 
@@ -312,6 +544,7 @@ class DataPlane:
             generation = runtime.generation(name)  # before the registry: see the module
             version, path = self.registry.resolve(name, None)
             # never overrides a serve() made meanwhile (an alias move, a model deletion)
+            self._unloaded.discard(name)
             await runtime.serve(name, version, path, if_unserved=True, generation=generation)
             served = runtime.served_version(name)
             if served is None:
@@ -379,8 +612,10 @@ class Inference:
             The response.
 
         Raises:
-            NotFound, InvalidInput, NotReady: as :meth:`DataPlane.infer`.
+            NotFound, InvalidInput, NotReady: as :meth:`DataPlane.infer` (InvalidInput
+                too for a request parameter the server does not honour).
         """
+        check_parameters(request.parameters)
         plane = self._plane
         explicit = self._explicit
         if explicit is not None and not plane.runtime.is_ready(self.name, explicit):
@@ -389,3 +624,10 @@ class Inference:
         result = await plane.runtime.infer(self.name, explicit, request)
         self.version = int(result.model_version)
         return result
+
+
+def _unloaded_reason(name: str) -> str:
+    return (
+        f"model {name!r} is unloaded (the model repository extension's load, a promote, "
+        "or an inference serves it again)"
+    )

@@ -6,8 +6,8 @@ The message is Triton's own ``inference.ModelConfig`` (``model_config.proto``, a
 ``tritonclient`` ships it), so what recalib writes parses in a real Triton:
 
 * ``platform: "onnxruntime_onnx"``, ``backend: "onnxruntime"``;
-* ``max_batch_size``: the service's ``max_batch_size`` when every input has a variable
-  axis 0 (the dims then leave it out, as Triton wants), else 0 with the full dims;
+* ``max_batch_size``: the service's ``max_batch_size`` when every input and output has a
+  variable axis 0 (the dims then leave it out, as Triton wants), else 0 with the full dims;
 * ``dynamic_batching`` with ``max_queue_delay_microseconds`` when the service batches;
 * ``version_policy``: ``all`` (recalib answers every version), or ``specific`` on the
   production version in a published repository (see :mod:`service.model_store`).
@@ -55,8 +55,10 @@ _TRITON_TYPES: dict[str, int] = {
 }
 
 
-def _batched(inputs: Sequence[TensorSpec]) -> bool:
-    return bool(inputs) and all(spec.batched for spec in inputs)
+def _batched(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> bool:
+    """Whether every input and output has a variable axis 0 (Triton's batch dimension:
+    with ``max_batch_size > 0`` it applies to all of them)."""
+    return bool(inputs) and all(spec.batched for spec in (*inputs, *outputs))
 
 
 def _tensor(spec: TensorSpec, batched: bool, target: Any) -> None:
@@ -91,7 +93,7 @@ def model_config(
     Returns:
         An ``inference.ModelConfig`` message.
     """
-    batched = _batched(inputs)
+    batched = _batched(inputs, outputs)
     config = mc.ModelConfig(
         name=name,
         platform=PLATFORM,

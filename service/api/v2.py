@@ -9,6 +9,13 @@ alias, resolved by the registry):
 * ``GET /v2/models/{name}[/versions/{version}]`` - model metadata.
 * ``GET /v2/models/{name}[/versions/{version}]/ready`` - 200 when ready, 400 when not.
 * ``POST /v2/models/{name}[/versions/{version}]/infer`` - JSON or binary tensor extension.
+* ``GET /v2/models/{name}[/versions/{version}]/config`` - Triton's model configuration.
+* ``GET /v2/models/stats``, ``GET /v2/models/{name}[/versions/{version}]/stats`` - the
+  statistics extension (``stats`` is therefore no usable model name here, as in Triton).
+* ``POST /v2/repository/index``, ``POST /v2/repository/models/{name}/load`` and
+  ``.../unload`` - the model repository extension.
+* The shared memory, trace and logging extensions answer 400 with
+  ``{"error": "the ... extension is not supported by this server"}``.
 
 What the operations mean (resolution, lazy loading, readiness, metrics, token rules) is
 :mod:`service.dataplane`'s; this module reads the token and the body and writes the
@@ -18,7 +25,8 @@ limit: 413 above it, checked on ``Content-Length`` and while streaming;
 and decoded by :mod:`service.api.v2_codec`; no pydantic model sits on the hot path (the
 documents of :mod:`service.api.v2_schemas` are for the OpenAPI document only).
 
-Inference and model metadata require the bearer token when one is configured (the
+Inference, model metadata, configuration, statistics and the repository require the
+bearer token when one is configured (the
 ``HTTPBearer`` dependency of :mod:`service.api.deps`, which also marks them in the OpenAPI
 document); health and server metadata only with ``protect_health``, so the document gives
 them no security requirement.
@@ -35,7 +43,7 @@ import re
 import zlib
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Body, Depends, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -44,8 +52,18 @@ from ..auth import bearer_token
 from ..dataplane import DataPlane
 from ..errors import InvalidInput, PayloadTooLarge
 from ..names import NAME_PATTERN
+from ..triton_config import config_json
 from .deps import AuthDep
 from .v2_codec import HEADER_LENGTH, decode_request, encode_response
+from .v2_ext_schemas import (
+    ModelConfiguration,
+    ModelLoaded,
+    ModelUnloaded,
+    RepositoryIndexEntry,
+    RepositoryIndexRequest,
+    RepositoryModelRequest,
+    StatisticsResponse,
+)
 from .v2_schemas import (
     ERRORS,
     INFER_OPENAPI,
@@ -165,9 +183,56 @@ async def _ready(request: Request, name: str, ref: str | None) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 400)
 
 
+# -- statistics, before /models/{model_name} (which would take "stats" as a name) ------
+
+_STATS_ERRORS: dict[int | str, dict[str, Any]] = {
+    k: v for k, v in ERRORS.items() if k in (400, 401, 404)
+}
+
+
+@router.get(
+    "/models/stats",
+    response_model=StatisticsResponse,
+    responses={401: ERRORS[401]},
+    description="Statistics of every registered model's versions that were loaded "
+    "(Triton's statistics extension): counts, and queue and compute times in ns.",
+)
+async def all_model_statistics(request: Request, _: AuthDep) -> JSONResponse:
+    """Statistics of every model."""
+    return JSONResponse({"model_stats": get_dataplane(request).model_statistics(None)})
+
+
+@router.get(
+    "/models/{model_name}/stats",
+    response_model=StatisticsResponse,
+    responses=_STATS_ERRORS,
+    description="Statistics of each version of the model that was loaded (the production "
+    "version's zeros if none was). Counters start when a version loads and end when the "
+    "model is unloaded or deleted.",
+)
+async def model_statistics(request: Request, model_name: ModelName, _: AuthDep) -> JSONResponse:
+    """Statistics of a model's versions."""
+    stats = get_dataplane(request).model_statistics(model_name)
+    return JSONResponse({"model_stats": stats})
+
+
+@router.get(
+    "/models/{model_name}/versions/{model_version}/stats",
+    response_model=StatisticsResponse,
+    responses=_STATS_ERRORS,
+)
+async def model_version_statistics(
+    request: Request, model_name: ModelName, model_version: VersionRef, _: AuthDep
+) -> JSONResponse:
+    """Statistics of one version (number or alias; zeros if it never answered)."""
+    stats = get_dataplane(request).model_statistics(model_name, model_version)
+    return JSONResponse({"model_stats": stats})
+
+
 @router.get("/models/{model_name}", response_model=ModelMetadata, responses=ERRORS)
 async def model_metadata(request: Request, model_name: ModelName, _: AuthDep) -> JSONResponse:
-    """Metadata of the served version (inputs/outputs from the ONNX graph)."""
+    """Metadata of the served version (inputs/outputs from the ONNX graph; `versions`
+    lists every registered version)."""
     return JSONResponse(await get_dataplane(request).model_metadata(model_name, None))
 
 
@@ -185,7 +250,8 @@ async def model_version_metadata(
 
 @router.get("/models/{model_name}/ready", response_model=ModelReady, responses=READY_RESPONSES)
 async def model_ready(request: Request, model_name: ModelName, _: AuthDep) -> JSONResponse:
-    """200 when the served version can answer (loaded on first call), 400 when not."""
+    """200 when the served version can answer (loaded on first call, unless the model was
+    unloaded through the repository extension), 400 when not."""
     return await _ready(request, model_name, None)
 
 
@@ -197,8 +263,102 @@ async def model_ready(request: Request, model_name: ModelName, _: AuthDep) -> JS
 async def model_version_ready(
     request: Request, model_name: ModelName, model_version: VersionRef, _: AuthDep
 ) -> JSONResponse:
-    """200 when the version can answer (loaded on first call), 400 when not."""
+    """200 when the version is loaded, 400 when not (never loads it: a version that is
+    not loaded yet, is loading or failed to load is not ready; `error` gives a failure)."""
     return await _ready(request, model_name, model_version)
+
+
+# -- model configuration ---------------------------------------------------------------
+
+
+async def _config(request: Request, name: str, ref: str | None) -> JSONResponse:
+    config = await get_dataplane(request).model_config(name, ref)
+    return JSONResponse(config_json(config))
+
+
+@router.get(
+    "/models/{model_name}/config",
+    response_model=ModelConfiguration,
+    responses=ERRORS,
+    description="Triton's model configuration (max_batch_size, inputs/outputs with dims, "
+    "dynamic_batching, instance_group) of the served version, loaded first if needed.",
+)
+async def model_configuration(request: Request, model_name: ModelName, _: AuthDep) -> JSONResponse:
+    """Model configuration of the served version."""
+    return await _config(request, model_name, None)
+
+
+@router.get(
+    "/models/{model_name}/versions/{model_version}/config",
+    response_model=ModelConfiguration,
+    responses=ERRORS,
+)
+async def model_version_configuration(
+    request: Request, model_name: ModelName, model_version: VersionRef, _: AuthDep
+) -> JSONResponse:
+    """Model configuration of one version (number or alias), loaded first if needed."""
+    return await _config(request, model_name, model_version)
+
+
+# -- model repository ------------------------------------------------------------------
+
+
+@router.post(
+    "/repository/index",
+    response_model=list[RepositoryIndexEntry],
+    responses={401: ERRORS[401]},
+    description="Every registered version and its state: READY (loaded), LOADING, or "
+    "UNAVAILABLE with the reason. `ready: true` lists only the READY ones.",
+)
+async def repository_index(
+    request: Request,
+    _: AuthDep,
+    body: Annotated[RepositoryIndexRequest | None, Body()] = None,
+) -> JSONResponse:
+    """The model repository index."""
+    ready_only = body is not None and body.ready
+    return JSONResponse(get_dataplane(request).repository_index(ready_only=ready_only))
+
+
+@router.post(
+    "/repository/models/{model_name}/load",
+    response_model=ModelLoaded,
+    responses=ERRORS,
+    description="Serve the model's production version: loaded and warmed up, then "
+    "unversioned requests move to it (a no-op when it is served already). Load "
+    "parameters (Triton's config and file: overrides) are refused.",
+)
+async def repository_load(
+    request: Request,
+    model_name: ModelName,
+    _: AuthDep,
+    body: Annotated[RepositoryModelRequest | None, Body()] = None,
+) -> JSONResponse:
+    """Load (serve) a model."""
+    parameters = None if body is None else body.parameters
+    await get_dataplane(request).load_model(model_name, parameters)
+    return JSONResponse({"name": model_name, "load": True})
+
+
+@router.post(
+    "/repository/models/{model_name}/unload",
+    response_model=ModelUnloaded,
+    responses={k: v for k, v in ERRORS.items() if k != 503},
+    description="Stop serving the model: its loaded versions are dropped once their "
+    "in-flight requests finish, and server readiness stops waiting for it. Nothing is "
+    "deleted: the next unversioned inference (loaded on first use), a load or a promote "
+    "serves it again (on a store-fed replica, the next store poll does).",
+)
+async def repository_unload(
+    request: Request,
+    model_name: ModelName,
+    _: AuthDep,
+    body: Annotated[RepositoryModelRequest | None, Body()] = None,
+) -> JSONResponse:
+    """Unload (stop serving) a model."""
+    parameters = None if body is None else body.parameters
+    await get_dataplane(request).unload_model(model_name, parameters)
+    return JSONResponse({"name": model_name, "unload": True})
 
 
 # -- inference -------------------------------------------------------------------------
@@ -322,4 +482,34 @@ async def _fast_infer(request: Request) -> Response:
 for _path in ("/models/{model_name}/infer", "/models/{model_name}/versions/{model_version}/infer"):
     router.routes.insert(
         0, Route(router.prefix + _path, _fast_infer, methods=["POST"], include_in_schema=False)
+    )
+
+
+# -- extensions this server does not implement ----------------------------------------
+#
+# Plain routes (not in the OpenAPI document): the protocol's error instead of a bare 404.
+
+
+def _unsupported(extension: str) -> Any:
+    async def endpoint(request: Request) -> Response:  # noqa: ARG001
+        raise InvalidInput(f"the {extension} extension is not supported by this server")
+
+    return endpoint
+
+
+for _path, _extension in (
+    ("/systemsharedmemory/{rest:path}", "system shared memory"),
+    ("/cudasharedmemory/{rest:path}", "CUDA shared memory"),
+    ("/trace/setting", "trace"),
+    ("/models/{model_name}/trace/setting", "trace"),
+    ("/models/{model_name}/versions/{model_version}/trace/setting", "trace"),
+    ("/logging", "logging"),
+):
+    router.routes.append(
+        Route(
+            router.prefix + _path,
+            _unsupported(_extension),
+            methods=["GET", "POST"],
+            include_in_schema=False,
+        )
     )

@@ -8,6 +8,13 @@ the token only with ``protect_health``, as over REST. Errors are the service's
 :class:`~service.errors.ServiceError` hierarchy, mapped to gRPC status codes by
 :func:`service.errors.grpc_error` with the same messages as over REST.
 
+The model repository (``RepositoryIndex``, ``RepositoryModelLoad``,
+``RepositoryModelUnload``), model configuration (``ModelConfig``) and statistics
+(``ModelStatistics``) extensions answer what the REST routes answer: the data plane's
+objects, as Triton's messages (the statistics and the index are parsed from their JSON
+form with ``json_format.ParseDict``, so both protocols carry the same numbers). The
+``repository_name`` of the repository RPCs must be empty (there is one repository).
+
 The RPCs of extensions recalib does not implement (shared memory, trace, logging) answer
 ``UNIMPLEMENTED`` with a message naming the extension.
 """
@@ -20,12 +27,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from ..dataplane import DataPlane
 from ..errors import InvalidInput, NotFound, ServiceError, grpc_error
-from .codec import decode_infer_request, encode_infer_response
+from .codec import decode_infer_request, encode_infer_response, from_parameters
 
 __all__ = ["InferenceServicer"]
 
@@ -48,6 +56,14 @@ def _bearer(context: grpc.aio.ServicerContext) -> str | None:
 
 def _ref(version: str) -> str | None:
     return version or None
+
+
+def _one_repository(name: str) -> None:
+    if name:
+        raise InvalidInput(
+            f"repository_name: this server has one model repository (expected none, "
+            f"got {name[:64]!r})"
+        )
 
 
 def _unsupported(extension: str) -> Callable[..., Awaitable[Any]]:
@@ -130,6 +146,52 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
                 inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["inputs"]],
                 outputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["outputs"]],
             )
+
+        return await self._call(context, work)
+
+    # -- model configuration and statistics ---------------------------------------------
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        async def work() -> Any:
+            config = await self.dataplane.model_config(request.name, _ref(request.version))
+            return pb.ModelConfigResponse(config=config)
+
+        return await self._call(context, work)
+
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        async def work() -> Any:
+            if not request.name and request.version:
+                raise InvalidInput("version: expected a model name with it (got none)")
+            stats = self.dataplane.model_statistics(request.name or None, _ref(request.version))
+            return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
+
+        return await self._call(context, work)
+
+    # -- model repository --------------------------------------------------------------
+
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        async def work() -> Any:
+            _one_repository(request.repository_name)
+            index = self.dataplane.repository_index(ready_only=request.ready)
+            return json_format.ParseDict({"models": index}, pb.RepositoryIndexResponse())
+
+        return await self._call(context, work)
+
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        async def work() -> Any:
+            _one_repository(request.repository_name)
+            parameters = from_parameters(request.parameters)
+            await self.dataplane.load_model(request.model_name, parameters)
+            return pb.RepositoryModelLoadResponse()
+
+        return await self._call(context, work)
+
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        async def work() -> Any:
+            _one_repository(request.repository_name)
+            parameters = from_parameters(request.parameters)
+            await self.dataplane.unload_model(request.model_name, parameters)
+            return pb.RepositoryModelUnloadResponse()
 
         return await self._call(context, work)
 

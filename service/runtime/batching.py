@@ -16,6 +16,12 @@ Errors stay per request: inputs are validated before they are queued, and if a b
 run fails anyway, each request in it is re-run alone so that only the failing one gets
 the error. A request whose caller went away (cancelled future) is skipped.
 
+Statistics: the worker thread times each session run (:class:`~.stats.RunTiming`:
+concatenating the inputs, the run, splitting the outputs) and returns that with the
+outputs; the consumer, on the event loop, adds it to the version's
+:class:`~.stats.ModelStats` (``stats=``) with each request's queue wait (queued until a
+worker took its batch). Nothing is shared with the threads.
+
 Runs in flight are bounded by ``max_concurrent`` (like Triton's instance count): on a GPU
 one (concurrent runs of a session serialise on its CUDA stream anyway: batch instead); on
 a CPU, as many as the cores hold runs of ``intra_op_threads`` threads each, so that runs
@@ -40,6 +46,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import NotReady, ServiceError
+from .stats import ModelStats, RunTiming
 
 __all__ = ["BatchObserver", "Batcher", "RunFn"]
 
@@ -83,6 +90,7 @@ class Batcher:
         enabled: gather requests at all (``False``: one run per request).
         batchable: the model's inputs and outputs all have a variable axis 0.
         observe: called after each run with its rows and each request's queue wait.
+        stats: the version's statistics, updated after each run (see the module).
         max_concurrent: session runs in flight at once (1 on a GPU; on a CPU, cores
             divided by the intra-op threads per run).
         name: for log lines.
@@ -98,6 +106,7 @@ class Batcher:
         enabled: bool = True,
         batchable: bool = True,
         observe: BatchObserver | None = None,
+        stats: ModelStats | None = None,
         max_concurrent: int = 1,
         name: str = "model",
     ) -> None:
@@ -113,6 +122,7 @@ class Batcher:
         self.max_delay = max_delay
         self.gathers = enabled and batchable
         self._observe = observe
+        self._stats = stats
         self.name = name
         self._queue: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
@@ -267,14 +277,23 @@ class Batcher:
             return
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
+        timings: list[RunTiming | None]
         try:
-            results = await loop.run_in_executor(
+            results, timings = await loop.run_in_executor(
                 self._executor, self._run_batch, [(i.feed, i.rows) for i in live]
             )
         except Exception as exc:  # executor shut down, or a bug: every caller learns it
             log.exception("%s: batch of %d requests failed", self.name, len(live))
-            results = [exc] * len(live)
-        for item, result in zip(live, results, strict=True):
+            results, timings = [exc] * len(live), [None] * len(live)
+        stats = self._stats
+        counted: RunTiming | None = None
+        for item, result, timing in zip(live, results, timings, strict=True):
+            if timing is not None and stats is not None:
+                if timing is not counted:  # the parts of one run share its timing
+                    stats.add_run(timing)
+                    counted = timing
+                if not item.future.done():
+                    stats.add_request_run(item.enqueued, timing)
             if item.future.done():
                 continue
             if isinstance(result, BaseException):
@@ -284,15 +303,22 @@ class Batcher:
         if self._observe is not None:
             self._observe(sum(i.rows for i in live), [start - i.enqueued for i in live])
 
-    def _run_batch(self, parts: list[tuple[Feed, int]]) -> list[list[Array] | Exception]:
-        """Worker thread: one run for all parts, or one per part if that fails."""
+    def _run_batch(
+        self, parts: list[tuple[Feed, int]]
+    ) -> tuple[list[list[Array] | Exception], list[RunTiming | None]]:
+        """Worker thread: one run for all parts, or one per part if that fails; each
+        part's result and the timing of the run that answered it (``None``: failed)."""
+        started = time.perf_counter()
         if len(parts) == 1:
-            return [self._run_one(*parts[0])]
+            result, timing = self._run_one(*parts[0], started)
+            return [result], [timing]
         names = list(parts[0][0])
         feed = {name: np.concatenate([p[0][name] for p in parts], axis=0) for name in names}
         total = sum(rows for _, rows in parts)
+        fed = time.perf_counter()
         try:
             outputs = self._run(feed, total)
+            ran = time.perf_counter()
             bad = [o.shape for o in outputs if o.ndim == 0 or o.shape[0] != total]
             if bad:
                 raise ValueError(f"expected outputs with {total} rows on axis 0 (got {bad})")
@@ -303,16 +329,22 @@ class Batcher:
                 len(parts),
                 exc_info=True,
             )
-            return [self._run_one(*part) for part in parts]
+            singles = [self._run_one(*part, started) for part in parts]
+            return [r for r, _ in singles], [t for _, t in singles]
         results: list[list[Array] | Exception] = []
         start = 0
         for _, rows in parts:
             results.append([o[start : start + rows] for o in outputs])
             start += rows
-        return results
+        timing = RunTiming(total, started, fed - started, ran - fed, time.perf_counter() - ran)
+        return results, [timing] * len(parts)
 
-    def _run_one(self, feed: Feed, rows: int) -> list[Array] | Exception:
+    def _run_one(
+        self, feed: Feed, rows: int, started: float
+    ) -> tuple[list[Array] | Exception, RunTiming | None]:
+        before = time.perf_counter()
         try:
-            return self._run(feed, rows)
+            outputs = self._run(feed, rows)
         except Exception as exc:  # reported to this request only
-            return exc
+            return exc, None
+        return outputs, RunTiming(rows, started, 0.0, time.perf_counter() - before)

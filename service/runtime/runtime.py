@@ -24,6 +24,13 @@ Session runs use a bounded thread pool (runs in flight per version bounded by
 drift moments are computed on a separate single thread, off the request path; loads use
 ``asyncio.to_thread``. Nothing heavy happens before :meth:`ServingRuntime.start`
 or the first load.
+
+Statistics (Triton's statistics extension, :mod:`service.runtime.stats`): one
+:class:`~service.runtime.stats.ModelStats` per version, kept while the model exists (a
+version retired after an alias move keeps its counters, and a reload continues them);
+:meth:`ServingRuntime.unload_model` drops the model's. The last load failure of each
+version is kept too (:meth:`ServingRuntime.load_error`), for the repository index and
+readiness.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from ..settings import Settings
 from .batching import Batcher
 from .drift_monitor import DriftMonitor
 from .sessions import CUDA, ModelSession, TensorSpec, create_session, warmup_sizes
+from .stats import ModelStats
 from .tensors import InferOutput, InferRequest, InferResponse, select_outputs, to_feed
 
 __all__ = ["IDLE_SECONDS", "PIN_SECONDS", "PLATFORM", "ServingRuntime", "concurrent_runs"]
@@ -109,6 +117,8 @@ class _Version:
         self.output_names = [spec.name for spec in self.outputs]
         self.batchable = all(s.batched for s in (*self.inputs, *self.outputs))
         self.batcher: Batcher | None = None
+        self.stats = ModelStats()  # the runtime's, set when the version is registered
+        self.rows_counted = self.batchable  # inference_count: rows, or 1 per request
         self.active = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -205,6 +215,8 @@ class ServingRuntime:
         self._locks: dict[str, asyncio.Lock] = {}
         self._wanted: dict[str, int] = {}  # the version the latest serve() asked for
         self._generations: dict[str, int] = {}  # see generation()
+        self._stats: dict[tuple[str, int], ModelStats] = {}  # see statistics()
+        self._load_errors: dict[tuple[str, int], str] = {}  # see load_error()
         self._executor: ThreadPoolExecutor | None = None
         self._drift_executor: ThreadPoolExecutor | None = None
         self._closed = False
@@ -253,7 +265,7 @@ class ServingRuntime:
 
     def _check_generation(self, name: str, generation: int | None, what: str) -> None:
         if generation is not None and self._generations.get(name, 0) != generation:
-            raise NotFound(f"model {name!r} was deleted while {what}")
+            raise NotFound(f"model {name!r} was deleted or unloaded while {what}")
 
     async def load(
         self, name: str, version: int, onnx_path: Path, *, generation: int | None = None
@@ -291,13 +303,25 @@ class ServingRuntime:
             if (current is not None and current.cancelling()) or not task.cancelled():
                 raise  # this caller was cancelled
             # the load was cancelled by unload_model() or close()
-            raise NotFound(f"model {name!r} was unloaded while version {version} loaded") from None
+            raise NotFound(
+                f"model {name!r} was deleted or unloaded while version {version} loaded"
+            ) from None
         # unload_model() drops what was loaded meanwhile; a later load is someone else's
         self._check_generation(name, generation, what)
 
     async def _load(self, key: tuple[str, int], path: Path) -> _Version:
         started = time.perf_counter()
-        entry = await asyncio.to_thread(self._build, key[0], key[1], path)
+        try:
+            entry = await asyncio.to_thread(self._build, key[0], key[1], path)
+        except NotFound:
+            raise
+        except ServiceError as exc:
+            self._load_errors[key] = exc.message
+            raise
+        except Exception as exc:  # ORT's own exception types
+            self._load_errors[key] = f"model {key[0]!r} version {key[1]}: loading failed ({exc})"
+            raise
+        self._load_errors.pop(key, None)
         if self._closed:
             raise NotReady("the serving runtime is shut down")
         settings = self.settings
@@ -309,6 +333,7 @@ class ServingRuntime:
         def observe(rows: int, waits: Any) -> None:
             metrics.observe_batch(name, version, rows, waits)
 
+        entry.stats = self._stats.setdefault(key, entry.stats)
         entry.batcher = Batcher(
             entry.run,
             executor=self._executor,
@@ -317,6 +342,7 @@ class ServingRuntime:
             enabled=settings.dynamic_batching,
             batchable=entry.batchable,
             observe=observe,
+            stats=entry.stats,
             max_concurrent=concurrent_runs(settings, entry.provider()),
             name=entry.label,
         )
@@ -522,10 +548,11 @@ class ServingRuntime:
         if detached is not None:
             await self._drop(detached)
         if guarded and self.generation(name) != epoch:
-            raise NotFound(f"model {name!r} was deleted while version {version} loaded")
+            raise NotFound(f"model {name!r} was deleted or unloaded while version {version} loaded")
 
     async def unload_model(self, name: str) -> None:
-        """Forget every version of ``name`` (the model was deleted); in-flight requests
+        """Forget every version of ``name`` (the model was deleted, or the repository
+        extension unloaded it), with its statistics and load errors; in-flight requests
         finish first. A :meth:`serve` or :meth:`load` of ``name`` still under way does not
         serve it, nor leave it loaded.
 
@@ -546,6 +573,9 @@ class ServingRuntime:
         its loaded versions out (returned, for dropping)."""
         self._generations[name] = self._generations.get(name, 0) + 1
         self._wanted.pop(name, None)
+        for key in [k for k in (*self._stats, *self._load_errors) if k[0] == name]:
+            self._stats.pop(key, None)
+            self._load_errors.pop(key, None)
         async with self._lock(name):
             self._served.pop(name, None)
             for key, task in list(self._loading.items()):
@@ -560,6 +590,36 @@ class ServingRuntime:
     def loaded_versions(self, name: str) -> list[int]:
         """Versions of ``name`` with live sessions, ascending."""
         return sorted(v for (n, v) in self._versions if n == name)
+
+    def is_loading(self, name: str, version: int) -> bool:
+        """Whether a load of ``name`` ``version`` is under way."""
+        return (name, version) in self._loading
+
+    def load_error(self, name: str, version: int) -> str | None:
+        """Why the last load of ``name`` ``version`` failed (``None``: it did not, or it
+        loaded since)."""
+        return self._load_errors.get((name, version))
+
+    def statistics(self, name: str | None = None) -> list[tuple[str, int, ModelStats]]:
+        """``(model, version, counters)`` of every version that was loaded (of ``name``,
+        or of every model), by model and version; see :mod:`service.runtime.stats`."""
+        return sorted(
+            (key[0], key[1], stats)
+            for key, stats in self._stats.items()
+            if name is None or key[0] == name
+        )
+
+    def signature(
+        self, name: str, version: int | None = None
+    ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], str]:
+        """``(inputs, outputs, execution provider)`` of a loaded version (the served one
+        for ``None``).
+
+        Raises:
+            NotFound: no served version; NotReady: the version is not loaded.
+        """
+        entry = self._entry(name, version)
+        return entry.inputs, entry.outputs, entry.provider()
 
     def is_ready(self, name: str, version: int | None = None) -> bool:
         """Whether ``name`` (its served version, or ``version``) can answer now."""
@@ -603,23 +663,35 @@ class ServingRuntime:
             NotReady: the version is not loaded, or is being unloaded.
             InvalidInput: the inputs do not match the model, or unknown outputs.
         """
+        started = time.perf_counter()
         entry = self._entry(name, version)
+        stats = entry.stats
         entry.enter(explicit=version is not None)
         try:
             feed, rows = to_feed(request, entry.inputs)
             chosen = select_outputs(request, entry.outputs)
             if entry.batcher is None:
                 raise NotReady(f"{entry.label} is not ready")
+            fed = time.perf_counter()
             values = await entry.batcher.submit(feed, rows)
+            answered = time.perf_counter()
+            index = {name: i for i, name in enumerate(entry.output_names)}
+            outputs = [
+                InferOutput(spec.name, values[index[spec.name]], binary) for spec, binary in chosen
+            ]
+            response = InferResponse(
+                model_name=name, model_version=str(entry.version), outputs=outputs, id=request.id
+            )
+        except BaseException:  # refused input, failed run, cancelled caller
+            stats.add_failure(time.perf_counter() - started)
+            raise
         finally:
             entry.leave()
-        index = {name: i for i, name in enumerate(entry.output_names)}
-        outputs = [
-            InferOutput(spec.name, values[index[spec.name]], binary) for spec, binary in chosen
-        ]
-        return InferResponse(
-            model_name=name, model_version=str(entry.version), outputs=outputs, id=request.id
+        done = time.perf_counter()
+        stats.add_success(
+            rows if entry.rows_counted else 1, done - started, fed - started, done - answered
         )
+        return response
 
     # -- drift -------------------------------------------------------------------------
 

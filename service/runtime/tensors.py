@@ -13,6 +13,8 @@ Both bindings of the Open Inference Protocol (the REST body codec of
   its little-endian, row-major form (what the binary sections carry).
 * :func:`to_feed` - validate against the model's inputs, giving the ORT feed and rows.
 * :func:`select_outputs` - which outputs to return, each in JSON or binary.
+* :func:`check_parameters` - refuse the request parameters the server does not honour
+  (sequences, priorities, timeouts: :data:`UNSUPPORTED_PARAMETERS`).
 
 Datatypes: ``BOOL``, ``UINT8``..``UINT64``, ``INT8``..``INT64``, ``FP16``, ``FP32``,
 ``FP64``. ``BYTES`` is parsed but refused by :func:`to_feed`: the served ONNX models take
@@ -43,6 +45,8 @@ __all__ = [
     "InferRequest",
     "InferResponse",
     "RequestedOutput",
+    "UNSUPPORTED_PARAMETERS",
+    "check_parameters",
     "check_shape",
     "datatype_of",
     "little_endian",
@@ -63,6 +67,21 @@ MAX_ELEMENTS = 2**31 - 1
 
 KNOWN_DATATYPES = frozenset(DATATYPES) | {"BYTES"}
 """The datatypes a request may name (``BYTES`` is then refused by :func:`to_feed`)."""
+
+UNSUPPORTED_PARAMETERS: dict[str, str] = {
+    "sequence_id": "sequence batching is not supported by this server",
+    "sequence_start": "sequence batching is not supported by this server",
+    "sequence_end": "sequence batching is not supported by this server",
+    "priority": "request priorities are not supported by this server (one first-come, "
+    "first-served queue per model version)",
+    "timeout": "request timeouts are not supported by this server (a request waits until "
+    "it is answered; set a deadline on the client)",
+}
+"""Request parameters (Triton's, as ``tritonclient`` sends them) that the server does not
+honour, and why: a request carrying one with a value other than its neutral default
+(``0``, ``""``, ``false``) is refused rather than silently served differently."""
+
+_UNSUPPORTED_KEYS = frozenset(UNSUPPORTED_PARAMETERS)
 
 Array = npt.NDArray[Any]
 
@@ -388,3 +407,24 @@ def select_outputs(
         seen.add(item.name)
         chosen.append((spec, default if item.binary is None else item.binary))
     return chosen
+
+
+def check_parameters(parameters: dict[str, Any]) -> None:
+    """Refuse request parameters the server does not honour.
+
+    Args:
+        parameters: the request-level ``parameters``.
+
+    Raises:
+        InvalidInput: one of :data:`UNSUPPORTED_PARAMETERS` with a value other than
+            ``0``, ``""`` or ``false`` (which ask for nothing).
+    """
+    if not parameters or _UNSUPPORTED_KEYS.isdisjoint(parameters):
+        return
+    for key in UNSUPPORTED_PARAMETERS:
+        value = parameters.get(key)
+        if value is not None and value not in (0, "", False):
+            raise InvalidInput(
+                f"request parameter {key!r}: {UNSUPPORTED_PARAMETERS[key]} "
+                f"(expected no {key!r}, got {str(value)[:40]!r})"
+            )

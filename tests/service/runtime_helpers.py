@@ -118,6 +118,11 @@ class FakeRegistry:
     def model_names(self) -> list[str]:
         return sorted(self.versions)
 
+    def version_numbers(self, name: str) -> list[int]:
+        if name not in self.versions:
+            raise NotFound(f"model {name!r} not found")
+        return sorted(self.versions[name])
+
     def resolve(self, name: str, ref: str | None) -> tuple[int, Path]:
         self.calls.append((name, ref))
         if name not in self.versions:

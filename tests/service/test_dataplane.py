@@ -102,11 +102,13 @@ def test_ready_waits_for_registered_and_expected_models(
 def test_metadata_and_readiness(tmp_path: Path, paths: dict[int, Path]) -> None:
     async def body(plane: DataPlane) -> None:
         served = await plane.model_metadata("m", None)
-        assert served["name"] == "m" and served["versions"] == ["1"]
-        assert served["platform"] == "onnx_onnxv1"
+        assert served["name"] == "m" and served["versions"] == ["1", "2"]
+        assert served["platform"] == "onnx_onnxv1" and served["parameters"]["version"] == "1"
         assert served["inputs"][0]["shape"] == [-1, 3, 8, 8]
+        assert await plane.model_ready("m", "2") is False  # not loaded, and not loaded by it
+        assert not plane.runtime.is_ready("m", 2)
         staging = await plane.model_metadata("m", "staging")
-        assert staging["versions"] == ["2"]
+        assert staging["versions"] == ["1", "2"] and staging["parameters"]["version"] == "2"
         assert await plane.model_ready("m", None) is True
         assert await plane.model_ready("m", "2") is True
         with pytest.raises(NotFound):
@@ -130,6 +132,9 @@ def test_a_version_that_fails_to_load_is_not_ready_with_the_reason(
     plane = _plane(tmp_path, {**paths, 3: broken})
 
     async def check(plane: DataPlane) -> None:
+        assert await plane.model_readiness("m", "3") == (False, None)  # never tried
+        with pytest.raises(InvalidInput, match="expected an ONNX model file"):
+            await plane.infer("m", "3", _request())
         ready, error = await plane.model_readiness("m", "3")
         assert not ready and error is not None and "expected an ONNX model file" in error
         assert str(tmp_path) not in error

@@ -80,10 +80,12 @@ def test_health_and_metadata(triton: grpcclient.InferenceServerClient) -> None:
     meta = triton.get_server_metadata(as_json=True)
     assert meta["name"] == "recalib" and "binary_tensor_data" in meta["extensions"]
     assert triton.is_model_ready("m", headers=AUTH)
-    assert triton.is_model_ready("m", "staging", headers=AUTH)
     assert not triton.is_model_ready("nope", headers=AUTH)
     model = triton.get_model_metadata("m", headers=AUTH, as_json=True)
-    assert model["platform"] == "onnx_onnxv1"
+    assert model["platform"] == "onnx_onnxv1" and model["versions"] == ["1", "2"]
+    # metadata loads the version it describes; a versioned ready probe never loads
+    triton.get_model_metadata("m", "staging", headers=AUTH)
+    assert triton.is_model_ready("m", "staging", headers=AUTH)
     assert model["inputs"][0] == {
         "name": "input",
         "datatype": "FP32",

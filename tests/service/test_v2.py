@@ -65,11 +65,15 @@ def test_model_metadata_and_ready(client: TestClient) -> None:
     meta = client.get("/v2/models/m")
     assert meta.status_code == 200
     body = meta.json()
-    assert body["name"] == "m" and body["versions"] == ["1"] and body["platform"] == "onnx_onnxv1"
+    # every registered version; parameters.version is the one described
+    assert body["name"] == "m" and body["versions"] == ["1", "2"]
+    assert body["platform"] == "onnx_onnxv1" and body["parameters"]["version"] == "1"
     assert body["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 8, 8]}]
     assert body["parameters"]["execution_provider"] == "CPUExecutionProvider"
-    staged = client.get("/v2/models/m/versions/staging").json()
-    assert staged["versions"] == ["2"]
+    # a versioned ready probe does not load the version
+    assert client.get("/v2/models/m/versions/2/ready").json() == {"name": "m", "ready": False}
+    staged = client.get("/v2/models/m/versions/staging").json()  # metadata loads it
+    assert staged["versions"] == ["1", "2"] and staged["parameters"]["version"] == "2"
     ready = client.get("/v2/models/m/versions/2/ready")
     assert ready.status_code == 200 and ready.json() == {"name": "m", "ready": True}
     assert client.get("/v2/models/m/ready").json()["ready"] is True

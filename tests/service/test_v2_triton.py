@@ -79,7 +79,8 @@ def test_health_and_metadata(client: httpclient.InferenceServerClient) -> None:
     assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
     assert client.is_model_ready("m")
     meta = client.get_model_metadata("m", model_version="2")
-    assert meta["versions"] == ["2"] and meta["platform"] == "onnx_onnxv1"
+    assert meta["versions"] == ["1", "2"] and meta["platform"] == "onnx_onnxv1"
+    assert meta["parameters"]["version"] == "2"
     assert meta["inputs"][0]["shape"] == [-1, 3, 8, 8]
 
 
