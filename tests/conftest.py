@@ -58,7 +58,8 @@ class SmallCNN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.drop(F.relu(self.bn1(self.conv1(x))))
         x = self.pool(F.relu(self.bn2(self.conv2(x))))
-        return self.bn3(self.fc(x.flatten(1)))
+        out: Tensor = self.bn3(self.fc(x.flatten(1)))
+        return out
 
 
 def randomise_source_stats(model: M, seed: int) -> M:

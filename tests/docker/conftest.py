@@ -62,7 +62,8 @@ def _tiny_bn_onnx() -> bytes:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
-    return model.SerializeToString()
+    serialised: bytes = model.SerializeToString()
+    return serialised
 
 
 def _recording(original: Callable[..., Any], name: str, called: set[str]) -> Callable[..., Any]:

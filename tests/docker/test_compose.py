@@ -26,7 +26,7 @@ class _Override:
         self.value = value
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(yaml.SafeLoader):  # type: ignore[misc]  # Any without types-PyYAML
     pass
 
 
@@ -47,7 +47,8 @@ _Loader.add_constructor("!override", _override)
 
 
 def _load(name: str) -> dict[str, Any]:
-    return yaml.load((DOCKER / name).read_text(), Loader=_Loader)
+    loaded: dict[str, Any] = yaml.load((DOCKER / name).read_text(), Loader=_Loader)
+    return loaded
 
 
 def _merge(base: Any, override: Any) -> Any:

@@ -104,7 +104,7 @@ def _worker(
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("dist")
     shards = list(torch.split(_data(), SHARD_SIZES))
-    mp.spawn(
+    mp.spawn(  # type: ignore[attr-defined,no-untyped-call]
         _worker,
         args=(str(tmp / "init"), str(tmp), _model(), shards),
         nprocs=WORLD,

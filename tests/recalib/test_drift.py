@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,7 +36,8 @@ def _gaussian_kl(
     mu_p: np.ndarray, v_p: np.ndarray, mu_q: np.ndarray, v_q: np.ndarray
 ) -> np.ndarray:
     """KL(N(mu_p, v_p) || N(mu_q, v_q)), the textbook form."""
-    return 0.5 * (np.log(v_q / v_p) + (v_p + (mu_p - mu_q) ** 2) / v_q - 1.0)
+    kl: np.ndarray = 0.5 * (np.log(v_q / v_p) + (v_p + (mu_p - mu_q) ** 2) / v_q - 1.0)
+    return kl
 
 
 # ---------------------------------------------------------------- divergences
@@ -60,14 +62,18 @@ def test_symmetric_kl_known_value() -> None:
 
 @FAST
 @given(channels)
-def test_symmetric_kl_is_zero_for_identical_statistics(rows: list) -> None:
+def test_symmetric_kl_is_zero_for_identical_statistics(
+    rows: list[tuple[float, float, float, float]],
+) -> None:
     mu, var, _, _ = _columns(rows)
     assert np.all(symmetric_kl(mu, var, mu, var) == 0.0)
 
 
 @FAST
 @given(channels)
-def test_symmetric_kl_is_symmetric_and_non_negative(rows: list) -> None:
+def test_symmetric_kl_is_symmetric_and_non_negative(
+    rows: list[tuple[float, float, float, float]],
+) -> None:
     mu_l, v_l, mu_r, v_r = _columns(rows)
     forward = symmetric_kl(mu_l, v_l, mu_r, v_r)
     np.testing.assert_array_equal(forward, symmetric_kl(mu_r, v_r, mu_l, v_l))
@@ -99,7 +105,7 @@ def test_zero_variance_is_guarded_by_eps() -> None:
         (([np.nan], [1.0], [0.0], [1.0]), "finite"),
     ],
 )
-def test_symmetric_kl_rejects_bad_moments(args: tuple, message: str) -> None:
+def test_symmetric_kl_rejects_bad_moments(args: tuple[Any, ...], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         symmetric_kl(*args)
 
@@ -283,7 +289,7 @@ def test_rolling_window_layers_share_buckets_and_reset() -> None:
     "kwargs",
     [{}, {"max_age": 0.0}, {"max_samples": 0}, {"max_age": 1.0, "bucket_seconds": 0.0}],
 )
-def test_rolling_window_rejects_bad_settings(kwargs: dict) -> None:
+def test_rolling_window_rejects_bad_settings(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="expected"):
         RollingWindow(**kwargs)
 

@@ -84,7 +84,7 @@ def experiment() -> dict[str, Any]:
                 idx = order[i : i + 64]
                 loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
                 opt.zero_grad()
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
     model.eval()
     x_test, y_test = make_bars(1000, seed=20)

@@ -44,7 +44,11 @@ def randomise_source_stats(model: M, seed: int) -> M:
     gen = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, _BatchNorm) and m.running_mean is not None:
+            if (
+                isinstance(m, _BatchNorm)
+                and m.running_mean is not None
+                and m.running_var is not None
+            ):
                 c = m.running_mean.numel()
                 m.running_mean.copy_(torch.rand(c, generator=gen) * 2.0 - 1.0)
                 m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
@@ -115,7 +119,7 @@ def fixed_point_reference(model: nn.Module, x: Tensor) -> Stats:
             out[name] = (mean.numpy().copy(), var.numpy().copy())
             return F.batch_norm(t, mean, var, m.weight, m.bias, False, 0.0, m.eps)
 
-        m.forward = forward  # type: ignore[method-assign]
+        m.forward = forward  # type: ignore[method-assign, assignment]
     with torch.no_grad():
         ref(x.double())
     return out

@@ -17,7 +17,7 @@ import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar, cast
 
 import numpy as np
 import onnx
@@ -34,6 +34,7 @@ from recalib.onnx.recalibrate import recalibrate_onnx
 from recalib.recalibrate import recalibrate
 
 Stats = dict[str, tuple[np.ndarray, np.ndarray]]
+M = TypeVar("M", bound=nn.Module)
 
 BATCH = 4
 SIZE = 32
@@ -76,7 +77,7 @@ def _images(n: int, seed: int, *, size: int = SIZE) -> Tensor:
     return torch.randn((n, 3, size, size), generator=gen) * scale + shift
 
 
-def _prepared(model: nn.Module, seed: int, *, size: int = SIZE) -> tuple[nn.Module, Tensor]:
+def _prepared(model: M, seed: int, *, size: int = SIZE) -> tuple[M, Tensor]:
     """Random affine parameters, then source statistics from one batch of other images.
 
     Returns the model and that batch: an eval forward on it reproduces the normalisation
@@ -285,7 +286,7 @@ def test_batchnorm_act_keeps_its_activation(mode: str) -> None:
     # ReLU/SiLU of BatchNormAct2d vanished and every later layer saw the wrong input.
     model, _ = _prepared(_small_bn_act_net(), seed=6, size=8)
     x = _images(16, 7, size=8)
-    batches = list(x.split(BATCH))
+    batches = list(torch.split(x, BATCH))
     if mode == "train":
         recalibrate(model, batches, mode="train")
         want = _float64_reference(model, batches, by_batch=True)
@@ -316,7 +317,7 @@ def test_forward_set_on_the_instance_is_kept() -> None:
         return nn.BatchNorm2d.forward(self, x) * 2.0 + 1.0
 
     model[1].forward = types.MethodType(doubled, model[1])
-    batches = list(_images(12, 9, size=8).split(BATCH))
+    batches = list(torch.split(_images(12, 9, size=8), BATCH))
     want = _float64_reference(model, batches, by_batch=True)
     recalibrate(model, batches, mode="train")
     _assert_same(_module_stats(model), want, tol=1e-6)
@@ -325,14 +326,15 @@ def test_forward_set_on_the_instance_is_kept() -> None:
 
 def test_buffers_come_back_when_the_layer_forward_fails() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
-    bn = model[1]
+    bn = cast(nn.BatchNorm2d, model[1])
+    assert bn.running_mean is not None and bn.running_var is not None
     buffers = (bn.running_mean, bn.running_var)
     before = (buffers[0].clone(), buffers[1].clone())
 
     def broken(self: nn.BatchNorm2d, x: Tensor) -> Tensor:
         raise RuntimeError("broken layer")
 
-    bn.forward = types.MethodType(broken, bn)
+    bn.forward = types.MethodType(broken, bn)  # type: ignore[method-assign]
     with pytest.raises(DataError, match="broken layer"):
         recalibrate(model, _images(8, 16, size=8), batch_size=BATCH)
     assert bn.running_mean is buffers[0] and bn.running_var is buffers[1]  # not copies
@@ -342,6 +344,11 @@ def test_buffers_come_back_when_the_layer_forward_fails() -> None:
 
 class _Frozen(nn.Module):
     """A frozen BN as detectron2 writes it: statistics and affine as buffers."""
+
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
 
     def __init__(self, c: int) -> None:
         super().__init__()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from typing import cast
 
 import numpy as np
 import pytest
@@ -41,7 +42,7 @@ def test_bad_options_are_refused_the_same_way_by_both_entry_points(
         RecalibOptions(**change)  # type: ignore[arg-type]
     assert message in str(direct.value) and isinstance(direct.value, RecalibError)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
-    before = model[1].running_mean.clone()
+    before = cast(torch.Tensor, model[1].running_mean).clone()
     with pytest.raises(OptionsError, match=message.replace("(", r"\(").replace(")", r"\)")):
         recalib.recalibrate(model, torch.randn(8, 3), **change)  # type: ignore[arg-type]
     torch.testing.assert_close(model[1].running_mean, before)

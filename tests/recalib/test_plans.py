@@ -8,7 +8,9 @@ built here (float64 references for the candidate statistics).
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -38,7 +40,7 @@ def test_candidates_run_from_full_to_source_without_repeats() -> None:
     names = [p.name for p in plans]
     assert names[0] == "full" and names[-1] == "source"
     assert len(set(names)) == len(names)
-    firsts = [p.first_layers for p in plans if p.kind == "first"]
+    firsts = cast("list[int]", [p.first_layers for p in plans if p.kind == "first"])
     assert firsts == sorted(firsts, reverse=True) and all(1 <= k < 20 for k in firsts)
     weights = [256 / (256 + p.prior_strength) for p in plans if p.prior_strength is not None]
     assert weights == pytest.approx([0.75, 0.5, 0.25], abs=0.01)
@@ -75,10 +77,13 @@ def test_class_rows_and_probabilities() -> None:
 
 
 def _onehot(pred: np.ndarray, classes: int = 3, strength: float = 5.0) -> np.ndarray:
-    return strength * np.eye(classes)[pred]
+    scores: np.ndarray = strength * np.eye(classes)[pred]
+    return scores
 
 
-def _choose(outputs: dict[str, tuple[np.ndarray, np.ndarray | None]], **kw: object) -> PlanReport:
+def _choose(
+    outputs: Mapping[str, tuple[np.ndarray, np.ndarray | None]], **kw: object
+) -> PlanReport:
     plans = [Plan("full", "full"), Plan("first:1", "first", first_layers=1)]
     plans.append(Plan("source", "source"))
     return choose_plan(plans, lambda p: outputs[p.name], num_layers=2, items=64, **kw)  # type: ignore[arg-type]
@@ -185,7 +190,8 @@ class _Chain(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn1(self.fc1(x)))
         x = torch.relu(self.bn2(self.fc2(x)))
-        return self.late(self.bn3(self.fc3(x)))
+        out: torch.Tensor = self.late(self.bn3(self.fc3(x)))
+        return out
 
 
 def _bn_stats(model: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -193,6 +199,8 @@ def _bn_stats(model: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         n: (m.running_mean.double().numpy().copy(), m.running_var.double().numpy().copy())
         for n, m in model.named_modules()
         if isinstance(m, nn.BatchNorm1d)
+        and m.running_mean is not None
+        and m.running_var is not None
     }
 
 
@@ -228,9 +236,11 @@ def test_adapt_restores_the_source_when_scoring_fails() -> None:
             self.calls += 1
             if self.calls > 3:  # the recalibration pass and the order probe succeed
                 raise RuntimeError("boom")
-            return self.bn(x)
+            out: torch.Tensor = self.bn(x)
+            return out
 
     model = Fails()
+    assert model.bn.running_mean is not None
     before = model.bn.running_mean.clone()
     with pytest.raises(DataError, match="boom"):
         recalib.adapt(model, torch.randn(64, 3) + 5, batch_size=32)
@@ -248,7 +258,7 @@ def test_review_fixes_bad_validation_is_refused_before_any_work() -> None:
     x = torch.randn(32, 3, 8, 8) * 2 + 1
     xv = torch.randn(16, 3, 8, 8)
     model = _net()
-    before = model[1].running_mean.clone()
+    before = cast(torch.Tensor, model[1].running_mean).clone()
     with pytest.raises(OptionsError, match=r"expected class labels >= 0 \(got min -1\)"):
         recalib.adapt(model, x, validation=(xv, -torch.ones(16, dtype=torch.long)))
     with pytest.raises(OptionsError, match="one label per validation input"):
@@ -298,13 +308,15 @@ def test_review_fixes_onnx_plans_move_a_layer_called_twice_as_one(tmp_path: Path
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = self.b(self.c1(x))
             x = self.b(torch.relu(x))  # the same layer again
-            return self.fc(self.b2(self.c2(x)).mean((2, 3)))
+            out: torch.Tensor = self.fc(self.b2(self.c2(x)).mean((2, 3)))
+            return out
 
     torch.manual_seed(0)
     model = Twice().eval()
     recalib.export_onnx(model, torch.randn(4, 3, 8, 8), tmp_path / "twice.onnx")
     x = (torch.randn(64, 3, 8, 8) * 2 + 1).numpy()
     out, report = recalib.adapt_onnx(str(tmp_path / "twice.onnx"), x, plan="full")
+    assert report.plan is not None
     assert [c["plan"] for c in report.plan["candidates"]] == ["full"]
     names = sorted(lay.name for lay in report.layers)
     assert names == ["b", "b2"]

@@ -52,7 +52,9 @@ def _lines(n: int, seed: int, noise: float) -> tuple[np.ndarray, np.ndarray]:
         if label:
             img = img.rotate(180)
         width = min(192, round(48 * img.size[0] / img.size[1]))
-        a = np.asarray(img.resize((width, 48), Image.BILINEAR), dtype=np.float32)
+        a: np.ndarray = np.asarray(
+            img.resize((width, 48), Image.Resampling.BILINEAR), dtype=np.float32
+        )
         a = a + rng.normal(0.0, noise, a.shape)  # sensor noise on the new camera
         a = (np.clip(a, 0, 255)[:, :, ::-1] / 255.0 - 0.5) / 0.5
         x = np.zeros((3, 48, 192), np.float32)

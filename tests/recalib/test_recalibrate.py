@@ -47,7 +47,8 @@ def assert_stats_equal(a: Stats, b: Stats) -> None:
 
 def sizes_from_cuts(n: int, cuts: list[int]) -> list[int]:
     points = sorted({c for c in cuts if 0 < c < n})
-    return np.diff([0, *points, n]).tolist()
+    sizes: list[int] = np.diff([0, *points, n]).tolist()
+    return sizes
 
 
 # --------------------------------------------------------------------------- exactness
@@ -420,7 +421,7 @@ def test_lazy_batchnorm_is_initialised_and_recalibrated(make_images: Any) -> Non
 def test_sync_batchnorm_on_cpu_equals_batchnorm(
     cnn: nn.Module, images: Tensor, stats_of: Any, mode: str
 ) -> None:
-    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(cnn))
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(cnn))  # type: ignore[no-untyped-call]
     assert isinstance(synced.bn1, nn.SyncBatchNorm) and isinstance(synced.bn3, nn.SyncBatchNorm)
     report = recalibrate(synced, images, mode=mode, batch_size=16)
     recalibrate(cnn, images, mode=mode, batch_size=16)
@@ -458,7 +459,8 @@ class _KeywordNet(nn.Module):
         self.net = net
 
     def forward(self, *, image: Tensor, gain: Tensor) -> Tensor:
-        return self.net(image * gain)
+        out: Tensor = self.net(image * gain)
+        return out
 
 
 class _Opaque:

@@ -6,7 +6,7 @@ Every failing call is followed by a bit-identity check of the whole state dict.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -245,7 +245,8 @@ def test_interrupt_during_a_later_pass_restores(
         calls += 1
         if calls == 7:  # second pass (5 batches each), batch index 1
             raise KeyboardInterrupt
-        return model(batch)
+        out: Tensor = model(batch)
+        return out
 
     before = state_of(cnn)
     with pytest.raises(KeyboardInterrupt):
@@ -281,6 +282,7 @@ def test_lazy_layer_materialised_by_a_failed_call_has_fresh_statistics() -> None
 
     with pytest.raises(DataError):
         recalibrate(model, SecondPassGoesBad(), mode="eval", init="source")
-    bn = model[1]
+    bn = cast(nn.BatchNorm2d, model[1])
+    assert bn.running_mean is not None and bn.running_var is not None
     assert torch.equal(bn.running_mean, torch.zeros(4))
     assert torch.equal(bn.running_var, torch.ones(4))

@@ -199,7 +199,7 @@ def test_gradients_treat_r_and_d_as_constants() -> None:
             r, d = r.detach(), d.detach()
         xhat = (inp - _per_channel(mean_b, inp)) / _per_channel(std_b, inp) * _per_channel(r, inp)
         y = (xhat + _per_channel(d, inp)) * _per_channel(w, inp) + _per_channel(b, inp)
-        (y * grad_out).sum().backward()
+        (y * grad_out).sum().backward()  # type: ignore[no-untyped-call]
         return inp.grad, w.grad, b.grad
 
     const_grads = manual(x, detach=True)

@@ -6,6 +6,7 @@ import io
 import json
 import warnings
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -51,7 +52,8 @@ class Net(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(6 * 4 * 4, 5), nn.BatchNorm1d(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        out: torch.Tensor = self.head(self.features(x))
+        return out
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
@@ -75,7 +77,7 @@ def _export(model: nn.Module, shape: tuple[int, ...]) -> onnx.ModelProto:
         torch.onnx.export(
             model.eval(),
             (torch.zeros(shape),),
-            buf,
+            cast(Any, buf),  # the legacy exporter writes to a file object
             dynamo=False,
             do_constant_folding=False,
             input_names=["x"],
@@ -392,6 +394,7 @@ def test_reference_stats_match_torch_buffers() -> None:
     stats = reference_stats(tapped)
     assert len(stats) == len(bns)
     for (mean, var), module in zip(stats.values(), bns, strict=True):
+        assert module.running_mean is not None and module.running_var is not None
         np.testing.assert_array_equal(mean, module.running_mean.double().numpy())
         np.testing.assert_array_equal(var, module.running_var.double().numpy())
 

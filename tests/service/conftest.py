@@ -13,7 +13,7 @@ import io
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -21,6 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 from onnx import TensorProto, helper
 from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
 
 from service.app import create_app
 from service.errors import InvalidInput, NotFound
@@ -101,7 +102,7 @@ def runtime() -> FakeRuntime:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(home=tmp_path / "home", api_token=TOKEN, drift_sample_fraction=1.0)
+    return Settings(home=tmp_path / "home", api_token=SecretStr(TOKEN), drift_sample_fraction=1.0)
 
 
 class Api:
@@ -110,7 +111,7 @@ class Api:
     def __init__(self, client: TestClient, runtime: Any) -> None:
         self.client = client
         self.runtime = runtime
-        self.app: Any = client.app
+        self.app: Any = cast(Any, client.app)
         self.home: Path = self.app.state.settings.home
         self.closed = False
 
@@ -191,7 +192,8 @@ def no_bn_onnx() -> bytes:
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
-    return model.SerializeToString()
+    serialised: bytes = model.SerializeToString()
+    return serialised
 
 
 @pytest.fixture(scope="session")
@@ -200,7 +202,7 @@ def npz() -> Callable[..., bytes]:
 
     def make(**arrays: np.ndarray) -> bytes:
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        np.savez(buf, **cast("dict[str, Any]", arrays))
         return buf.getvalue()
 
     return make

@@ -52,7 +52,8 @@ def _bn_onnx(
     graph = helper.make_graph(nodes, "bn", [x], [y], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
-    return model.SerializeToString()
+    serialised: bytes = model.SerializeToString()
+    return serialised
 
 
 @pytest.fixture(scope="module")

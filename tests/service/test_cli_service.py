@@ -70,7 +70,7 @@ def test_demo_failure_exits_2_with_one_line(
 
 def test_demo_offline_is_the_core_demo(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[argparse.Namespace] = []
-    monkeypatch.setattr(service.cli, "demo_offline", lambda args: seen.append(args) or 0)
+    monkeypatch.setattr(service.cli, "demo_offline", lambda args: seen.append(args) or 0)  # type: ignore[func-returns-value]
     monkeypatch.setattr(service.story, "serve_with_story", pytest.fail)
     assert main(["demo", "--offline", "--method", "ema"]) == 0
     assert seen[0].method == "ema"

@@ -7,7 +7,7 @@ import io
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -176,7 +176,7 @@ def test_an_over_long_multipart_file_name_says_so(api: Api) -> None:
 
 def _compressed_npz(**arrays: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    np.savez_compressed(buf, **cast("dict[str, Any]", arrays))
     return buf.getvalue()
 
 
