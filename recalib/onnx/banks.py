@@ -144,10 +144,22 @@ class BankLayer:
         a = self.gamma / np.sqrt(var + self.epsilon)
         return a, self.beta - mean * a
 
-    def route_inputs(self) -> tuple[str, str, str]:
-        """Names of this layer's routing tables: mean, ``var + eps``, ``1 / (var + eps)``."""
+    def route_inputs(self) -> tuple[str, str]:
+        """Names of this layer's routing tables: ``weight [K, 2C]`` and ``bias [K]``."""
         base = f"{_ROUTE}::{self.node}::"
-        return base + "mean", base + "var", base + "inv_var"
+        return base + "weight", base + "bias"
+
+    def route_centre(self) -> FloatArray:
+        """The centre ``c`` subtracted from the means before routing (float32-exact)."""
+        return self.mean.astype(np.float32).astype(np.float64)
+
+    def route_rows(self, mean: FloatArray, var: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """This bank's routing rows: ``[1 / V, -2 M' / V]`` and ``sum_c (M'^2 / V + log V)``
+        with ``V = var + eps`` and ``M' = mean - c``."""
+        v = var + self.epsilon
+        m = mean - self.route_centre()
+        weight = np.concatenate([1.0 / v, -2.0 * m / v])
+        return weight, np.asarray(np.sum(m * m / v + np.log(v)))
 
 
 @dataclass(frozen=True, eq=False)
@@ -165,6 +177,10 @@ class BankSpec:
     @property
     def routed(self) -> bool:
         return bool(self.route)
+
+    def source_stats(self) -> dict[str, tuple[FloatArray, FloatArray]]:
+        """The version's own statistics as a bank (``{node key: (mean, var)}``)."""
+        return {lay.node: (lay.mean, lay.var) for lay in self.layers}
 
     def route_layers(self) -> list[BankLayer]:
         by_node = {lay.node: lay for lay in self.layers}
@@ -370,35 +386,37 @@ def _emit_layer(
 
 
 def _emit_distance(b: _Builder, lay: BankLayer, x: str, elem: int) -> str:
-    """``[N, K]``: ``2 * (1 + symmetric KL)`` averaged over channels, for one layer."""
+    """``[N, K]``: KL(row || bank) of one routing layer, averaged over its channels.
+
+    With ``mu' = mu - c`` (``c`` the version's mean: keeps the float32 sums short), the
+    bank terms are a product of a row feature ``[v + mu'^2, mu']`` with a bank table
+    ``[1 / V, -2 M' / V]`` plus a bank constant ``sum_c (M'^2 / V + log V)``: one Gemm.
+    """
     p = f"{_ROUTE}::{lay.node}::_"
-    rm, rv, riv = lay.route_inputs()
-    flat = b.node(
-        "Reshape",
-        [
-            b.to_float(x, elem, p + "x_float"),
-            b.const("shape_ncl", np.array([0, 0, -1], dtype=np.int64)),
-        ],
-        p + "ncl",
-    )
-    mu = b.reduce("ReduceMean", flat, 2, p + "mu", keepdims=1)
-    dev = b.node("Sub", [flat, mu], p + "dev")
-    var = b.reduce("ReduceMean", b.node("Mul", [dev, dev], p + "dev2"), 2, p + "var", keepdims=1)
-    n1c = b.const("shape_n1c", np.array([0, 1, -1], dtype=np.int64))
-    mu = b.node("Reshape", [mu, n1c], p + "mu_n1c")
+    weight, bias = lay.route_inputs()
+    x32 = b.to_float(x, elem, p + "x_float")
+    ncl = b.const("shape_ncl", np.array([0, 0, -1], dtype=np.int64))
+    flat = b.node("Reshape", [x32, ncl], p + "ncl")
+    mean = b.reduce("ReduceMean", flat, 2, p + "mean", keepdims=1)
+    dev = b.node("Sub", [flat, mean], p + "dev")
+    var = b.reduce("ReduceMean", b.node("Mul", [dev, dev], p + "dev2"), 2, p + "var", keepdims=0)
     eps = b.const(f"eps_{lay.node}", np.array(lay.epsilon, dtype=np.float32))
-    vl = b.node("Add", [b.node("Reshape", [var, n1c], p + "var_n1c"), eps], p + "v")
-    il = b.node("Reciprocal", [vl], p + "inv_v")
-    ratios = b.node(
-        "Add",
-        [b.node("Mul", [vl, riv], p + "v_over_V"), b.node("Mul", [rv, il], p + "V_over_v")],
-        p + "ratios",
+    v = b.node("Add", [var, eps], p + "v")
+    nc = b.const("shape_nc", np.array([0, -1], dtype=np.int64))
+    centre = b.const(f"centre_{lay.node}", lay.route_centre().astype(np.float32))
+    mu = b.node("Sub", [b.node("Reshape", [mean, nc], p + "mean_nc"), centre], p + "mu")
+    second = b.node("Add", [v, b.node("Mul", [mu, mu], p + "mu2")], p + "second")
+    feature = b.node("Concat", [second, mu], p + "feature", axis=1)
+    scale = 0.5 / lay.channels
+    gemm = b.node("Gemm", [feature, weight, bias], p + "gemm", alpha=scale, beta=scale, transB=1)
+    log_v = b.reduce("ReduceMean", b.node("Log", [v], p + "log_v"), 1, p + "mean_log_v", keepdims=1)
+    half = b.const("half", np.array(0.5, dtype=np.float32))
+    row = b.node(
+        "Mul",
+        [b.node("Add", [log_v, b.const("one", np.array(1.0, np.float32))], p + "row1"), half],
+        p + "row",
     )
-    d = b.node("Sub", [mu, rm], p + "d")
-    d2 = b.node("Mul", [d, d], p + "d2")
-    means = b.node("Mul", [d2, b.node("Add", [il, riv], p + "inv_sum")], p + "means")
-    total = b.node("Add", [ratios, means], p + "terms")
-    return b.reduce("ReduceMean", total, 2, p + "per_bank", keepdims=0)
+    return b.node("Sub", [gemm, row], p + "kl")
 
 
 def _emit_routing(b: _Builder, parts: list[str]) -> str:
@@ -407,9 +425,10 @@ def _emit_routing(b: _Builder, parts: list[str]) -> str:
     total = parts[0]
     for i, part in enumerate(parts[1:]):
         total = b.node("Add", [total, part], f"{p}sum_{i}")
-    half = b.const("half_per_layer", np.array(0.5 / len(parts), dtype=np.float32))
-    one = b.const("one", np.array(1.0, dtype=np.float32))
-    dist = b.node("Sub", [b.node("Mul", [total, half], p + "half"), one], p + "distance")
+    if len(parts) > 1:
+        inv = b.const("inv_route_layers", np.array(1.0 / len(parts), dtype=np.float32))
+        total = b.node("Mul", [total, inv], p + "mean_kl")
+    dist = total
     penalised = b.node("Add", [dist, ROUTE_PENALTY], p + "penalised")
     best = b.node("ArgMin", [penalised], p + "best", axis=1, keepdims=0)
     best_d = b.reduce("ReduceMin", penalised, 1, p + "best_distance", keepdims=0)
@@ -489,10 +508,11 @@ def _declare(graph: onnx.GraphProto, spec: BankSpec, rows: str | None) -> None:
     if not spec.routed:
         return
     for lay in spec.route_layers():
-        for name in lay.route_inputs():
-            graph.input.append(
-                helper.make_tensor_value_info(name, TensorProto.FLOAT, [_BANKS_DIM, lay.channels])
-            )
+        weight, bias = lay.route_inputs()
+        graph.input.append(
+            helper.make_tensor_value_info(weight, TensorProto.FLOAT, [_BANKS_DIM, 2 * lay.channels])
+        )
+        graph.input.append(helper.make_tensor_value_info(bias, TensorProto.FLOAT, [_BANKS_DIM]))
     graph.input.append(
         helper.make_tensor_value_info(ROUTE_PENALTY, TensorProto.FLOAT, [_BANKS_DIM])
     )
@@ -656,10 +676,9 @@ def _table_rows(
         a, s = lay.affine(*stats[lay.node])
         rows[lay.scale_input], rows[lay.shift_input] = a.astype(np.float32), s.astype(np.float32)
     for lay in spec.route_layers():
-        mean, var = stats[lay.node]
-        v = var + lay.epsilon
-        rm, rv, riv = lay.route_inputs()
-        rows[rm], rows[rv], rows[riv] = (t.astype(np.float32) for t in (mean, v, 1.0 / v))
+        weight, bias = lay.route_inputs()
+        w, c = lay.route_rows(*stats[lay.node])
+        rows[weight], rows[bias] = w.astype(np.float32), c.astype(np.float32)
     return rows
 
 
@@ -677,8 +696,10 @@ class BankTables:
         model: the rewritten model (or its :class:`BankSpec`).
         banks: banks to add after bank 0, in order (indices 1, 2, ...).
         capacity: rows preallocated.
-        route_source: whether routing may choose bank 0; ``False`` sets its penalty to
-            ``+inf`` (a row then falls back to bank 0 only through the threshold).
+        route_source: whether routing may choose bank 0. By default its penalty is
+            ``+inf``: bank 0 is the fallback (threshold) and the explicit default, and
+            routes better out of the argmin (``docs/design.md``); to route rows to the
+            version's statistics, add them as a bank (:meth:`BankSpec.source_stats`).
 
     Examples:
         >>> tables = BankTables(add_bank_inputs(model), [bank_a, bank_b])
@@ -691,12 +712,11 @@ class BankTables:
         banks: Iterable[BankLike] = (),
         *,
         capacity: int = 16,
-        route_source: bool = True,
+        route_source: bool = False,
     ) -> None:
         self.spec = model if isinstance(model, BankSpec) else read_bank_spec(model)
         self._lock = threading.Lock()
-        source = {lay.node: (lay.mean, lay.var) for lay in self.spec.layers}
-        rows = _table_rows(self.spec, source)
+        rows = _table_rows(self.spec, self.spec.source_stats())
         if self.spec.routed:
             rows[ROUTE_PENALTY] = np.array(0.0 if route_source else math.inf, dtype=np.float32)
         cap = max(int(capacity), 1)
