@@ -58,3 +58,68 @@ def test_serve_batches_compares_in_process_and_http() -> None:
         ("4", "HTTP"),
     ]
     assert all(float(r[3]) > 0 for r in rows)  # images/s measured in every cell
+
+
+def _small_bn_onnx(path: Path) -> Path:
+    """Conv -> BatchNorm -> Relu -> GlobalAveragePool -> Gemm on 3x8x8, batch first, made
+    with onnx.helper: no torch export in a smoke test."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def init(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    var = numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), "var")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["input", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", ["c", "g", "beta", "mean", "var"], ["n"]),
+            helper.make_node("Relu", ["n"], ["r"]),
+            helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+            helper.make_node("Flatten", ["p"], ["f"]),
+            helper.make_node("Gemm", ["f", "fc", "fb"], ["output"], transB=1),
+        ],
+        "small_bn",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 2])],
+        [init("w", 4, 3, 3, 3), init("b", 4), init("g", 4), init("beta", 4), init("mean", 4)]
+        + [var, init("fc", 2, 4), init("fb", 2)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def test_data_plane_measures_in_process_and_recalib_and_names_missing_peers(
+    tmp_path: Path,
+) -> None:
+    model = _small_bn_onnx(tmp_path / "small_bn.onnx")
+    out = _run(
+        "data_plane.py",
+        *("--model", str(model), "--seconds", "0.1", "--rounds", "1", "--threads", "1"),
+        *("--mlserver-python", "/nonexistent/python"),
+    )
+    lines = out.splitlines()
+    measured = [li for li in lines if li.split()[-1:] and li.split()[-1].isdigit()]
+    setups = {li[:34].strip() for li in measured}
+    assert {
+        "in-process ORT",
+        "recalib REST JSON",
+        "recalib REST binary, batching off",
+        "recalib REST binary, batching on",
+        "recalib gRPC, batching on",
+    } <= setups
+    for li in measured:  # conc, req/s, p50, p99, x ORT, server ms/req, client ms/req, RSS
+        fields = li[34:].split()
+        assert fields[0] in ("1", "16") and float(fields[1]) > 0 and float(fields[-1]) > 0
+    assert "KServe REST JSON                   skipped: --kserve-python not given" in lines
+    assert any(li.startswith("MLServer gRPC") and "/nonexistent/python" in li for li in lines)
+    # the target lines, pass or fail: the torch check, RSS, CPU, ratios; KServe's unmeasured
+    targets = [li.strip() for li in lines if li.strip().startswith("[")]
+    assert len(targets) == 8
+    assert targets[0].startswith("[PASS] inference role imports no torch")
+    assert "[not measured] REST JSON >= 3x KServe" in targets[-2]
