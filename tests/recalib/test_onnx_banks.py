@@ -181,7 +181,8 @@ def test_distance_is_the_kl_of_the_row_to_the_bank_it_got(
     ]
     all_kl = np.stack([_kl(mean, var, m, v, layer.epsilon) for m, v in stats], axis=1)
     np.testing.assert_allclose(dist, all_kl[np.arange(6), chosen], rtol=1e-4, atol=1e-5)
-    assert chosen[3] == all_kl[3].argmin() and chosen[4] == all_kl[4].argmin()
+    # routed rows: the nearest bank, bank 0 (the fallback) excluded by default
+    assert chosen[3] == 1 + all_kl[3, 1:].argmin() and chosen[4] == 1 + all_kl[4, 1:].argmin()
 
 
 def _domain(x: Tensor, k: int) -> Tensor:
