@@ -93,10 +93,34 @@ def test_gpu_by_default() -> None:
 def test_cpu_override_builds_cpu_without_a_gpu_reservation() -> None:
     base = _load("compose.yaml")
     override = _load("compose.cpu.yaml")
-    assert set(override["services"]) == {"recalib"}
+    assert set(override["services"]) == {"recalib", "recalib-inference"}
     recalib = _merge(base, override)["services"]["recalib"]
     assert "deploy" not in recalib
     assert recalib["build"]["args"]["VARIANT"] == "cpu"
     assert recalib["build"]["dockerfile"] == "docker/Dockerfile"  # merged, not replaced
     assert recalib["image"] == "recalib:cpu"
     assert recalib["environment"] == base["services"]["recalib"]["environment"]
+
+
+def test_cpu_override_keeps_the_inference_replicas_without_gpus() -> None:
+    inference = _merge(_load("compose.yaml"), _load("compose.cpu.yaml"))["services"][
+        "recalib-inference"
+    ]
+    assert inference["image"] == "recalib:cpu"
+    assert inference["deploy"] == {"replicas": 2}
+
+
+def test_the_control_writes_the_model_store_and_inference_reads_it() -> None:
+    services = _load("compose.yaml")["services"]
+    control, inference = services["recalib"], services["recalib-inference"]
+    store = control["environment"]["RECALIB_MODEL_STORE"]
+    assert inference["environment"]["RECALIB_MODEL_STORE"] == store
+    assert control["environment"].get("RECALIB_ROLE", "all") == "all"
+    assert inference["environment"]["RECALIB_ROLE"] == "inference"
+    assert f"model-store:{store}" in control["volumes"]  # read-write
+    assert inference["volumes"] == [f"model-store:{store}:ro"]  # read-only, nothing else
+    assert inference["image"] == control["image"]  # built once, by the control service
+    assert inference["environment"]["RECALIB_API_TOKEN"].startswith("${RECALIB_API_TOKEN:?")
+    assert "model-store" in _load("compose.yaml")["volumes"]
+    ports = [str(p) for p in inference["ports"]]
+    assert ports == ["8010-8011:8000"] and inference["deploy"]["replicas"] == 2

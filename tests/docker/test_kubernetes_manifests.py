@@ -5,7 +5,12 @@
   match is the one the ServiceMonitor gives the targets.
 * Every Service selects the pods of exactly one workload and targets a named container
   port; the ServiceMonitor selects Services that carry its job label and port.
-* The inference StatefulSet asks for a GPU and probes the v2 health endpoints.
+* The inference Deployment asks for a GPU and probes the v2 health endpoints.
+* The model store: recalib-control mounts it read-write, every inference pod (the
+  Deployment and KServe's ServingRuntime) read-only at the path of RECALIB_MODEL_STORE,
+  with no home of its own; the InferenceService's storageUri is the store's PVC.
+* autoscaling/: the HPA scales the inference Deployment on recalib_inflight_requests, the
+  metric prometheus-adapter's rule exposes.
 * kustomization.yaml lists every plain manifest; the Prometheus Operator's objects (CRDs
   needed) are kept out of it together.
 """
@@ -115,10 +120,10 @@ def test_workload_selector_matches_its_template(kind: str) -> None:
         assert _matches(workload["spec"]["selector"]["matchLabels"], labels)
 
 
-def test_statefulset_service_is_headless() -> None:
-    inference = _one("StatefulSet", "recalib-inference")
-    service = _one("Service", inference["spec"]["serviceName"])
+def test_the_per_pod_service_is_headless() -> None:
+    service = _one("Service", "recalib-inference")
     assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True  # scraped while not ready
 
 
 def test_servicemonitor_scrapes_each_pod_once() -> None:
@@ -135,8 +140,8 @@ def test_servicemonitor_scrapes_each_pod_once() -> None:
             assert endpoint["path"] == "/metrics"
 
 
-def test_inference_statefulset_has_a_gpu_and_health_probes() -> None:
-    container = _container(_one("StatefulSet", "recalib-inference"))
+def test_inference_deployment_has_a_gpu_and_health_probes() -> None:
+    container = _container(_one("Deployment", "recalib-inference"))
     resources = container["resources"]
     # An extended resource is requested through its limit (requests default to it).
     gpus = {**resources.get("limits", {}), **resources.get("requests", {})}.get("nvidia.com/gpu")
@@ -162,7 +167,7 @@ def test_only_the_control_replica_takes_jobs_and_inference_waits_for_its_models(
             fields["expect_models"] = yaml.safe_load(fields["expect_models"])
         return Settings(**fields)
 
-    inference = settings("recalib-inference", "StatefulSet")
+    inference = settings("recalib-inference", "Deployment")
     assert inference.role == "inference" and inference.expect_models
     control = settings("recalib-control", "Deployment")
     assert control.role == "all" and control.expect_models == []
@@ -183,3 +188,141 @@ def test_kustomization_lists_the_plain_manifests() -> None:
     assert not (operator_files & listed) or operator_files <= listed
     plain = {p.name for p in K8S.glob("*.yaml")} - operator_files - {"kustomization.yaml"}
     assert plain <= listed, f"not in kustomization.yaml: {sorted(plain - listed)}"
+
+
+KSERVE = K8S / "kserve"
+AUTOSCALING = K8S / "autoscaling"
+
+
+def _configmap_store() -> str:
+    store: str = _one("ConfigMap", "recalib-settings")["data"]["RECALIB_MODEL_STORE"]
+    return store
+
+
+def _mounts(spec: dict[str, Any], container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """mountPath -> {readOnly of the mount, readOnly of the PVC, claim} of a pod spec."""
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    out: dict[str, dict[str, Any]] = {}
+    for mount in container.get("volumeMounts", []):
+        pvc = volumes[mount["name"]].get("persistentVolumeClaim")
+        out[mount["mountPath"]] = {
+            "mount_read_only": mount.get("readOnly", False),
+            "claim_read_only": None if pvc is None else pvc.get("readOnly", False),
+            "claim": None if pvc is None else pvc["claimName"],
+        }
+    return out
+
+
+def test_the_model_store_is_shared_read_write_by_control_and_read_only_by_inference() -> None:
+    store = _configmap_store()
+    claim = _one("PersistentVolumeClaim", "recalib-model-store")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+    control = _one("Deployment", "recalib-control")
+    mounts = _mounts(control["spec"]["template"]["spec"], _container(control))
+    assert mounts[store] == {
+        "mount_read_only": False,
+        "claim_read_only": False,
+        "claim": "recalib-model-store",
+    }
+
+    inference = _one("Deployment", "recalib-inference")
+    container = _container(inference)
+    mounts = _mounts(inference["spec"]["template"]["spec"], container)
+    assert mounts[store] == {
+        "mount_read_only": True,
+        "claim_read_only": True,
+        "claim": "recalib-model-store",
+    }
+    # no state of its own: every other volume is scratch
+    assert all(m["claim"] is None for path, m in mounts.items() if path != store), mounts
+    assert "volumeClaimTemplates" not in inference["spec"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8000, "grpc": 8001}
+    traffic = {p["name"]: p["targetPort"] for p in _one("Service", "recalib")["spec"]["ports"]}
+    assert traffic == {"http": "http", "grpc": "grpc"}
+
+
+def test_the_configmap_settings_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.settings import Settings
+
+    for key, value in _one("ConfigMap", "recalib-settings")["data"].items():
+        monkeypatch.setenv(key, value)  # as the pods get them: environment variables
+    settings = Settings()
+    assert str(settings.model_store) == "/mnt/models" and settings.store_poll_seconds > 0
+    assert not settings.store_fed and Settings(role="inference").store_fed
+
+
+def test_kserve_runtime_serves_the_store_read_only_on_8000_and_8001() -> None:
+    from pydantic import SecretStr
+
+    from service.settings import Settings
+
+    runtime = _docs(KSERVE / "servingruntime.yaml")[0]
+    assert (runtime["apiVersion"], runtime["kind"]) == (
+        "serving.kserve.io/v1alpha1",
+        "ServingRuntime",
+    )
+    assert set(runtime["spec"]["protocolVersions"]) == {"v2", "grpc-v2"}
+    (container,) = runtime["spec"]["containers"]
+    assert container["name"] == "kserve-container"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    known = {k: v for k, v in env.items() if k.startswith("RECALIB_") and v is not None}
+    settings = Settings(
+        **{k.removeprefix("RECALIB_").lower(): v for k, v in known.items()},
+        api_token=SecretStr("from-the-secret"),
+    )
+    assert settings.store_fed and str(settings.model_store) == "/mnt/models"  # KServe's mount
+    assert settings.grpc and settings.grpc_port == 8001
+    assert container["args"][container["args"].index("--port") + 1] == "8000"
+    assert [p["containerPort"] for p in container["ports"]] == [8000, 8001]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8000}
+    formats = {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+
+    service = _docs(KSERVE / "inferenceservice.yaml")[0]
+    assert (service["apiVersion"], service["kind"]) == (
+        "serving.kserve.io/v1beta1",
+        "InferenceService",
+    )
+    model = service["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert model["modelFormat"]["name"] in formats
+    claim = _one("PersistentVolumeClaim", "recalib-model-store")["metadata"]["name"]
+    assert model["storageUri"].rstrip("/") == f"pvc://{claim}"
+    # two ports need the raw deployment mode (Knative allows one)
+    annotations = service["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/deploymentMode"] == "RawDeployment"
+
+
+def test_hpa_scales_inference_on_the_inflight_gauge_prometheus_adapter_exposes() -> None:
+    from service.metrics import ServiceMetrics
+
+    hpa = _docs(AUTOSCALING / "hpa.yaml")[0]
+    assert (hpa["apiVersion"], hpa["kind"]) == ("autoscaling/v2", "HorizontalPodAutoscaler")
+    target = hpa["spec"]["scaleTargetRef"]
+    assert target == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "recalib-inference"}
+    _one("Deployment", "recalib-inference")
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    name = metric["pods"]["metric"]["name"]
+    assert name == "recalib_inflight_requests"
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    ServiceMetrics(registry).inflight_add("m", 1)
+    assert registry.get_sample_value(name, {"model": "m"}) == 1.0  # the service exports it
+
+    values = yaml.safe_load((AUTOSCALING / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = values["rules"]["custom"]
+    assert rule["seriesQuery"].startswith(name + "{")
+    assert rule["name"]["as"] == name
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+
+
+def test_the_optional_manifests_are_not_in_the_kustomization() -> None:
+    listed = set(yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"])
+    assert not any("/" in name for name in listed)
+    for folder in (KSERVE, AUTOSCALING):
+        assert sorted(p.name for p in folder.glob("*.yaml")), folder
