@@ -89,7 +89,7 @@ def test_provisioning_points_at_the_dashboard() -> None:
     assert mounted in compose and "path: /etc/grafana/dashboards" in provider
 
 
-def test_dashboard_covers_the_issue() -> None:
+def test_dashboard_shows_drift_traffic_batching_and_jobs() -> None:
     used = set().union(*(metric_names(expr) for _, expr in dashboard_targets()))
     assert used >= {
         "recalib_drift_score",  # drift per model over time

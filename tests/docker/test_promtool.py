@@ -37,7 +37,7 @@ def test_alert_unit_tests_pass(promtool: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_alerts_cover_the_issue() -> None:
+def test_alerts_cover_drift_errors_fallbacks_and_failed_jobs() -> None:
     assert set(rule_exprs(ALERTS)) >= {
         "RecalibDriftThresholdExceeded",
         "RecalibHighServerErrorRatio",

@@ -254,7 +254,7 @@ def _net() -> nn.Sequential:
     ).eval()
 
 
-def test_review_fixes_bad_validation_is_refused_before_any_work() -> None:
+def test_bad_validation_is_refused_before_any_work() -> None:
     x = torch.randn(32, 3, 8, 8) * 2 + 1
     xv = torch.randn(16, 3, 8, 8)
     model = _net()
@@ -272,7 +272,7 @@ def test_review_fixes_bad_validation_is_refused_before_any_work() -> None:
     torch.testing.assert_close(model[1].running_mean, before)
 
 
-def test_review_fixes_lazy_layers_take_part_in_the_plan() -> None:
+def test_lazy_layers_take_part_in_the_plan() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d(), nn.Flatten(), nn.Linear(4 * 36, 3)
@@ -282,7 +282,7 @@ def test_review_fixes_lazy_layers_take_part_in_the_plan() -> None:
     torch.testing.assert_close(model[1].running_var, torch.ones(4))
 
 
-def test_review_fixes_non_finite_candidates_are_rejected() -> None:
+def test_non_finite_candidates_are_rejected() -> None:
     y = np.zeros(64, dtype=np.int64)
     good = _onehot(y)
     nan = np.full_like(good, np.nan)
@@ -297,7 +297,7 @@ def test_review_fixes_non_finite_candidates_are_rejected() -> None:
         )
 
 
-def test_review_fixes_onnx_plans_move_a_layer_called_twice_as_one(tmp_path: Path) -> None:
+def test_onnx_plans_move_a_layer_called_twice_as_one(tmp_path: Path) -> None:
     class Twice(nn.Module):
         def __init__(self) -> None:
             super().__init__()

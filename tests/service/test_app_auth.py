@@ -1,8 +1,10 @@
-"""Bearer-token authentication: every /v1 route and inference need it; health and
-/metrics are open unless the settings protect them."""
+"""Bearer-token authentication: every /v1 route and inference need it, and it is checked
+before anything else; health and /metrics are open unless the settings protect them, /docs,
+/redoc and /openapi.json unless RECALIB_PUBLIC_DOCS."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +14,8 @@ from pydantic import SecretStr
 from service.auth import check_bearer
 from service.errors import Unauthorized
 from service.settings import Settings
+
+NO_AUTH = {"Authorization": ""}
 
 PROTECTED = [
     ("GET", "/v1/models"),
@@ -84,3 +88,48 @@ def test_check_bearer() -> None:
         check_bearer(SecretStr("tt"), "t")
     with pytest.raises(Unauthorized, match="wrong one"):
         check_bearer(SecretStr("t"), "tü")  # non-ASCII compares as bytes, no TypeError
+
+
+def test_infer_with_a_bad_version_and_no_token_is_401(api: Any) -> None:
+    r = api.client.post("/v2/models/m/versions/bad..ref!/infer", headers=NO_AUTH)
+    assert r.status_code == 401, r.text
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert "error" in r.json()
+
+
+def test_every_protected_route_without_a_token_is_401(api: Any) -> None:
+    checked = 0
+    for path, operations in api.app.openapi()["paths"].items():
+        if not path.startswith(("/v1", "/v2/models")):
+            continue
+        url = re.sub(r"\{[^}]+\}", "bad..ref!", path)
+        for method in operations:
+            r = api.client.request(method, url, headers=NO_AUTH, content=b"{not json")
+            assert r.status_code == 401, (method, path, r.status_code, r.text)
+            assert set(r.json()) == {"error"}
+            checked += 1
+    assert checked > 20
+
+
+def test_a_malformed_upload_without_a_token_is_401(api: Any) -> None:
+    r = api.client.post(
+        "/v1/datasets", files={"file": ("x" * 200_000 + ".npz", b"x")}, headers=NO_AUTH
+    )
+    assert r.status_code == 401, r.text
+
+
+def test_open_paths_stay_open(api: Any) -> None:
+    assert api.client.get("/v2/health/live", headers=NO_AUTH).status_code == 200
+    assert api.client.get("/metrics", headers=NO_AUTH).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json"])
+def test_docs_and_schema_are_behind_the_token_unless_public(
+    make_api: Callable[..., Any], settings: Settings, path: str
+) -> None:
+    api = make_api(settings)
+    anonymous = api.client.get(path, headers={"Authorization": ""})
+    assert anonymous.status_code == 401 and "error" in anonymous.json()
+    assert api.client.get(path).status_code == 200  # the client sends the token
+    public = make_api(settings.model_copy(update={"public_docs": True}))
+    assert public.client.get(path, headers={"Authorization": ""}).status_code == 200

@@ -1,13 +1,14 @@
 """/v1/datasets over HTTP: uploads in every format, headers-only description, size limits
-(declared and streamed), refused files, and deletion."""
+(declared, streamed and uncompressed), refused files, and deletion."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import re
 import zipfile
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -173,3 +174,41 @@ def test_delete_dataset(api: Any, npz: Callable[..., bytes]) -> None:
 def test_malformed_dataset_id_400(api: Any, bad: str) -> None:
     r = api.client.get(f"/v1/datasets/{bad}")
     assert r.status_code == 400 and "dataset id" in r.json()["error"]
+
+
+def test_an_over_long_multipart_file_name_says_so(api: Any) -> None:
+    r = api.client.post("/v1/datasets", files={"file": ("x" * 200_000 + ".npz", b"x")})
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]
+    assert "file name" in message and "bytes" in message, message
+
+
+def _compressed_npz(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **cast("dict[str, Any]", arrays))
+    return buf.getvalue()
+
+
+def test_an_npz_of_huge_zeros_is_413_with_the_numbers(
+    make_api: Callable[..., Any], settings: Settings
+) -> None:
+    limit = 1 << 20
+    api = make_api(settings.model_copy(update={"max_dataset_uncompressed_bytes": limit}))
+    data = _compressed_npz(x=np.zeros((64, 3, 32, 32), np.float32))  # 786 KiB of arrays
+    assert len(data) < 10_000
+    assert api.upload(data).status_code == 201
+    bomb = _compressed_npz(x=np.zeros((256, 3, 32, 32), np.float32))  # 3 MiB of arrays
+    assert len(bomb) < 20_000
+    before = api.files()
+    r = api.upload(bomb)
+    assert r.status_code == 413, r.text
+    message = r.json()["error"]
+    assert str(limit) in message, message
+    got = re.search(r"got (\d+) bytes", message)
+    assert got is not None and int(got.group(1)) >= 256 * 3 * 32 * 32 * 4, message
+    assert api.files() == before  # nothing stored
+
+
+def test_the_default_limit_refuses_a_4_gib_array() -> None:
+    assert Settings().max_dataset_uncompressed_bytes < 4 << 30
+    assert Settings().max_dataset_uncompressed_bytes >= Settings().max_upload_bytes

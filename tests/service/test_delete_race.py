@@ -1,9 +1,10 @@
-"""Hardening item 1: a deleted model stays deleted while alias moves and inference race it.
+"""A deleted model stays deleted while alias moves and inference race it.
 
 Each round registers ``m`` (versions 1 and 2) on the real serving runtime, then threads mix
 ``PUT /v1/models/m/aliases/production``, unversioned and versioned inference and one
 ``DELETE /v1/models/m``. Once the DELETE has answered, every later request for ``m`` is 404;
-nothing ever answers 5xx or shows a filesystem path.
+nothing ever answers 5xx or shows a filesystem path. The last tests put the DELETE at the
+worst moment on purpose: after an alias move or a version load has resolved the model's file.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import pytest
 from conftest import Api
 from runtime_helpers import source_images
 
@@ -150,3 +154,71 @@ def test_a_deleted_model_never_answers_again(
     assert not problems, f"{len(bad)} of {ROUNDS} rounds went wrong:\n" + "\n".join(problems[:20])
     assert served > ROUNDS, f"expected inference to answer before the deletes (got {served})"
     assert elapsed < 60.0, f"{ROUNDS} rounds took {elapsed:.1f} s"
+
+
+def _real_api(make_api: Callable[..., Api], settings: Settings, bn_onnx: bytes) -> Api:
+    api = make_api(
+        settings.model_copy(
+            update={"execution_provider": "cpu", "intra_op_threads": 1, "warmup_batch_sizes": [1]}
+        ),
+        runtime=None,  # the real serving runtime
+    )
+    assert api.register("m", bn_onnx).status_code == 201
+    assert (
+        api.client.post("/v1/models/m/versions", files={"file": ("m.onnx", bn_onnx)}).status_code
+        == 201
+    )
+    return api
+
+
+def test_alias_move_racing_a_delete_is_404_without_a_path(
+    make_api: Callable[..., Api],
+    settings: Settings,
+    bn_onnx: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    api = _real_api(make_api, settings, bn_onnx)
+    registry = api.app.state.registry
+    model_id = registry._model_row("m")["id"]
+    artifact = registry.artifact
+
+    def deleted_after_resolving(name: str, ref: Any, fmt: str) -> Path:
+        path = artifact(name, ref, fmt)
+        registry._remove_model(model_id)  # what a concurrent DELETE does under the lock
+        return Path(path)
+
+    monkeypatch.setattr(registry, "artifact", deleted_after_resolving)
+    r = api.client.put("/v1/models/m/aliases/production", json={"version": 2})
+    assert r.status_code in (404, 409), r.text
+    assert set(r.json()) == {"error"}
+    assert str(api.home) not in r.text and model_id not in r.text
+    assert "No such file" not in r.text
+
+
+@pytest.mark.parametrize("route", ["infer", "ready"])
+def test_version_load_racing_a_delete_is_404_without_a_path(
+    make_api: Callable[..., Api],
+    settings: Settings,
+    bn_onnx: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+    route: str,
+) -> None:
+    api = _real_api(make_api, settings, bn_onnx)
+    registry = api.app.state.registry
+    model_id = registry._model_row("m")["id"]
+    resolve = registry.resolve
+
+    def deleted_after_resolving(name: str, ref: str | None) -> tuple[int, Path]:
+        version, path = resolve(name, ref)
+        Path(path).unlink()  # the model's files go first
+        return version, path
+
+    monkeypatch.setattr(registry, "resolve", deleted_after_resolving)
+    if route == "infer":
+        r = api.client.post("/v2/models/m/versions/2/infer", json={"inputs": []})
+    else:
+        r = api.client.get("/v2/models/m/versions/2/ready")
+    assert r.status_code in (404, 409), r.text
+    assert set(r.json()) == {"error"}
+    assert str(api.home) not in r.text and model_id not in r.text
+    assert "No such file" not in r.text

@@ -1,0 +1,62 @@
+"""Error answers: one ``{"error": ...}`` object everywhere (malformed v2 names, 405 with its
+``Allow`` header) and no filesystem path in them (an unreadable model file)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from conftest import Api
+
+from service.settings import Settings
+
+
+def _real_api(make_api: Callable[..., Api], settings: Settings, bn_onnx: bytes) -> Api:
+    api = make_api(
+        settings.model_copy(
+            update={"execution_provider": "cpu", "intra_op_threads": 1, "warmup_batch_sizes": [1]}
+        ),
+        runtime=None,  # the real serving runtime
+    )
+    assert api.register("m", bn_onnx).status_code == 201
+    assert (
+        api.client.post("/v1/models/m/versions", files={"file": ("m.onnx", bn_onnx)}).status_code
+        == 201
+    )
+    return api
+
+
+def test_an_unreadable_model_file_names_no_path(
+    make_api: Callable[..., Api], settings: Settings, bn_onnx: bytes
+) -> None:
+    api = _real_api(make_api, settings, bn_onnx)
+    registry = api.app.state.registry
+    model_id = registry._model_row("m")["id"]
+    registry.artifact("m", 2, "onnx").write_bytes(b"not an onnx file")
+    r = api.client.put("/v1/models/m/aliases/production", json={"version": 2})
+    assert r.status_code == 400, r.text
+    assert str(api.home) not in r.text and model_id not in r.text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/v2/models/" + "a" * 10_000 + "/ready",
+        "/v2/models/" + "a" * 10_000 + "/versions/1/ready",
+        "/v2/models/m/versions/" + "b" * 10_000 + "/ready",
+    ],
+)
+def test_ready_of_a_malformed_name_is_an_error_object(api: Api, url: str) -> None:
+    r = api.client.get(url)
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    assert len(body["error"]) < 300
+    assert "expected a" in body["error"]
+
+
+def test_405_carries_an_allow_header(api: Api) -> None:
+    r = api.client.put("/v1/models")
+    assert r.status_code == 405
+    assert set(r.json()) == {"error"}
+    assert "GET" in r.headers["allow"] and "POST" in r.headers["allow"]
