@@ -100,7 +100,17 @@ class ValidationRequest(BaseModel):
 class RecalibrationRequest(BaseModel):
     """Body of ``POST /v1/models/{name}/recalibrations``."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The document says what _prior_needs_strength enforces: method "prior" needs a number.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "if": {"properties": {"method": {"const": "prior"}}, "required": ["method"]},
+            "then": {
+                "properties": {"prior_strength": {"type": "number", "minimum": 0.0}},
+                "required": ["prior_strength"],
+            },
+        },
+    )
 
     dataset: str = Field(description="id of the calibration data set")
     key: str | None = Field(default=None, description="input array in the data set")

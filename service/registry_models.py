@@ -29,8 +29,10 @@ __all__ = [
 PRODUCTION = "production"
 """The alias ``/v2/models/{name}/infer`` serves."""
 
-MAX_VERSION = 2**63 - 1
-"""The largest version number (SQLite's INTEGER); larger ones name no version."""
+MAX_VERSION = 2**53 - 1
+"""The largest version number; larger ones name no version. 2**53 - 1, not SQLite's
+2**63 - 1: the largest integer a JSON number read as a double (JavaScript clients, the
+OpenAPI document's bounds, which FastAPI writes as floats) carries exactly."""
 
 
 class TensorSpec(BaseModel):
@@ -89,8 +91,8 @@ class ModelList(BaseModel):
 
 
 class AliasUpdate(BaseModel):
-    # lt, not le=MAX_VERSION: OpenAPI carries bounds as floats, and 2**63 is exact as one.
-    version: int = Field(ge=1, lt=MAX_VERSION + 1)
+    # MAX_VERSION is exact as the float OpenAPI carries the bound as (and in its decimal text)
+    version: int = Field(ge=1, le=MAX_VERSION)
 
 
 class AliasInfo(BaseModel):

@@ -75,7 +75,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 """The error statuses of the /v1 routes, for the OpenAPI document."""
 
-_bearer = HTTPBearer(auto_error=False, description="The service's RECALIB_API_TOKEN.")
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="The service's RECALIB_API_TOKEN, required by the operations marked with it "
+    "(401 without it). A server without RECALIB_API_TOKEN checks no token: every operation "
+    "is open (on a loopback host only, unless RECALIB_ALLOW_OPEN).",
+)
 _Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 

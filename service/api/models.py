@@ -38,7 +38,17 @@ from .deps import (
     SettingsDep,
     require_token,
 )
-from .params import AliasPath, ModelNamePath, NewAliasPath, VersionPath
+from .params import (
+    ALIAS_FORM,
+    METADATA_FORM,
+    NAME_FORM,
+    VERSION_FORM,
+    VERSION_REF_FORM,
+    AliasPath,
+    ModelNamePath,
+    NewAliasPath,
+    VersionPath,
+)
 
 __all__ = ["router"]
 
@@ -74,9 +84,11 @@ def _metadata(raw: str | None) -> dict[str, Any]:
 async def register_model(
     registry: RegistryDep,
     settings: SettingsDep,
-    name: Annotated[str, Form(description="model name")],
+    name: Annotated[str, Form(description="model name"), NAME_FORM],
     file: Annotated[UploadFile, File(description=".onnx with BatchNormalization, or .pt2")],
-    metadata: Annotated[str | None, Form(description="JSON object kept with the model")] = None,
+    metadata: Annotated[
+        str | None, Form(description="JSON object kept with the model"), METADATA_FORM
+    ] = None,
 ) -> ModelInfo:
     return await registry.register(
         name=name,
@@ -132,21 +144,23 @@ async def push_version(
         int | None,
         Form(
             ge=1,
-            # lt, not le=MAX_VERSION: OpenAPI carries bounds as floats (see AliasUpdate).
-            lt=MAX_VERSION + 1,
+            le=MAX_VERSION,
             description="number of the new version, above every existing one (default: next)",
         ),
+        VERSION_FORM,
     ] = None,
     parent: Annotated[
         str | None,
         Form(description="lineage: the version (number or alias) of this model it came from"),
+        VERSION_REF_FORM,
     ] = None,
     metadata: Annotated[
-        str | None, Form(description="JSON object kept in the version's report")
+        str | None, Form(description="JSON object kept in the version's report"), METADATA_FORM
     ] = None,
     alias: Annotated[
         str | None,
         Form(description="alias to point at the new version (production: loaded and warmed first)"),
+        ALIAS_FORM,
     ] = None,
 ) -> VersionInfo:
     """The artifact must have the signature of the model's versions (else 422). If moving

@@ -54,6 +54,7 @@ from ..errors import InvalidInput, PayloadTooLarge
 from ..names import NAME_PATTERN
 from ..triton_config import config_json
 from .deps import AuthDep
+from .params import VERSION_PATTERN as REF_PATTERN
 from .v2_codec import HEADER_LENGTH, decode_request, encode_response
 from .v2_ext_schemas import (
     ModelConfiguration,
@@ -121,7 +122,9 @@ VersionRef = Annotated[
     PathParam(
         description="version number or alias",
         pattern=VERSION_PATTERN,
-        json_schema_extra={"maxLength": _NAME_LENGTH},
+        # documented as what is well-formed (a number of any length, or a name); the
+        # data plane refuses the rest of VERSION_PATTERN (an over-long alias) with 400
+        json_schema_extra={"pattern": REF_PATTERN},
     ),
 ]
 

@@ -65,6 +65,9 @@ class ModelReady(BaseModel):
 
     name: str
     ready: bool
+    error: str | None = Field(
+        default=None, description="why the version cannot answer (omitted when ready)"
+    )
 
 
 class TensorMetadata(BaseModel):
@@ -214,7 +217,7 @@ INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 READY_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {
-        "model": ModelReady,
+        "model": ModelReady | ErrorBody,
         "description": "not ready (a malformed model name or version: the error object)",
     },
     401: ERRORS[401],
