@@ -60,3 +60,25 @@ def test_render_quotes_what_yaml_would_misread() -> None:
         '  "on": {}',
         '  $ref: "#/x"',
     ]
+
+
+def test_schema_leaves_health_and_metrics_open() -> None:
+    paths = _exporter().app_schema()["paths"]
+    for path in ("/v2", "/v2/health/live", "/v2/health/ready", "/metrics"):
+        operation = paths[path]["get"]
+        assert "security" not in operation, path
+        assert "401" in operation["responses"], path  # with RECALIB_PROTECT_HEALTH/_METRICS
+    for path, item in paths.items():
+        if path.startswith(("/v1/", "/v2/models", "/v2/repository")):
+            for method, operation in item.items():
+                assert operation["security"] == [{"HTTPBearer": []}], (method, path)
+                assert "401" in operation["responses"], (method, path)
+
+
+def test_path_parameters_carry_their_patterns() -> None:
+    paths = _exporter().app_schema()["paths"]
+    for path, item in paths.items():
+        for operation in item.values():
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "path":
+                    assert "pattern" in parameter["schema"], (path, parameter["name"])
