@@ -41,11 +41,13 @@ from __future__ import annotations
 
 import re
 import zlib
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Body, Depends, Request
+import orjson
+from fastapi import APIRouter, Depends, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
 from starlette.routing import Route
 
 from ..auth import bearer_token
@@ -304,6 +306,39 @@ async def model_version_configuration(
 
 
 # -- model repository ------------------------------------------------------------------
+#
+# The small bodies are read here, not by FastAPI: tritonclient sends an empty body for the
+# index and JSON without a JSON content type for load/unload.
+
+_Body = TypeVar("_Body", bound=BaseModel)
+
+
+async def _small_body(request: Request, model: type[_Body]) -> _Body:
+    """The optional JSON body of a repository request (empty: the defaults).
+
+    Raises:
+        InvalidInput: not JSON, or not the document ``model`` describes.
+    """
+    raw = await request.body()
+    if not raw.strip():
+        return model()
+    try:
+        return model.model_validate(orjson.loads(raw))
+    except orjson.JSONDecodeError:
+        raise InvalidInput("request body: expected a JSON object (got invalid JSON)") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise InvalidInput(f"request body: {where}: {first.get('msg')}") from None
+
+
+def _optional_body(model: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
 
 
 @router.post(
@@ -312,15 +347,12 @@ async def model_version_configuration(
     responses={401: ERRORS[401]},
     description="Every registered version and its state: READY (loaded), LOADING, or "
     "UNAVAILABLE with the reason. `ready: true` lists only the READY ones.",
+    openapi_extra=_optional_body(RepositoryIndexRequest),
 )
-async def repository_index(
-    request: Request,
-    _: AuthDep,
-    body: Annotated[RepositoryIndexRequest | None, Body()] = None,
-) -> JSONResponse:
+async def repository_index(request: Request, _: AuthDep) -> JSONResponse:
     """The model repository index."""
-    ready_only = body is not None and body.ready
-    return JSONResponse(get_dataplane(request).repository_index(ready_only=ready_only))
+    body = await _small_body(request, RepositoryIndexRequest)
+    return JSONResponse(get_dataplane(request).repository_index(ready_only=body.ready))
 
 
 @router.post(
@@ -330,16 +362,12 @@ async def repository_index(
     description="Serve the model's production version: loaded and warmed up, then "
     "unversioned requests move to it (a no-op when it is served already). Load "
     "parameters (Triton's config and file: overrides) are refused.",
+    openapi_extra=_optional_body(RepositoryModelRequest),
 )
-async def repository_load(
-    request: Request,
-    model_name: ModelName,
-    _: AuthDep,
-    body: Annotated[RepositoryModelRequest | None, Body()] = None,
-) -> JSONResponse:
+async def repository_load(request: Request, model_name: ModelName, _: AuthDep) -> JSONResponse:
     """Load (serve) a model."""
-    parameters = None if body is None else body.parameters
-    await get_dataplane(request).load_model(model_name, parameters)
+    body = await _small_body(request, RepositoryModelRequest)
+    await get_dataplane(request).load_model(model_name, body.parameters)
     return JSONResponse({"name": model_name, "load": True})
 
 
@@ -351,16 +379,12 @@ async def repository_load(
     "in-flight requests finish, and server readiness stops waiting for it. Nothing is "
     "deleted: the next unversioned inference (loaded on first use), a load or a promote "
     "serves it again (on a store-fed replica, the next store poll does).",
+    openapi_extra=_optional_body(RepositoryModelRequest),
 )
-async def repository_unload(
-    request: Request,
-    model_name: ModelName,
-    _: AuthDep,
-    body: Annotated[RepositoryModelRequest | None, Body()] = None,
-) -> JSONResponse:
+async def repository_unload(request: Request, model_name: ModelName, _: AuthDep) -> JSONResponse:
     """Unload (stop serving) a model."""
-    parameters = None if body is None else body.parameters
-    await get_dataplane(request).unload_model(model_name, parameters)
+    body = await _small_body(request, RepositoryModelRequest)
+    await get_dataplane(request).unload_model(model_name, body.parameters)
     return JSONResponse({"name": model_name, "unload": True})
 
 

@@ -1,5 +1,6 @@
 """The data plane without HTTP: health, readiness, metadata, inference, its metrics window,
-the token rules, and a model deleted between resolving and loading."""
+the token rules, a model deleted between resolving and loading, and the extensions
+(statistics, repository load/unload/index, model configuration, refused parameters)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from service.dataplane import EXTENSIONS, SERVER_NAME, DataPlane, server_version
 from service.errors import InvalidInput, NotFound, Unauthorized
 from service.metrics import ServiceMetrics
 from service.runtime.runtime import ServingRuntime
+from service.runtime.stats import ModelStats
 from service.runtime.tensors import InferInput, InferRequest
+from service.triton_config import config_json
 
 T = TypeVar("T")
 
@@ -223,5 +226,133 @@ def test_a_model_deleted_while_it_is_resolved_is_not_loaded_back(
         assert runtime.loaded_versions("m") == []
         with pytest.raises(NotFound):
             await plane.infer("m", None, _request())
+
+    _run(plane, body)
+
+
+def test_statistics_count_where_the_work_happens(tmp_path: Path, paths: dict[int, Path]) -> None:
+    async def body(plane: DataPlane) -> None:
+        assert plane.model_statistics("m") == [ModelStats.empty("m", 1)]  # nothing yet
+        await asyncio.gather(*(plane.infer("m", None, _request(2)) for _ in range(4)))
+        with pytest.raises(InvalidInput):
+            await plane.infer("m", None, _request(name="x"))
+        await plane.infer("m", "2", _request(1))
+        (first,) = plane.model_statistics("m", "1")
+        assert first["inference_count"] == 8 and first["version"] == "1"
+        stats = first["inference_stats"]
+        assert stats["success"]["count"] == 4 and stats["fail"]["count"] == 1
+        assert stats["fail"]["ns"] > 0
+        assert all(stats[k]["count"] == 4 and stats[k]["ns"] > 0 for k in _TIMED)
+        runs = first["batch_stats"]
+        assert sum(b["compute_infer"]["count"] for b in runs) == first["execution_count"]
+        assert sum(b["batch_size"] * b["compute_infer"]["count"] for b in runs) == 8
+        assert [s["version"] for s in plane.model_statistics("m")] == ["1", "2"]
+        assert [s["name"] for s in plane.model_statistics(None)] == ["m", "m"]
+        with pytest.raises(NotFound):
+            plane.model_statistics("nope")
+        with pytest.raises(NotFound):
+            plane.model_statistics("m", "7")
+
+    _run(_plane(tmp_path, paths), body)
+
+
+_TIMED = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+def test_unload_stops_serving_until_something_serves_again(
+    tmp_path: Path, paths: dict[int, Path]
+) -> None:
+    async def body(plane: DataPlane) -> None:
+        runtime = plane.runtime
+        assert isinstance(runtime, ServingRuntime)
+        await plane.load_model("m")
+        assert runtime.served_version("m") == 1 and plane.ready(show_names=True) == (True, [])
+        await plane.infer("m", "2", _request())
+        states = {e["version"]: e["state"] for e in plane.repository_index()}
+        assert states == {"1": "READY", "2": "READY"}
+        await plane.unload_model("m", {"unload_dependents": False})
+        assert runtime.loaded_versions("m") == [] and runtime.served_version("m") is None
+        assert plane.repository_index() == [
+            {"name": "m", "version": v, "state": "UNAVAILABLE", "reason": "unloaded"}
+            for v in ("1", "2")
+        ]
+        assert plane.repository_index(ready_only=True) == []
+        assert plane.ready(show_names=True) == (True, [])  # not waited for
+        ready, error = await plane.model_readiness("m", None)  # does not load it back
+        assert not ready and error is not None and "unloaded" in error
+        assert plane.model_statistics("m") == [ModelStats.empty("m", 1)]
+        response = await plane.infer("m", None, _request())  # loads on first use
+        assert response.model_version == "1" and runtime.served_version("m") == 1
+        assert plane.repository_index()[0]["state"] == "READY"
+        with pytest.raises(InvalidInput, match="'config'"):
+            await plane.load_model("m", {"config": "{}"})
+        with pytest.raises(InvalidInput, match="'force'"):
+            await plane.unload_model("m", {"force": True})
+        with pytest.raises(NotFound):
+            await plane.unload_model("nope")
+        with pytest.raises(NotFound):
+            await plane.load_model("nope")
+
+    _run(_plane(tmp_path, paths), body)
+
+
+def test_model_config_describes_the_version(tmp_path: Path, paths: dict[int, Path]) -> None:
+    async def body(plane: DataPlane) -> None:
+        config = config_json(await plane.model_config("m", "2"))
+        assert config["max_batch_size"] == plane.settings.max_batch_size
+        assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [3, 8, 8]}]
+        assert "dynamic_batching" in config
+        off = DataPlane(
+            plane.settings.model_copy(update={"dynamic_batching": False}),
+            plane.registry,
+            plane.runtime,
+            plane.metrics,
+        )
+        assert "dynamic_batching" not in config_json(await off.model_config("m", None))
+
+    _run(_plane(tmp_path, paths), body)
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [{"sequence_id": 3}, {"sequence_end": True}, {"priority": 1}, {"timeout": 10}],
+)
+def test_unhonoured_request_parameters_are_refused(
+    tmp_path: Path, paths: dict[int, Path], parameters: dict[str, Any]
+) -> None:
+    async def body(plane: DataPlane) -> None:
+        request = _request()
+        request.parameters = dict(parameters)
+        with pytest.raises(InvalidInput, match=f"request parameter '{next(iter(parameters))}'"):
+            await plane.infer("m", None, request)
+        request.parameters = {"priority": 0, "sequence_id": "", "binary_data_output": True}
+        assert (await plane.infer("m", None, request)).model_version == "1"
+
+    _run(_plane(tmp_path, paths), body)
+
+
+class _ResolverOnly:
+    """A resolver that cannot list versions (as the model store's)."""
+
+    def __init__(self, registry: FakeRegistry) -> None:
+        self._registry = registry
+
+    def resolve(self, name: str, ref: str | None) -> tuple[int, Path]:
+        return self._registry.resolve(name, ref)
+
+    def model_names(self) -> list[str]:
+        return self._registry.model_names()
+
+
+def test_a_resolver_without_a_version_list(tmp_path: Path, paths: dict[int, Path]) -> None:
+    config = runtime_settings(tmp_path, drift_sample_fraction=0.0)
+    metrics = ServiceMetrics(CollectorRegistry())
+    resolver = _ResolverOnly(FakeRegistry(paths))
+    plane = DataPlane(config, resolver, ServingRuntime(config, metrics), metrics)
+
+    async def body(plane: DataPlane) -> None:
+        assert (await plane.model_metadata("m", None))["versions"] == ["1"]
+        assert (await plane.model_metadata("m", "2"))["versions"] == ["1", "2"]
+        assert [e["version"] for e in plane.repository_index()] == ["1"]
 
     _run(plane, body)
