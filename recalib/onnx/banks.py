@@ -117,6 +117,8 @@ class BankLayer:
         node: the ONNX node key (:func:`~recalib.onnx.names.read_bn_map`).
         layer: the torch layer's qualified name (the node key for foreign files).
         channels: ``C``.
+        rank: the rank of the node's input ``(N, C, *spatial)``; the tables are
+            ``[K, C, 1, ...]`` so that a Gather gives the broadcast shape directly.
         epsilon: the node's ``epsilon``.
         gamma, beta: the node's ``scale`` and ``B`` (float64).
         mean, var: the version's own statistics: bank 0 (float64).
@@ -125,11 +127,17 @@ class BankLayer:
     node: str
     layer: str
     channels: int
+    rank: int
     epsilon: float
     gamma: FloatArray
     beta: FloatArray
     mean: FloatArray
     var: FloatArray
+
+    @property
+    def table_shape(self) -> tuple[int, ...]:
+        """The shape of one bank's row in the scale and shift tables: ``(C, 1, ...)``."""
+        return (self.channels,) + (1,) * (self.rank - 2)
 
     @property
     def scale_input(self) -> str:
@@ -225,6 +233,7 @@ def _layer_json(lay: BankLayer) -> dict[str, Any]:
         "node": lay.node,
         "layer": lay.layer,
         "channels": lay.channels,
+        "rank": lay.rank,
         "epsilon": lay.epsilon,
         **{k: _encode(getattr(lay, k)) for k in ("gamma", "beta", "mean", "var")},
     }
@@ -233,7 +242,8 @@ def _layer_json(lay: BankLayer) -> dict[str, Any]:
 def _layer_from_json(entry: Mapping[str, Any]) -> BankLayer:
     c = int(entry["channels"])
     arrays = {k: _decode(entry[k], c) for k in ("gamma", "beta", "mean", "var")}
-    return BankLayer(str(entry["node"]), str(entry["layer"]), c, float(entry["epsilon"]), **arrays)
+    rank, eps = int(entry["rank"]), float(entry["epsilon"])
+    return BankLayer(str(entry["node"]), str(entry["layer"]), c, rank, eps, **arrays)
 
 
 def _metadata(model: onnx.ModelProto, key: str) -> str | None:
@@ -309,7 +319,11 @@ def _value_types(model: onnx.ModelProto) -> dict[str, tuple[int, int | None]]:
 
 
 def _bank_layer(
-    index: GraphIndex, info: BnNodeInfo, node: onnx.NodeProto, stats: tuple[Any, Any]
+    index: GraphIndex,
+    info: BnNodeInfo,
+    node: onnx.NodeProto,
+    stats: tuple[Any, Any],
+    types: Mapping[str, tuple[int, int | None]],
 ) -> BankLayer:
     gamma, beta = index.constant(node.input[1]), index.constant(node.input[2])
     if gamma is None or beta is None:
@@ -317,9 +331,14 @@ def _bank_layer(
             f"expected constant scale and B for BN node {info.node!r} (got "
             f"{node.input[1]!r} / {node.input[2]!r} fed or computed at run time)"
         )
+    rank, _ = _rank_and_type(types, node, info.node)
+    if rank < 2:
+        raise OnnxModelError(
+            f"expected an (N, C, ...) input for BN node {info.node!r} (got rank {rank})"
+        )
     mean, var = (np.asarray(s, dtype=np.float64) for s in stats)
     c = int(mean.shape[0])
-    return BankLayer(info.node, info.layer, c, info.epsilon, gamma, beta, mean, var)
+    return BankLayer(info.node, info.layer, c, rank, info.epsilon, gamma, beta, mean, var)
 
 
 def _reads(node: onnx.NodeProto) -> Iterator[str]:
@@ -361,23 +380,13 @@ def _rank_and_type(
     )
 
 
-def _emit_layer(
-    b: _Builder, node: onnx.NodeProto, lay: BankLayer, rank: int, elem: int, chosen: str
-) -> None:
+def _emit_layer(b: _Builder, node: onnx.NodeProto, lay: BankLayer, elem: int, chosen: str) -> None:
     """``y = x * A[chosen] + S[chosen]`` in place of ``node`` (same output name)."""
-    if rank < 2:
-        raise OnnxModelError(
-            f"expected an (N, C, ...) input for BN node {lay.node!r} (got rank {rank})"
-        )
     if sum(1 for o in node.output if o) > 1:
         raise OnnxModelError(f"expected an inference BN node with one output ({lay.node!r})")
     p = f"{_BANK}::{lay.node}::_"
     a = b.node("Gather", [lay.scale_input, chosen], p + "a", axis=0)
     s = b.node("Gather", [lay.shift_input, chosen], p + "s", axis=0)
-    if rank > 2:
-        shape = b.const(f"shape_rank{rank}", np.array([0, 0] + [1] * (rank - 2), dtype=np.int64))
-        a = b.node("Reshape", [a, shape], p + "a_bcast")
-        s = b.node("Reshape", [s, shape], p + "s_bcast")
     if elem != TensorProto.FLOAT:
         a = b.node("Cast", [a], p + "a_cast", to=elem)
         s = b.node("Cast", [s], p + "s_cast", to=elem)
@@ -502,7 +511,9 @@ def _declare(graph: onnx.GraphProto, spec: BankSpec, rows: str | None) -> None:
     for lay in spec.layers:
         for name in (lay.scale_input, lay.shift_input):
             graph.input.append(
-                helper.make_tensor_value_info(name, TensorProto.FLOAT, [_BANKS_DIM, lay.channels])
+                helper.make_tensor_value_info(
+                    name, TensorProto.FLOAT, [_BANKS_DIM, *lay.table_shape]
+                )
             )
     graph.output.append(helper.make_tensor_value_info(BANK_OUTPUT, TensorProto.INT64, [rows]))
     if not spec.routed:
@@ -556,19 +567,26 @@ def add_bank_inputs(model: onnx.ModelProto, *, route_layers: int = 1) -> onnx.Mo
     index = GraphIndex(out)
     stats = bn_node_stats(out)
     nodes = dict(bn_nodes(index))
+    types = _value_types(out)
     spec = BankSpec(
-        tuple(_bank_layer(index, info, nodes[key], stats[key]) for key, info in infos.items()),
+        tuple(
+            _bank_layer(index, info, nodes[key], stats[key], types) for key, info in infos.items()
+        ),
         tuple(_route_nodes(out.graph, {id(n): k for k, n in nodes.items()}, route_layers)),
     )
-    _rewrite(out, spec, nodes)
+    _rewrite(out, spec, nodes, types)
     onnx.checker.check_model(out, full_check=True)
     return out
 
 
-def _rewrite(model: onnx.ModelProto, spec: BankSpec, nodes: Mapping[str, onnx.NodeProto]) -> None:
+def _rewrite(
+    model: onnx.ModelProto,
+    spec: BankSpec,
+    nodes: Mapping[str, onnx.NodeProto],
+    types: Mapping[str, tuple[int, int | None]],
+) -> None:
     graph = model.graph
     taken = GraphIndex(graph).names
-    types = _value_types(model)
     b = _Builder(opset_of(model))
     layers = {lay.node: lay for lay in spec.layers}
     chosen = BANK_INDEX
@@ -594,8 +612,8 @@ def _rewrite(model: onnx.ModelProto, spec: BankSpec, nodes: Mapping[str, onnx.No
         if routing:
             new_nodes += routing
             routing = []
-        rank, elem = _rank_and_type(types, node, key)
-        _emit_layer(b, node, layers[key], rank, elem, chosen)
+        _, elem = _rank_and_type(types, node, key)
+        _emit_layer(b, node, layers[key], elem, chosen)
         new_nodes += b.nodes
         b.nodes.clear()
         freed += node.input[1:5]
@@ -674,7 +692,8 @@ def _table_rows(
     rows: dict[str, npt.NDArray[np.float32]] = {}
     for lay in spec.layers:
         a, s = lay.affine(*stats[lay.node])
-        rows[lay.scale_input], rows[lay.shift_input] = a.astype(np.float32), s.astype(np.float32)
+        rows[lay.scale_input] = a.astype(np.float32).reshape(lay.table_shape)
+        rows[lay.shift_input] = s.astype(np.float32).reshape(lay.table_shape)
     for lay in spec.route_layers():
         weight, bias = lay.route_inputs()
         w, c = lay.route_rows(*stats[lay.node])
