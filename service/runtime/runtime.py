@@ -689,7 +689,7 @@ class ServingRuntime:
             entry.leave()
         done = time.perf_counter()
         stats.add_success(
-            rows if entry.rows_counted else 1, done - started, fed - started, done - answered
+            rows if entry.rows_counted else 1, started, done, fed - started, done - answered
         )
         return response
 

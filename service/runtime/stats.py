@@ -54,108 +54,117 @@ class RunTiming:
     output: float = 0.0
 
 
-def _duration(count: int, ns: int) -> dict[str, int]:
-    return {"count": count, "ns": ns}
+def _duration(count: int, seconds: float) -> dict[str, int]:
+    return {"count": count, "ns": round(seconds * _NS)}
 
 
 class ModelStats:
-    """The counters of one model version (see the module). Every ``*_ns`` is nanoseconds
-    summed over requests (or runs, for ``batches``)."""
+    """The counters of one model version (see the module). Times are float seconds summed
+    over requests (or runs, for ``batches``), turned into nanoseconds when read: float
+    additions are the cheapest thing the hot path can do, and a double keeps nanosecond
+    resolution up to about 100 days of summed time."""
 
     __slots__ = (
         "batches",
         "execution_count",
         "fail_count",
-        "fail_ns",
+        "fail_s",
         "inference_count",
-        "infer_ns",
-        "input_ns",
+        "infer_s",
+        "input_s",
         "last_inference",
-        "output_ns",
-        "queue_ns",
+        "output_s",
+        "queue_s",
         "success_count",
-        "success_ns",
+        "success_s",
     )
 
     def __init__(self) -> None:
         self.inference_count = 0
         self.execution_count = 0
-        self.last_inference = 0  # ms since the epoch, 0: never
+        self.last_inference = 0.0  # time.perf_counter() of the last success, 0: never
         self.success_count = 0
-        self.success_ns = 0
+        self.success_s = 0.0
         self.fail_count = 0
-        self.fail_ns = 0
-        self.queue_ns = 0
-        self.input_ns = 0
-        self.infer_ns = 0
-        self.output_ns = 0
-        # batch size -> [runs, input ns, infer ns, output ns]
-        self.batches: dict[int, list[int]] = {}
+        self.fail_s = 0.0
+        self.queue_s = 0.0
+        self.input_s = 0.0
+        self.infer_s = 0.0
+        self.output_s = 0.0
+        # batch size -> [runs, input s, infer s, output s]
+        self.batches: dict[int, list[float]] = {}
 
     # -- recording (event loop only) -------------------------------------------------
 
-    def add_success(self, rows: int, total: float, input_s: float, output_s: float) -> None:
-        """A request answered: ``rows`` inferences, ``total`` seconds in the runtime, of
-        which ``input_s`` building its feed and ``output_s`` wrapping its outputs."""
+    def add_success(
+        self, rows: int, started: float, done: float, input_s: float, output_s: float
+    ) -> None:
+        """A request answered: ``rows`` inferences, in the runtime from ``started`` to
+        ``done`` (``time.perf_counter``), of which ``input_s`` building its feed and
+        ``output_s`` wrapping its outputs."""
         self.inference_count += rows
         self.success_count += 1
-        self.success_ns += int(total * _NS)
-        self.input_ns += int(input_s * _NS)
-        self.output_ns += int(output_s * _NS)
-        self.last_inference = time.time_ns() // 1_000_000
+        self.success_s += done - started
+        self.input_s += input_s
+        self.output_s += output_s
+        self.last_inference = done
 
-    def add_failure(self, total: float) -> None:
-        """A request that failed after ``total`` seconds in the runtime."""
+    def add_failure(self, seconds: float) -> None:
+        """A request that failed after ``seconds`` in the runtime."""
         self.fail_count += 1
-        self.fail_ns += int(total * _NS)
+        self.fail_s += seconds
 
     def add_run(self, run: RunTiming) -> None:
         """One successful session run (``execution_count``, ``batch_stats``)."""
         self.execution_count += 1
         entry = self.batches.get(run.rows)
         if entry is None:
-            entry = self.batches[run.rows] = [0, 0, 0, 0]
+            entry = self.batches[run.rows] = [0, 0.0, 0.0, 0.0]
         entry[0] += 1
-        entry[1] += int(run.input * _NS)
-        entry[2] += int(run.infer * _NS)
-        entry[3] += int(run.output * _NS)
+        entry[1] += run.input
+        entry[2] += run.infer
+        entry[3] += run.output
 
     def add_request_run(self, enqueued: float, run: RunTiming) -> None:
         """A request answered by ``run``: its queue wait and the run's compute times."""
-        self.queue_ns += int((run.started - enqueued) * _NS)
-        self.input_ns += int(run.input * _NS)
-        self.infer_ns += int(run.infer * _NS)
-        self.output_ns += int(run.output * _NS)
+        self.queue_s += run.started - enqueued
+        self.input_s += run.input
+        self.infer_s += run.infer
+        self.output_s += run.output
 
     # -- reading -----------------------------------------------------------------------
 
     def to_dict(self, name: str, version: int) -> dict[str, Any]:
-        """Triton's ``ModelStatistics`` JSON object of this version."""
+        """Triton's ``ModelStatistics`` JSON object of this version (``last_inference`` in
+        ms since the epoch)."""
         ok = self.success_count
+        last = 0
+        if self.last_inference:
+            last = round((time.time() - (time.perf_counter() - self.last_inference)) * 1000)
         return {
             "name": name,
             "version": str(version),
-            "last_inference": self.last_inference,
+            "last_inference": last,
             "inference_count": self.inference_count,
             "execution_count": self.execution_count,
             "inference_stats": {
-                "success": _duration(ok, self.success_ns),
-                "fail": _duration(self.fail_count, self.fail_ns),
-                "queue": _duration(ok, self.queue_ns),
-                "compute_input": _duration(ok, self.input_ns),
-                "compute_infer": _duration(ok, self.infer_ns),
-                "compute_output": _duration(ok, self.output_ns),
-                "cache_hit": _duration(0, 0),
-                "cache_miss": _duration(0, 0),
+                "success": _duration(ok, self.success_s),
+                "fail": _duration(self.fail_count, self.fail_s),
+                "queue": _duration(ok, self.queue_s),
+                "compute_input": _duration(ok, self.input_s),
+                "compute_infer": _duration(ok, self.infer_s),
+                "compute_output": _duration(ok, self.output_s),
+                "cache_hit": _duration(0, 0.0),
+                "cache_miss": _duration(0, 0.0),
             },
             "batch_stats": [
                 {
                     "batch_size": size,
-                    "compute_input": _duration(runs, input_ns),
-                    "compute_infer": _duration(runs, infer_ns),
-                    "compute_output": _duration(runs, output_ns),
+                    "compute_input": _duration(int(runs), input_s),
+                    "compute_infer": _duration(int(runs), infer_s),
+                    "compute_output": _duration(int(runs), output_s),
                 }
-                for size, (runs, input_ns, infer_ns, output_ns) in sorted(self.batches.items())
+                for size, (runs, input_s, infer_s, output_s) in sorted(self.batches.items())
             ],
             "memory_usage": [],
         }
