@@ -455,9 +455,14 @@ def _push_model(server: Server, model: Path, timeout: float) -> None:
         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
         method="POST",
     )
-    with urllib.request.urlopen(request, timeout=timeout) as r:
-        if r.status != 201:
-            raise RuntimeError(f"{server.name}: POST /v1/models answered {r.status}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            status = r.status
+    except urllib.error.HTTPError as exc:
+        detail = f"{exc.code} {exc.read()[:300]!r}"
+        raise RuntimeError(f"{server.name}: POST /v1/models: {detail}") from None
+    if status != 201:
+        raise RuntimeError(f"{server.name}: POST /v1/models answered {status}")
 
 
 def _peer_server(
@@ -1033,7 +1038,9 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="data_plane_") as tmp:
         for kind in kinds:
-            result = bench_model(kind, args, Path(tmp))
+            workdir = Path(tmp) / Path(kind).stem  # a fresh RECALIB_HOME per model
+            workdir.mkdir()
+            result = bench_model(kind, args, workdir)
             results.append(result)
             print_result(result, args)
     if args.json:
