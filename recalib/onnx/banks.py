@@ -4,10 +4,10 @@
 
     y = scale * (x - mean) / sqrt(var + eps) + B
 
-as a per-row affine map whose coefficients are gathered from ``[K, C]`` tables::
+as a per-row affine map whose coefficients are gathered from per-layer tables::
 
-    A[k] = scale / sqrt(var_k + eps),   S[k] = B - mean_k * A[k]
-    y[n] = x[n] * A[bank[n]] + S[bank[n]]        (A[bank] reshaped to (N, C, 1, ...))
+    A[k] = scale / sqrt(var_k + eps),   S[k] = B - mean_k * A[k]     (K rows of C)
+    y[n] = x[n] * A[bank[n]] + S[bank[n]]
 
 ``K`` is the number of banks; row 0 holds the version's own statistics. The tables are
 **graph inputs**, not initializers: ONNX Runtime's CPU provider binds a contiguous numpy
@@ -16,33 +16,41 @@ longer and needs no new session (on CUDA, keep the tables as device ``OrtValue``
 with IOBinding, updated when a bank is added). Weights are held once, whatever ``K``.
 Everything else in the graph is left as it was; the original outputs come first and
 unchanged. The cost: ORT folds a BN into the preceding Conv only when the statistics are
-constants, so each rewritten layer runs as its own Mul and Add after the Conv (and a
-following ReLU no longer fuses into it) - ``docs/benchmarks.md`` ("Stat banks") has the
+constants, so each rewritten layer runs as a Gather pair, a Mul and an Add after the Conv,
+a following ReLU no longer fuses into the Conv, and on x86 ORT's blocked (NCHWc) layout is
+left and re-entered around each layer - ``docs/benchmarks.md`` ("Stat banks") has the
 numbers.
 
 Routing (``route_layers >= 1``). A row whose ``recalib_bank_index`` is ``-1`` gets the bank
 nearest to its own BN-input moments, computed in the same run. For each routing layer
-``l`` (the first BN layers in graph order whose input does not depend on a rewritten
-layer: in a CNN, the stem's Conv output) the row's per-channel moments over the spatial
-axes, ``mu``, ``v`` (population variance), are compared with every bank's population
-statistics of that layer by the Gaussian symmetric KL per channel (the drift score of
-:mod:`recalib.drift`), with ``eps`` added to both variances::
+(the first BN layers in graph order whose input does not depend on a rewritten layer: in
+a CNN, the stem's Conv output) the row's per-channel moments over the spatial axes,
+``mu`` and ``v`` (population variance, ``+ eps``), are compared with each bank's
+population statistics ``M_k``, ``V_k = var_k + eps`` of that layer by the Gaussian KL of
+the row from the bank, averaged over channels (and over routing layers)::
 
-    d_k = mean over l, c of  1/2 [ v/V_k + V_k/v - 2 + (mu - M_k)^2 (1/v + 1/V_k) ]
+    d_k = mean_c 1/2 [ v / V_k - 1 - log(v / V_k) + (mu - M_k)^2 / V_k ]
 
-``chosen = argmin_k (d_k + penalty_k)``; a row whose best ``d_k + penalty_k`` exceeds
-``recalib_route_threshold`` falls back to bank 0. ``penalty`` (``[K]``, an input too) is 0
-by default; ``+inf`` at row 0 keeps the version's own statistics out of the argmin
-(:class:`BankTables` ``route_source=False``).
+KL(row || bank), not the symmetric KL of :mod:`recalib.drift`: a bank's variance includes
+the spread *between* images, so one image's spatial variance sits below it in every
+domain; this direction penalises that less, and it routed better (``docs/design.md``).
+It is also cheap: expanded, ``d_k`` is a row feature ``[v + mu'^2, mu']`` (``mu' = mu - c``,
+``c`` the version's mean, to keep float32 sums short) times a bank table
+``[1 / V_k, -2 M'_k / V_k]`` plus a bank constant ``sum_c (M'_k^2 / V_k + log V_k)``: one
+``Gemm`` over ``[N, 2C] x [2C, K]`` per routing layer. ``chosen = argmin_k (d_k +
+penalty_k)``; a row whose best ``d_k + penalty_k`` exceeds ``recalib_route_threshold``
+falls back to bank 0. ``penalty`` (``[K]``, an input too) is ``+inf`` at row 0 by default
+(:class:`BankTables` ``route_source``): bank 0 is the fallback, not a candidate.
 
-Extra inputs: ``recalib_bank_index`` int64 ``[N]``, the ``[K, C]`` tables
-``recalib_bank::<node>::scale`` / ``::shift`` per rewritten layer and, with routing,
-``recalib_route::<node>::mean`` / ``::var`` (``var + eps``) / ``::inv_var`` per routing
-layer, ``recalib_route_penalty`` ``[K]`` and ``recalib_route_threshold`` (float scalar).
-Extra outputs: ``recalib_bank`` int64 ``[N]``, the bank that answered each row, and with
-routing ``recalib_bank_distance`` float ``[N]``, ``d`` of that bank - for an explicitly
-chosen bank too (how far the row is from the bank it asked for), and without the penalty.
-:class:`BankTables` holds the tables host-side and builds the feed.
+Extra inputs: ``recalib_bank_index`` int64 ``[N]``, the tables
+``recalib_bank::<node>::scale`` / ``::shift`` (``[K, C, 1, ...]``: a Gather gives the
+broadcast shape) per rewritten layer and, with routing, ``recalib_route::<node>::weight``
+(``[K, 2C]``) / ``::bias`` (``[K]``) per routing layer, ``recalib_route_penalty`` ``[K]`` and
+``recalib_route_threshold`` (float scalar). Extra outputs: ``recalib_bank`` int64 ``[N]``,
+the bank that answered each row, and with routing ``recalib_bank_distance`` float ``[N]``,
+``d`` of that bank - for an explicitly chosen bank too (how far the row is from the bank
+it asked for), without the penalty. :class:`BankTables` holds the tables host-side and
+builds the feed.
 
 What the rewrite records in ``metadata_props[BANK_METADATA_KEY]`` (JSON): each rewritten
 node's torch layer, channels, epsilon, ``scale``/``B`` and the version's own statistics
