@@ -371,6 +371,8 @@ class DataPlane:
         runtime = self.runtime
         if name is None:
             registered = set(self.registry.model_names())
+            if not registered:
+                return []
             return [s.to_dict(n, v) for n, v, s in runtime.statistics() if n in registered]
         check_name(name, "model name")
         version, _ = self.registry.resolve(name, ref)  # NotFound for an unknown model

@@ -323,7 +323,7 @@ async def _small_body(request: Request, model: type[_Body]) -> _Body:
     if not raw.strip():
         return model()
     try:
-        return model.model_validate(orjson.loads(raw))
+        return model.model_validate(orjson.loads(raw), strict=True)
     except orjson.JSONDecodeError:
         raise InvalidInput("request body: expected a JSON object (got invalid JSON)") from None
     except ValidationError as exc:
@@ -344,7 +344,7 @@ def _optional_body(model: type[BaseModel]) -> dict[str, Any]:
 @router.post(
     "/repository/index",
     response_model=list[RepositoryIndexEntry],
-    responses={401: ERRORS[401]},
+    responses={400: ERRORS[400], 401: ERRORS[401]},
     description="Every registered version and its state: READY (loaded), LOADING, or "
     "UNAVAILABLE with the reason. `ready: true` lists only the READY ones.",
     openapi_extra=_optional_body(RepositoryIndexRequest),
