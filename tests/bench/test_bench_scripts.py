@@ -123,3 +123,15 @@ def test_data_plane_measures_in_process_and_recalib_and_names_missing_peers(
     assert len(targets) == 8
     assert targets[0].startswith("[PASS] inference role imports no torch")
     assert "[not measured] REST JSON >= 3x KServe" in targets[-2]
+
+
+def test_stat_banks_prints_every_case_and_the_memory_line() -> None:
+    out = _run(
+        "stat_banks.py",
+        *("--size", "16", "--banks", "1,4", "--seconds", "0.05", "--rounds", "1"),
+        *("--concurrency", "1,2"),
+    )
+    cases = ("original", "banks K=1 ", "banks K=4 ", "K=4, auto", "K=4, no routing", "same bank")
+    for case in cases:
+        assert any(li.startswith(case) or case in li for li in out.splitlines()), case
+    assert "RSS growth with 4 banks" in out
