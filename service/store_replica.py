@@ -76,6 +76,17 @@ class StoreResolver:
         """The models the store held at the latest poll."""
         return sorted(self._models)
 
+    def version_numbers(self, name: str) -> list[int]:
+        """The published versions of ``name`` (model metadata lists them all).
+
+        Raises:
+            NotFound: the store does not hold ``name``.
+        """
+        model = self._models.get(name)
+        if model is None:
+            raise NotFound(f"model {name!r} not found in the model store")
+        return sorted(model.versions)
+
     def resolve(self, name: str, ref: str | None) -> tuple[int, Path]:
         """``(version, onnx path)`` of ``ref``: a published version number, ``production``,
         or ``None`` for production.

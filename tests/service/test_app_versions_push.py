@@ -123,7 +123,9 @@ def test_push_with_alias_production_serves_it(
     out = api.client.post("/v2/models/m/infer", json=body)
     assert out.status_code == 200, out.text
     assert out.json()["model_version"] == "5"
-    assert api.client.get("/v2/models/m").json()["versions"] == ["5"]
+    metadata = api.client.get("/v2/models/m").json()
+    assert metadata["versions"] == ["1", "5"]  # every registered version
+    assert metadata["parameters"]["version"] == "5"  # the one served
 
 
 def test_default_numbering_and_no_alias(api: Any, bn_onnx: bytes) -> None:

@@ -268,6 +268,7 @@ def test_resolver_answers_from_its_view(tmp_path: Path) -> None:
     assert resolver.resolve("m", None) == (2, store.root / "m" / "2" / "model.onnx")
     assert resolver.resolve("m", "production")[0] == 2
     assert resolver.resolve("m", "1")[0] == 1
+    assert resolver.version_numbers("m") == [1, 2]  # model metadata lists them all
     for ref in ("3", "9" * 40, "staging"):
         with pytest.raises(NotFound):
             resolver.resolve("m", ref)
