@@ -8,8 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import Api, FakeRuntime
 from pydantic import ValidationError
+from service_helpers import Api, FakeRuntime
 
 from service.settings import Settings
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Api
 from runtime_helpers import source_images
+from service_helpers import Api
 
 from service.api.v2_codec import HEADER_LENGTH, encode_request
 from service.settings import Settings

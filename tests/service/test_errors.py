@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from conftest import Api
+from service_helpers import Api
 
 from service.settings import Settings
 

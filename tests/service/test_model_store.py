@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Api, FakeRuntime
 from google.protobuf import text_format
 from prometheus_client import CollectorRegistry
+from service_helpers import Api, FakeRuntime
 from tritonclient.grpc import model_config_pb2
 
 from service.errors import InvalidInput, NotFound

@@ -1,0 +1,117 @@
+"""What the control-plane tests share besides fixtures: the token, a fake serving runtime
+and a started app's client (:class:`Api`). A module of its own, imported by bare name as
+``runtime_helpers`` is, so tests never import ``conftest`` (two test folders have one).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, cast
+
+from fastapi.testclient import TestClient
+
+from service.errors import InvalidInput, NotFound
+
+__all__ = ["AUTH", "TOKEN", "Api", "FakeRuntime"]
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+class FakeRuntime:
+    """Records what the control plane asks; ``fail`` holds ``(name, version)`` that
+    refuse to load."""
+
+    def __init__(self) -> None:
+        self.served: dict[str, int] = {}
+        self.calls: list[tuple[Any, ...]] = []
+        self.fail: set[tuple[str, int]] = set()
+        self.started = self.closed = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def close(self) -> None:
+        self.closed = True
+
+    async def serve(
+        self,
+        name: str,
+        version: int,
+        onnx_path: Path,
+        *,
+        if_unserved: bool = False,
+        generation: int | None = None,  # noqa: ARG002 - the data plane's race guard
+    ) -> None:
+        if if_unserved and name in self.served:
+            return
+        self.calls.append(("serve", name, version))
+        if (name, version) in self.fail or not onnx_path.is_file():
+            raise InvalidInput(f"could not load {name} version {version}")
+        self.served[name] = version
+
+    def served_version(self, name: str) -> int | None:
+        return self.served.get(name)
+
+    def generation(self, name: str) -> int:  # noqa: ARG002 - no deletes race here
+        """The data plane reads it before resolving (see ``service.dataplane``)."""
+        return 0
+
+    async def unload_model(self, name: str) -> None:
+        self.calls.append(("unload", name))
+        self.served.pop(name, None)
+
+    def drift(self, name: str) -> dict[str, Any]:
+        if name not in self.served:
+            raise NotFound(f"model {name!r} is not served")
+        return {"model": name, "version": self.served[name], "score": 0.5, "exceeded": False}
+
+    def reset_drift(self, name: str) -> None:
+        self.calls.append(("reset_drift", name))
+
+
+class Api:
+    """A started app's client with the calls tests repeat."""
+
+    def __init__(self, client: TestClient, runtime: Any) -> None:
+        self.client = client
+        self.runtime = runtime
+        self.app: Any = cast(Any, client.app)
+        self.home: Path = self.app.state.settings.home
+        self.closed = False
+
+    def close(self) -> None:
+        """Stop the app (its lifespan's shutdown runs)."""
+        if not self.closed:
+            self.closed = True
+            self.client.__exit__(None, None, None)
+
+    def register(self, name: str, data: bytes, filename: str = "model.onnx", **form: str) -> Any:
+        """POST /v1/models."""
+        return self.client.post(
+            "/v1/models", data={"name": name, **form}, files={"file": (filename, data)}
+        )
+
+    def upload(self, data: bytes, filename: str = "data.npz") -> Any:
+        """POST /v1/datasets."""
+        return self.client.post("/v1/datasets", files={"file": (filename, data)})
+
+    def wait(self, job_id: str, *, limit: float = 120.0) -> dict[str, Any]:
+        """Poll a job until it is final (``limit`` only guards against a hang)."""
+        end = time.monotonic() + limit
+        while True:
+            job: dict[str, Any] = self.client.get(f"/v1/recalibrations/{job_id}").json()
+            if job["state"] not in ("queued", "running"):
+                return job
+            if time.monotonic() > end:
+                raise TimeoutError(f"job {job_id} still {job['state']} after {limit} s")
+            time.sleep(0.05)
+
+    def files(self) -> list[str]:
+        """Every file under the home but the database (for "nothing changed" checks)."""
+        return sorted(
+            str(p.relative_to(self.home))
+            for p in self.home.rglob("*")
+            if p.is_file() and not p.name.startswith("recalib.db")
+        )
