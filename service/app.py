@@ -40,6 +40,7 @@ from .api import metrics_route, v2
 from .api import models as models_api
 from .api import recalibrations as recalibrations_api
 from .auth import bearer_token, check_bearer
+from .catalog import Catalog
 from .dataplane import DataPlane, InferenceRuntime, server_version
 from .datasets import DatasetStore
 from .db import Database
@@ -50,6 +51,7 @@ from .metrics import ServiceMetrics
 from .model_store import ModelStore, StoreMetrics, TritonOptions
 from .registry import Registry, Runtime
 from .settings import Settings
+from .store_publisher import StorePublisher
 from .store_replica import Periodic, StoreResolver, StoreRuntime, StoreWatcher
 
 __all__ = ["AuthGate", "BodyLimit", "create_app"]
@@ -221,23 +223,24 @@ def create_app(
 
     Returns:
         The FastAPI app; its state holds ``settings``, ``db``, ``registry``,
-        ``datasets``, ``jobs``, ``runtime``, ``metrics``, ``metrics_registry`` and
-        ``dataplane`` (the :class:`~service.dataplane.DataPlane` the ``/v2`` routes and
-        the gRPC service use) and ``grpc_port`` (the bound gRPC port while the app runs,
-        with ``settings.grpc``).
+        ``datasets``, ``jobs``, ``runtime``, ``metrics``, ``metrics_registry``,
+        ``model_store`` and ``store_publisher`` (``None`` without a store; the latter
+        also on a store-fed replica), ``dataplane`` (the
+        :class:`~service.dataplane.DataPlane` the ``/v2`` routes and the gRPC service use)
+        and ``grpc_port`` (the bound gRPC port while the app runs, with ``settings.grpc``).
     """
     metrics_registry = metrics_registry if metrics_registry is not None else CollectorRegistry()
     metrics = ServiceMetrics(metrics_registry)
     runtime = runtime if runtime is not None else _runtime(settings, metrics)
     db = Database(settings.home / "recalib.db")  # opened on first use: never store-fed
     store, store_metrics = _model_store(settings, metrics_registry)
-    registry = Registry(
-        db,
-        settings.home,
-        runtime,
-        store=None if settings.store_fed else store,
-        store_metrics=store_metrics,
+    # the control replica publishes production versions to the store; a store-fed one reads
+    publisher = (
+        StorePublisher(Catalog(db, settings.home), store, store_metrics)
+        if store is not None and not settings.store_fed
+        else None
     )
+    registry = Registry(db, settings.home, runtime, publisher=publisher)
     datasets = DatasetStore(db, settings.home)
     jobs = JobManager(
         settings, db=db, registry=registry, datasets=datasets, metrics=metrics, target=worker
@@ -253,9 +256,9 @@ def create_app(
             settings.store_poll_seconds,
             metrics=store_metrics,
         )
-    elif store is not None:  # the control replica: repair failed publications
+    elif publisher is not None:  # the control replica: repair failed publications
         store_loop = Periodic(
-            settings.store_poll_seconds, registry.reconcile_store, "model store publication"
+            settings.store_poll_seconds, publisher.reconcile, "model store publication"
         )
     dataplane = DataPlane(settings, resolver or registry, cast(InferenceRuntime, runtime), metrics)
     grpc_server = GrpcServer(settings, dataplane) if settings.grpc else None
@@ -268,7 +271,9 @@ def create_app(
             await jobs.start()
         await runtime.start()
         if resolver is None:
-            await registry.serve_all()  # and publishes to the store, if any
+            await registry.serve_all()
+            if publisher is not None:
+                await publisher.start()  # sweeps the store, publishes what the db says
         if store_loop is not None:
             await store_loop.start()  # store-fed: serves what the store holds first
         if grpc_server is not None:
@@ -307,6 +312,7 @@ def create_app(
     app.state.dataplane = dataplane
     app.state.resolver = resolver or registry
     app.state.model_store = store
+    app.state.store_publisher = publisher
     app.state.grpc_port = None
     app.include_router(v2.router)
     app.include_router(metrics_route.router)

@@ -94,6 +94,24 @@ def _alias_info(name: str, row: sqlite3.Row) -> AliasInfo:
     )
 
 
+def _version_info(name: str, row: sqlite3.Row, aliases: list[str]) -> VersionInfo:
+    """A version's row (and the aliases pointing at it) as its response model."""
+    return VersionInfo(
+        model=name,
+        version=row["version"],
+        created_at=row["created_at"],
+        parent_version=row["parent_version"],
+        dataset=row["dataset_id"],
+        job=row["job_id"],
+        recalibration=loads(row["recalibration"]),
+        report=loads(row["report"]),
+        validation=loads(row["validation"]),
+        signature=Signature.model_validate(loads(row["signature"])),
+        artifacts={k: ArtifactInfo.model_validate(v) for k, v in loads(row["artifacts"]).items()},
+        aliases=aliases,
+    )
+
+
 class Catalog:
     """Models, versions and aliases: rows in ``db``, files under ``home/artifacts``.
 
@@ -157,22 +175,7 @@ class Catalog:
             "SELECT alias FROM aliases WHERE model_id = ? AND version = ? ORDER BY alias",
             (row["model_id"], row["version"]),
         )
-        return VersionInfo(
-            model=name,
-            version=row["version"],
-            created_at=row["created_at"],
-            parent_version=row["parent_version"],
-            dataset=row["dataset_id"],
-            job=row["job_id"],
-            recalibration=loads(row["recalibration"]),
-            report=loads(row["report"]),
-            validation=loads(row["validation"]),
-            signature=Signature.model_validate(loads(row["signature"])),
-            artifacts={
-                k: ArtifactInfo.model_validate(v) for k, v in loads(row["artifacts"]).items()
-            },
-            aliases=[a["alias"] for a in aliases],
-        )
+        return _version_info(name, row, [a["alias"] for a in aliases])
 
     def versions(self, name: str) -> list[VersionInfo]:
         """Every version of a model, oldest first."""

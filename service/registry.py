@@ -19,15 +19,11 @@ a registration, with the signature of the model's versions, optionally under a g
 number (so inference replicas can mirror the control replica's numbering). Version
 numbers of a model only increase and are never reused.
 
-With a shared model store (:mod:`service.model_store`), the registry also *publishes*:
-whenever ``production`` moves (registration, :meth:`Registry.set_alias`, a push or a job
-that promotes) the store is brought to the model's new state after the database commit,
-and a deleted model leaves the store. The store always follows the database, never the
-other way round (:meth:`Registry.sync_store`), so a failed publication (logged, counted in
-``recalib_model_store_publish_failures_total``) leaves the store at the model's previous
-production version - still published - and is repaired by the next reconciliation
-(:meth:`Registry.reconcile_store`: at start-up and every ``store_poll_seconds``); the
-REST call that moved the alias has committed and succeeds.
+With a shared model store (:mod:`service.model_store`), the registry is also given a
+:class:`~service.store_publisher.StorePublisher`: whenever ``production`` moves
+(registration, :meth:`Registry.set_alias`, a push or a job that promotes) or a model is
+deleted, it has the publisher bring the store to the model's new state after the database
+commit. A failed publication never fails the call that committed (see the publisher).
 """
 
 from __future__ import annotations
@@ -50,9 +46,9 @@ from .artifacts import (
 from .catalog import Catalog, new_version_number
 from .db import Database, loads, utcnow
 from .errors import Conflict, InvalidInput, NotFound, ServiceError
-from .model_store import ModelStore, StoredModel, StoreMetrics, tensor_specs
 from .names import check_alias, check_name
 from .registry_models import MAX_VERSION, PRODUCTION, AliasInfo, ModelInfo, Signature, VersionInfo
+from .store_publisher import StorePublisher
 from .uploads import Upload, staging, upload_suffix
 
 __all__ = ["Registry", "Runtime"]
@@ -97,8 +93,8 @@ class Registry(Catalog):
         db: the metadata store.
         home: the service's state directory.
         runtime: what serves ``production`` versions.
-        store: the shared model store to publish production versions to (``None``: none).
-        store_metrics: where failed publications are counted.
+        publisher: what brings the shared model store to the database's state after
+            ``production`` moves or a model is deleted (``None``: no store).
     """
 
     def __init__(
@@ -107,15 +103,12 @@ class Registry(Catalog):
         home: Path,
         runtime: Runtime,
         *,
-        store: ModelStore | None = None,
-        store_metrics: StoreMetrics | None = None,
+        publisher: StorePublisher | None = None,
     ) -> None:
         super().__init__(db, home)
         self._runtime = runtime
         self._locks: dict[str, asyncio.Lock] = {}
-        self.store = store
-        self._store_metrics = store_metrics
-        self._store_locks: dict[str, asyncio.Lock] = {}
+        self.publisher = publisher
 
     def _lock(self, model_id: str) -> asyncio.Lock:
         return self._locks.setdefault(model_id, asyncio.Lock())
@@ -314,8 +307,8 @@ class Registry(Catalog):
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"model {name!r} changed while setting {alias!r}") from exc
         log.info("model %s: alias %s -> version %d", name, alias, version)
-        if alias == PRODUCTION:
-            await self.sync_store(name)
+        if alias == PRODUCTION and self.publisher is not None:
+            await self.publisher.sync(name)
         return self.alias(name, alias)
 
     def delete_alias(self, name: str, alias: str) -> None:
@@ -355,12 +348,12 @@ class Registry(Catalog):
             self._remove_model(model["id"])
         self._locks.pop(model["id"], None)
         log.info("model %s deleted", name)
-        await self.sync_store(name)
+        if self.publisher is not None:
+            await self.publisher.sync(name)  # removes its entry (or what replaced it)
 
     async def serve_all(self) -> None:
-        """Have the runtime serve every model's production version (at startup); with a
-        model store, then sweep it and publish what the database says
-        (:meth:`reconcile_store`), so a store that was wiped or created since converges.
+        """Have the runtime serve every model's production version (at startup; the app
+        then has the store publisher, if any, reconcile the store).
 
         A model that fails to load is logged and skipped: one bad file must not keep the
         others from serving.
@@ -372,102 +365,6 @@ class Registry(Catalog):
             # Startup must survive any failure of one model (ORT raises its own types).
             except Exception:
                 log.exception("model %s: could not load its production version", model.name)
-        if self.store is not None:
-            await asyncio.to_thread(self.store.sweep)
-            await self.reconcile_store()
-
-    # -- the shared model store ----------------------------------------------------------
-
-    def _store_lock(self, name: str) -> asyncio.Lock:
-        return self._store_locks.setdefault(name, asyncio.Lock())
-
-    def _wanted(self, name: str) -> tuple[str, int] | None:
-        """``(model id, production version)`` the store should hold for ``name``, ``None``
-        for nothing (no such model, or no ``production`` alias yet: a registration whose
-        version 1 is still loading)."""
-        row = self.db.query_one(
-            "SELECT m.id AS id, a.version AS version FROM models m JOIN aliases a "
-            "ON a.model_id = m.id AND a.alias = ? WHERE m.name = ?",
-            (PRODUCTION, name),
-        )
-        return None if row is None else (str(row["id"]), int(row["version"]))
-
-    async def sync_store(self, name: str) -> bool:
-        """Bring the store's entry of ``name`` to the database's state: publish its
-        production version, or remove it. Never raises: a failure is logged and counted,
-        and the next :meth:`reconcile_store` tries again.
-
-        Returns:
-            Whether the store now holds the database's state (``True`` without a store).
-        """
-        store = self.store
-        if store is None:
-            return True
-        async with self._store_lock(name):
-            # read under the lock: the last sync of a name applies the latest state
-            wanted = self._wanted(name)
-            try:
-                current = await asyncio.to_thread(store.read, name)
-            except Exception:
-                current = None  # unreadable: publish over it (or fail doing so)
-            try:
-                if wanted is None:
-                    if await asyncio.to_thread(store.remove, name):
-                        log.info("model store: %s removed", name)
-                elif current is None or (current.uid, current.production) != wanted:
-                    await asyncio.to_thread(self._publish, name, *wanted)
-                    log.info("model store: %s version %d published", name, wanted[1])
-            # Any failure of the store (OSError, a full disk, a vanished mount...): the
-            # database has committed; the store keeps its previous, consistent state.
-            except Exception:
-                log.exception("model store: could not bring %s up to date; will retry", name)
-                if self._store_metrics is not None:
-                    self._store_metrics.publish_failed(name)
-                return False
-        return True
-
-    def _publish(self, name: str, model_id: str, version: int) -> StoredModel:
-        if self.store is None:
-            raise RuntimeError("no model store configured")
-        info = self.version(name, version)
-        signature = info.signature.model_dump()
-        onnx = info.artifacts["onnx"]
-        return self.store.publish(
-            name,
-            version,
-            self.root / model_id / str(version) / onnx.file,
-            uid=model_id,
-            inputs=tensor_specs(signature["inputs"]),
-            outputs=tensor_specs(signature["outputs"]),
-            metadata={
-                "sha256": onnx.sha256,
-                "bytes": onnx.bytes,
-                "created_at": info.created_at,
-                "parent_version": info.parent_version,
-            },
-        )
-
-    async def reconcile_store(self) -> None:
-        """Bring every model of the database and of the store to the database's state
-        (at start-up, so a wiped or new store is filled, and periodically, so failed
-        publications are repaired). A model already in its state costs one read."""
-        store = self.store
-        if store is None:
-            return
-        try:
-            in_store, unreadable = await asyncio.to_thread(store.scan)
-        except OSError:
-            log.exception("model store: cannot list %s; will retry", store.root)
-            return
-        names = set(self.model_names()) | set(in_store) | set(unreadable)
-        for name in sorted(names):
-            entry = in_store.get(name)
-            wanted = self._wanted(name)
-            if entry is not None and wanted == (entry.uid, entry.production):
-                continue
-            if entry is None and wanted is None and name not in unreadable:
-                continue
-            await self.sync_store(name)
 
     def sweep(self) -> None:
         """Remove what an interrupted process left (see :meth:`Catalog.sweep`)."""

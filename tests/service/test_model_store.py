@@ -420,7 +420,7 @@ def test_a_failed_publication_is_counted_and_repaired(
     assert count == 1.0
 
     monkeypatch.undo()
-    asyncio.run(api.app.state.registry.reconcile_store())  # what the periodic pass runs
+    asyncio.run(api.app.state.store_publisher.reconcile())  # what the periodic pass runs
     assert _production(store_dir) == 2
 
 
