@@ -9,7 +9,7 @@ requests, concurrency 1 and 16, served by:
   ``POST /v1/models`` at start, over REST JSON, REST binary (dynamic batching off and on)
   and gRPC (batching on);
 * KServe 0.21's Python ``ModelServer`` with an ORT ``kserve.Model`` (REST JSON, REST binary,
-  gRPC) and MLServer 1.7 with an ORT custom runtime (REST JSON), each started from its own
+  gRPC) and MLServer 1.7 with an ORT custom runtime (REST JSON, gRPC), each started from its own
   virtualenv (``--kserve-python`` / ``--mlserver-python``, made by
   ``scripts/make_peer_venvs.sh``); a row whose interpreter is not given says so.
 
