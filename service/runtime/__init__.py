@@ -4,7 +4,9 @@
 * :mod:`.tensors` - protocol-neutral inference requests, responses and their checks.
 * :mod:`.batching` - the dynamic batcher.
 * :mod:`.drift_monitor` - rolling BN-statistics drift per model version.
-* :mod:`.runtime` - :class:`ServingRuntime`, what the app and the v2 router use.
+* :mod:`.versions` - the loaded versions and their lifecycle (load, retire, drop, sweep).
+* :mod:`.runtime` - :class:`ServingRuntime`, what the app and the v2 router use: the
+  served pointer, unloading, inference, metadata and drift, over :mod:`.versions`.
 """
 
 from .runtime import ServingRuntime

@@ -21,7 +21,7 @@ from runtime_helpers import (
 from service.api.v2_codec import decode_request, encode_request
 from service.errors import InvalidInput, NotFound, NotReady
 from service.metrics import ServiceMetrics
-from service.runtime import runtime as runtime_module
+from service.runtime import versions as versions_module
 from service.runtime.runtime import ServingRuntime
 from service.runtime.sessions import CPU, CUDA, ProviderUnavailable, create_session, cuda_usable
 from service.runtime.tensors import InferRequest
@@ -95,7 +95,7 @@ def test_concurrent_loads_build_once(
         calls.append(kwargs.get("label", ""))
         return real(model, settings, **kwargs)
 
-    monkeypatch.setattr("service.runtime.runtime.create_session", counting)
+    monkeypatch.setattr("service.runtime.versions.create_session", counting)
 
     async def body() -> None:
         runtime = ServingRuntime(runtime_settings(tmp_path), ServiceMetrics(CollectorRegistry()))
@@ -110,13 +110,13 @@ def test_concurrent_loads_build_once(
 def test_switch_is_zero_downtime_and_retires_the_old_version(
     models: dict[int, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_run = runtime_module._Version.run
+    real_run = versions_module.LoadedVersion.run
 
     def slow_run(self: Any, feed: Any, rows: int) -> Any:
         time.sleep(0.01)  # keep requests in flight across the switch
         return real_run(self, feed, rows)
 
-    monkeypatch.setattr(runtime_module._Version, "run", slow_run)
+    monkeypatch.setattr(versions_module.LoadedVersion, "run", slow_run)
     metrics = ServiceMetrics(CollectorRegistry())
     x = source_images(1, seed=3)
 
