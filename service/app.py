@@ -76,7 +76,9 @@ class BodyLimit:
         self.request_bytes = request_bytes
 
     def _limit(self, scope: Scope) -> int:
-        upload = scope["method"] == "POST" and _UPLOAD_PATHS.fullmatch(scope["path"].rstrip("/"))
+        if scope["method"] != "POST" or not scope["path"].startswith("/v1/"):
+            return self.request_bytes  # the inference hot path: no regular expression
+        upload = _UPLOAD_PATHS.fullmatch(scope["path"].rstrip("/"))
         return self.upload_bytes if upload else self.request_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -84,7 +86,7 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = self._limit(scope)
-        declared = dict(scope["headers"]).get(b"content-length")
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _reject(
                 send, f"expected a request body of at most {limit} bytes (got {int(declared)})"
