@@ -48,6 +48,7 @@ Examples::
 
 from __future__ import annotations
 
+import asyncio
 import time
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -56,7 +57,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from .auth import check_bearer
 from .errors import InvalidInput, NotFound, ServiceError, Unauthorized
-from .metrics import ServiceMetrics
+from .metrics import PhaseStats, ServiceMetrics, error_reason
 from .names import check_name, is_number
 from .runtime.sessions import CUDA, TensorSpec
 from .runtime.stats import ModelStats
@@ -165,8 +166,11 @@ class InferenceRuntime(Protocol):
 
 
 def _outcome(exc: BaseException) -> str:
-    """The ``outcome`` label of a failed request: 4xx errors are the client's."""
+    """The ``outcome`` label of a failed request: 4xx errors are the client's, and so is
+    a caller that went away (cancelled: nginx's 499), which must not page anyone."""
     if isinstance(exc, ServiceError) and 400 <= exc.status < 500:
+        return "client_error"
+    if isinstance(exc, asyncio.CancelledError):
         return "client_error"
     return "server_error"
 
@@ -195,6 +199,9 @@ class DataPlane:
         self.metrics = metrics
         # models the repository extension unloaded (and nothing served since)
         self._unloaded: set[str] = set()
+        metrics.watch_readiness(self._readiness)  # recalib_ready, recalib_model_ready
+        if hasattr(runtime, "statistics"):  # the control-plane fakes of the tests have none
+            metrics.watch_statistics(self._loaded_statistics)  # the compute split
 
     # -- authentication ------------------------------------------------------------------
 
@@ -247,14 +254,32 @@ class DataPlane:
         """
         if not self.runtime.started:
             return False, []
+        ready, models = self._readiness()
+        if ready:
+            return True, []
+        waiting = sorted(name for name, up in models.items() if not up)
+        return False, waiting if show_names else None
+
+    def _readiness(self) -> tuple[bool, dict[str, bool]]:
+        """``(ready, {model: served})`` over the models :meth:`ready` waits for (the
+        ``recalib_ready`` / ``recalib_model_ready`` gauges read it at scrape time)."""
+        if not self.runtime.started:
+            return False, {}
         registered = set(self.registry.model_names())
         unloaded = self._still_unloaded(registered)
-        names = registered | set(self.settings.expect_models)
+        names = (registered | set(self.settings.expect_models)) - unloaded
         served = self.runtime.served_version
-        waiting = sorted(n for n in names if served(n) is None and n not in unloaded)
-        if not waiting:
-            return True, []
-        return False, waiting if show_names else None
+        models = {name: served(name) is not None for name in names}
+        return all(models.values()), models
+
+    def _loaded_statistics(self) -> list[tuple[str, int, PhaseStats]]:
+        """The runtime's counters of its loaded versions (retired ones export nothing)."""
+        runtime = self.runtime
+        return [
+            (name, version, stats)
+            for name, version, stats in runtime.statistics()
+            if runtime.is_ready(name, version)
+        ]
 
     def server_metadata(self) -> dict[str, Any]:
         """``{name, version, extensions}`` of the server."""
@@ -519,7 +544,9 @@ class DataPlane:
         Entering resolves the version (loading it if needed: an unknown model raises
         before anything is counted, so unknown names never become metric labels) and
         counts the request in flight; leaving counts it done with its outcome (``ok``,
-        ``client_error`` for 4xx errors, else ``server_error``) and its latency.
+        ``client_error`` for 4xx errors and cancelled callers, else ``server_error``), its
+        ``reason`` (the error's class, :func:`~service.metrics.error_reason`) and its
+        latency.
 
         Args:
             name: the model.
@@ -600,7 +627,11 @@ class Inference:
         metrics.inflight_add(self.name, -1)
         outcome = "ok" if exc is None else _outcome(exc)
         metrics.observe_request(
-            self.name, self.version, outcome, time.perf_counter() - self._started
+            self.name,
+            self.version,
+            outcome,
+            time.perf_counter() - self._started,
+            reason=error_reason(exc),
         )
 
     async def infer(self, request: InferRequest) -> InferResponse:

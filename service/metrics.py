@@ -4,40 +4,236 @@
 import time, so tests (and several apps in one process) use fresh registries. Names follow
 the Prometheus conventions: ``recalib_`` prefix, base units (``_seconds``), counters end in
 ``_total``, histograms rather than summaries, and bounded label values only (model name,
-version number, outcome, layer name behind a setting) - never request ids.
+version number, outcome, reason, phase, layer name behind a setting) - never request ids
+or error messages.
 
 Metrics (labels in braces):
 
-* ``recalib_requests_total{model,version,outcome}`` - inference requests; ``outcome`` is
-  ``ok``, ``client_error`` or ``server_error``.
+* ``recalib_requests_total{model,version,outcome,reason}`` - inference requests;
+  ``outcome`` is ``ok``, ``client_error`` or ``server_error``, ``reason`` the error class
+  (:data:`REQUEST_REASONS`, ``none`` when ok; :func:`error_reason`).
 * ``recalib_request_duration_seconds{model,version}`` - request latency (histogram).
 * ``recalib_queue_wait_seconds{model,version}`` - time a request waited for its batch.
 * ``recalib_batch_size{model,version}`` - rows per session run (histogram).
 * ``recalib_inflight_requests{model}`` - inference requests being handled.
+* ``recalib_inference_phase_seconds_total{model,version,phase}`` - seconds successful
+  requests spent per phase (``queue``, ``input``, ``infer``, ``output``; every request of
+  a batch charged its whole run, as Triton), ``recalib_inference_successes_total`` (what
+  those sums divide by), ``recalib_inference_rows_total`` and
+  ``recalib_session_runs_total``: read at scrape time from the runtime's Triton-style
+  counters (:mod:`service.runtime.stats`), nothing added to the hot path; loaded versions
+  only.
 * ``recalib_drift_score{model,version}``, ``recalib_layer_drift_score{model,version,layer}``
   (only with ``Settings.drift_per_layer_metrics``), ``recalib_drift_threshold_exceeded``
-  (0/1), ``recalib_drift_window_samples``.
+  (0/1; 0 until the window holds ``RECALIB_DRIFT_MIN_ROWS`` rows),
+  ``recalib_drift_window_samples``.
 * ``recalib_drift_threshold`` - the configured drift threshold (``RECALIB_DRIFT_THRESHOLD``,
   one for every model), exported once the serving runtime has set it; dashboards draw it
   next to ``recalib_drift_score``.
 * ``recalib_recalibration_jobs_total{outcome}`` and
   ``recalib_recalibration_job_duration_seconds`` - recalibration jobs by final state.
 * ``recalib_loaded_versions`` - model versions with live sessions.
+* ``recalib_model_load_failures_total{model,reason}`` - failed loads of a model version,
+  every path (first request, promotion, repository load, model store);
+  ``reason`` in :data:`LOAD_FAILURE_REASONS`.
+* ``recalib_ready`` (0/1, what ``/v2/health/ready`` answers) and
+  ``recalib_model_ready{model}`` (0/1 per model the server waits for), read at scrape time.
 * ``recalib_execution_provider_info{model,version,requested,provider}`` (always 1) and
   ``recalib_provider_fallbacks_total{model,version}`` - the ONNX Runtime provider in use,
   so "requested cuda, running on CPU" can be alerted on.
+* ``process_*`` (CPU, resident memory, open files, start time), ``python_info`` and
+  ``python_gc_*``: prometheus_client's process, platform and GC collectors, registered in
+  the injected registry too (two apps in one process do not clash).
+
+Series lifetime: a retired (unloaded) version's series are removed, counters and
+histograms included (:meth:`ServiceMetrics.forget_version`); a deleted or unloaded model's
+every series (:meth:`ServiceMetrics.forget_model`). ``_created`` series are not exposed
+(:meth:`ServiceMetrics.exposition` filters them per registry; prometheus_client's
+``disable_created_metrics()`` would change every registry of the process).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Metric,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
-__all__ = ["JOB_OUTCOMES", "REQUEST_OUTCOMES", "ServiceMetrics"]
+__all__ = [
+    "JOB_OUTCOMES",
+    "LOAD_FAILURE_REASONS",
+    "PHASES",
+    "REQUEST_OUTCOMES",
+    "REQUEST_REASONS",
+    "ServiceMetrics",
+    "error_reason",
+    "load_failure_reason",
+]
 
 REQUEST_OUTCOMES = ("ok", "client_error", "server_error")
 """Values of the ``outcome`` label of ``recalib_requests_total``."""
+
+# error class name (looked up along the exception's MRO, so subclasses map to their
+# nearest listed base) -> reason label
+_REASONS = {
+    "ProviderUnavailable": "provider_unavailable",
+    "InvalidInput": "invalid_input",
+    "Unauthorized": "unauthorized",
+    "Forbidden": "forbidden",
+    "NotFound": "not_found",
+    "Conflict": "conflict",
+    "Incompatible": "incompatible",
+    "PayloadTooLarge": "payload_too_large",
+    "NotReady": "not_ready",
+    "CancelledError": "cancelled",
+}
+
+REQUEST_REASONS = ("none", *dict.fromkeys(_REASONS.values()), "internal")
+"""Values of the ``reason`` label of ``recalib_requests_total``: ``none`` for ``ok``,
+else the error's class (:func:`error_reason`), never its message."""
+
+LOAD_FAILURE_REASONS = ("invalid_model", "provider_unavailable", "unreadable", "internal")
+"""Values of the ``reason`` label of ``recalib_model_load_failures_total``."""
+
+PHASES = ("queue", "input", "infer", "output")
+"""Values of the ``phase`` label of ``recalib_inference_phase_seconds_total``."""
+
+
+def error_reason(exc: BaseException | None) -> str:
+    """The ``reason`` label of a request that ended with ``exc`` (``None``: ``none``).
+
+    The class decides (the nearest of :class:`~service.errors.InvalidInput`,
+    ``NotFound``, ``NotReady``... along its MRO; a cancelled caller is ``cancelled``);
+    anything else, including a bare :class:`~service.errors.ServiceError`, is
+    ``internal``."""
+    if exc is None:
+        return "none"
+    for cls in type(exc).__mro__:
+        reason = _REASONS.get(cls.__name__)
+        if reason is not None:
+            return reason
+    return "internal"
+
+
+def load_failure_reason(exc: BaseException) -> str:
+    """The ``reason`` label of a failed version load: ``invalid_model`` (not an ONNX
+    file, ONNX Runtime refuses it, or its warm-up fails), ``provider_unavailable`` (CUDA
+    required and not usable), ``unreadable`` (the file could not be read), else
+    ``internal``."""
+    reason = error_reason(exc)
+    if reason in ("invalid_input", "provider_unavailable"):
+        return "invalid_model" if reason == "invalid_input" else reason
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return "unreadable" if "ServiceError" in names else "internal"
+
+
+class PhaseStats(Protocol):
+    """What the scrape reads of one version's :class:`service.runtime.stats.ModelStats`."""
+
+    success_count: int
+    inference_count: int
+    execution_count: int
+    queue_s: float
+    input_s: float
+    infer_s: float
+    output_s: float
+
+
+StatisticsSource = Callable[[], Iterable[tuple[str, int, PhaseStats]]]
+"""``() -> [(model, version, counters)]`` of the loaded versions (called at scrape)."""
+
+ReadinessSource = Callable[[], tuple[bool, Mapping[str, bool]]]
+"""``() -> (server ready, {model: ready})`` (called at scrape)."""
+
+
+class _ScrapeCollector(Collector):
+    """The metrics read at scrape time from the runtime and the data plane."""
+
+    def __init__(self) -> None:
+        self.statistics: StatisticsSource | None = None
+        self.readiness: ReadinessSource | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # names unknown to the registry: nothing to clash with
+
+    def collect(self) -> Iterator[Metric]:
+        if self.statistics is not None:
+            yield from self._statistics(self.statistics)
+        if self.readiness is not None:
+            ready, models = self.readiness()
+            yield GaugeMetricFamily(
+                "recalib_ready",
+                "1 when the server is ready (GET /v2/health/ready answers 200), else 0.",
+                value=1.0 if ready else 0.0,
+            )
+            per_model = GaugeMetricFamily(
+                "recalib_model_ready",
+                "1 when the served version of a model the server waits for is loaded, else 0.",
+                labels=("model",),
+            )
+            for model, up in sorted(models.items()):
+                per_model.add_metric((model,), 1.0 if up else 0.0)
+            yield per_model
+
+    @staticmethod
+    def _statistics(source: StatisticsSource) -> Iterator[Metric]:
+        mv = ("model", "version")
+        phases = CounterMetricFamily(
+            "recalib_inference_phase_seconds",
+            "Seconds successful requests spent per phase (queue, input, infer, output), "
+            "summed over requests; each request of a batch is charged its whole run.",
+            labels=(*mv, "phase"),
+        )
+        successes = CounterMetricFamily(
+            "recalib_inference_successes",
+            "Requests the runtime answered (the count the phase seconds are summed over).",
+            labels=mv,
+        )
+        rows = CounterMetricFamily(
+            "recalib_inference_rows", "Inferences (batch rows) answered.", labels=mv
+        )
+        runs = CounterMetricFamily(
+            "recalib_session_runs", "Successful ONNX Runtime session runs.", labels=mv
+        )
+        for model, version, stats in source():
+            key = (model, str(version))
+            for phase, seconds in zip(
+                PHASES, (stats.queue_s, stats.input_s, stats.infer_s, stats.output_s), strict=True
+            ):
+                phases.add_metric((*key, phase), seconds)
+            successes.add_metric(key, stats.success_count)
+            rows.add_metric(key, stats.inference_count)
+            runs.add_metric(key, stats.execution_count)
+        yield from (phases, successes, rows, runs)
+
+
+class _WithoutCreated(Collector):
+    """A registry's families without their ``_created`` samples."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            created = family.name + "_created"
+            if any(sample.name == created for sample in family.samples):
+                copy = Metric(family.name, family.documentation, family.type, family.unit)
+                copy.samples = [s for s in family.samples if s.name != created]
+                family = copy
+            yield family
+
 
 JOB_OUTCOMES = ("succeeded", "failed", "cancelled", "interrupted")
 """Values of the ``outcome`` label of ``recalib_recalibration_jobs_total``."""
@@ -72,16 +268,25 @@ class ServiceMetrics:
 
         >>> metrics = ServiceMetrics(CollectorRegistry())
         >>> metrics.observe_request("demo", 2, "ok", 0.004)
+        >>> metrics.observe_request("demo", 2, "client_error", 0.001, reason="invalid_input")
         >>> metrics.job_finished("succeeded", 12.5)
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         mv = ("model", "version")
+        # process_*, python_info, python_gc_*: prometheus_client registers them in its
+        # global registry only; /metrics exposes this one.
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        self._scraped = _ScrapeCollector()
+        registry.register(self._scraped)
+        self._exposed = _WithoutCreated(registry)
         self.requests = Counter(
             "recalib_requests_total",
-            "Inference requests by model, version and outcome.",
-            (*mv, "outcome"),
+            "Inference requests by model, version, outcome and reason (the error class).",
+            (*mv, "outcome", "reason"),
             registry=registry,
         )
         self.request_duration = Histogram(
@@ -171,23 +376,58 @@ class ServiceMetrics:
             mv,
             registry=registry,
         )
+        self.load_failures = Counter(
+            "recalib_model_load_failures_total",
+            "Model version loads that failed, by model and reason.",
+            ("model", "reason"),
+            registry=registry,
+        )
+        # what forget_version / forget_model remove series from (the in-flight gauge is
+        # handled apart: a request may be in flight)
+        self._by_model: tuple[Counter | Gauge | Histogram, ...] = (
+            self.requests,
+            self.request_duration,
+            self.queue_wait,
+            self.batch_size,
+            self.drift_score,
+            self.layer_drift_score,
+            self.drift_exceeded,
+            self.drift_samples,
+            self.provider_info,
+            self.provider_fallbacks,
+            self.load_failures,
+        )
         self._providers: dict[tuple[str, str], tuple[str, str]] = {}
         self._layers: dict[tuple[str, str], set[str]] = {}
 
     # -- inference ---------------------------------------------------------------------
 
-    def observe_request(self, model: str, version: int | str, outcome: str, seconds: float) -> None:
+    def observe_request(
+        self,
+        model: str,
+        version: int | str,
+        outcome: str,
+        seconds: float,
+        *,
+        reason: str | None = None,
+    ) -> None:
         """Count one finished inference request and its latency.
 
         Args:
             model, version: the model version that answered (``"none"`` if unresolved).
             outcome: one of :data:`REQUEST_OUTCOMES`.
             seconds: wall time spent in the service.
+            reason: one of :data:`REQUEST_REASONS` (:func:`error_reason`); ``None``:
+                ``none`` when ok, else ``internal``.
         """
         if outcome not in REQUEST_OUTCOMES:
             raise ValueError(f"expected outcome in {REQUEST_OUTCOMES} (got {outcome!r})")
+        if reason is None:
+            reason = "none" if outcome == "ok" else "internal"
+        elif reason not in REQUEST_REASONS:
+            raise ValueError(f"expected reason in {REQUEST_REASONS} (got {reason!r})")
         v = str(version)
-        self.requests.labels(model, v, outcome).inc()
+        self.requests.labels(model, v, outcome, reason).inc()
         self.request_duration.labels(model, v).observe(seconds)
 
     def observe_batch(
@@ -267,17 +507,65 @@ class ServiceMetrics:
     def set_loaded_versions(self, count: int) -> None:
         self.loaded_versions.set(count)
 
-    def forget_version(self, model: str, version: int | str) -> None:
-        """Drop the per-version gauges of an unloaded version (counters and histograms
-        keep their history)."""
+    def model_load_failed(self, model: str, exc: BaseException) -> None:
+        """Count a failed load of a version of ``model`` (reason from the error's class,
+        :func:`load_failure_reason`)."""
+        self.load_failures.labels(model, load_failure_reason(exc)).inc()
+
+    def forget_version(self, model: str, version: int | str, *, keep_totals: bool = False) -> None:
+        """Remove every series of an unloaded version: gauges, counters and histograms
+        (a version loaded again starts them over, which ``rate()`` reads as a new
+        series). With ``keep_totals`` (the runtime shutting down) only the gauges go."""
         v = str(version)
-        for gauge in (self.drift_score, self.drift_exceeded, self.drift_samples):
-            self._remove(gauge, model, v)
-        for layer in self._layers.pop((model, v), set()):
-            self._remove(self.layer_drift_score, model, v, layer)
-        provider = self._providers.pop((model, v), None)
-        if provider is not None:
-            self._remove(self.provider_info, model, v, *provider)
+        self._layers.pop((model, v), None)
+        self._providers.pop((model, v), None)
+        kinds = (Gauge,) if keep_totals else (Counter, Gauge, Histogram)
+        self._forget(
+            lambda labels: labels.get("model") == model and labels.get("version") == v, kinds
+        )
+
+    def forget_model(self, model: str) -> None:
+        """Remove every series of ``model`` (deleted, or unloaded by the repository
+        extension): its versions' series, its load failures, and its in-flight gauge
+        once no request of it is in flight."""
+        for key in [k for k in (*self._layers, *self._providers) if k[0] == model]:
+            self._layers.pop(key, None)
+            self._providers.pop(key, None)
+        self._forget(lambda labels: labels.get("model") == model, (Counter, Gauge, Histogram))
+        for family in self.inflight.collect():
+            for sample in family.samples:
+                if sample.labels.get("model") == model and sample.value == 0:
+                    self._remove(self.inflight, model)
+
+    def _forget(self, match: Callable[[dict[str, str]], bool], kinds: tuple[type, ...]) -> None:
+        for metric in self._by_model:
+            if not isinstance(metric, kinds):
+                continue
+            names = metric._labelnames  # noqa: SLF001 - the label order remove() takes
+            seen: set[tuple[str, ...]] = set()
+            for family in metric.collect():
+                for sample in family.samples:
+                    if match(sample.labels):
+                        seen.add(tuple(sample.labels[n] for n in names))
+            for values in seen:
+                self._remove(metric, *values)
+
+    # -- read at scrape time -------------------------------------------------------------
+
+    def watch_statistics(self, source: StatisticsSource) -> None:
+        """Export the compute split of the loaded versions from ``source`` at scrape
+        time (the runtime's :class:`~service.runtime.stats.ModelStats`, measured once, on
+        the event loop)."""
+        self._scraped.statistics = source
+
+    def watch_readiness(self, source: ReadinessSource) -> None:
+        """Export ``recalib_ready`` and ``recalib_model_ready`` from ``source`` at scrape
+        time."""
+        self._scraped.readiness = source
+
+    def exposition(self) -> bytes:
+        """The registry in the Prometheus text format, without ``_created`` series."""
+        return generate_latest(self._exposed)  # type: ignore[arg-type]
 
     # -- recalibration jobs ------------------------------------------------------------
 
@@ -294,7 +582,7 @@ class ServiceMetrics:
         self.job_duration.observe(seconds)
 
     @staticmethod
-    def _remove(metric: Gauge, *labels: str) -> None:
+    def _remove(metric: Counter | Gauge | Histogram, *labels: str) -> None:
         try:
             metric.remove(*labels)
         except KeyError:

@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     drift_threshold: float = Field(default=1.0, ge=0.0)
     """Model drift score (mean symmetric KL over layers) above which drift is flagged."""
 
+    drift_min_rows: int = Field(default=256, ge=0)
+    """Rows the drift window needs before drift is flagged (``exceeded``); the score of a
+    few rows is noise (about 2/rows with no drift at all). 0: flag from the first row."""
+
     drift_per_layer_metrics: bool = False
     """Export a per-layer drift gauge (one series per BN layer: mind cardinality)."""
 

@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from .deps import ERROR_RESPONSES, get_metrics, require_metrics_token
 
@@ -34,9 +34,11 @@ MetricsAuth = Annotated[None, Depends(require_metrics_token)]
         401: ERROR_RESPONSES[401],
     },
 )
-def metrics(request: Request, _: MetricsAuth) -> Response:
+async def metrics(request: Request, _: MetricsAuth) -> Response:
     """Every service metric, in the Prometheus text format. Open unless
     RECALIB_PROTECT_METRICS is set; then the bearer token (RECALIB_API_TOKEN) is
     required."""
-    body = generate_latest(get_metrics(request).registry)
+    # On the event loop (async route): the runtime's counters and the readiness the
+    # scrape reads are only ever updated there.
+    body = get_metrics(request).exposition()  # without _created series
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -20,7 +20,9 @@ Statistics: the worker thread times each session run (:class:`~.stats.RunTiming`
 concatenating the inputs, the run, splitting the outputs) and returns that with the
 outputs; the consumer, on the event loop, adds it to the version's
 :class:`~.stats.ModelStats` (``stats=``) with each request's queue wait (queued until a
-worker took its batch). Nothing is shared with the threads.
+worker took its batch), and hands the same waits to ``observe`` (the
+``recalib_queue_wait_seconds`` histogram): one measurement of the queue for both. Nothing
+is shared with the threads.
 
 Runs in flight are bounded by ``max_concurrent`` (like Triton's instance count): on a GPU
 one (concurrent runs of a session serialise on its CUDA stream anyway: batch instead); on
@@ -287,7 +289,11 @@ class Batcher:
             results, timings = [exc] * len(live), [None] * len(live)
         stats = self._stats
         counted: RunTiming | None = None
+        waits: list[float] = []
         for item, result, timing in zip(live, results, timings, strict=True):
+            # the queue wait ends when a worker thread took the batch: one measurement
+            # for the statistics and the histogram
+            waits.append((start if timing is None else timing.started) - item.enqueued)
             if timing is not None and stats is not None:
                 if timing is not counted:  # the parts of one run share its timing
                     stats.add_run(timing)
@@ -301,7 +307,7 @@ class Batcher:
             else:
                 item.future.set_result(result)
         if self._observe is not None:
-            self._observe(sum(i.rows for i in live), [start - i.enqueued for i in live])
+            self._observe(sum(i.rows for i in live), waits)
 
     def _run_batch(
         self, parts: list[tuple[Feed, int]]

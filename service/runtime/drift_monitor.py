@@ -11,7 +11,21 @@ statistics (:func:`recalib.onnx.taps.reference_stats`) with :func:`recalib.drift
 
 Sampling is deterministic: with fraction ``f`` an accumulator gains ``f`` per batch and a
 batch is sampled whenever it reaches 1, so exactly ``f`` of the batches are tapped, evenly
-spread (``f = 1``: every batch; ``f = 0``: none, and no tapped session is built).
+spread (``f = 1``: every batch; ``f = 0``: none, and no tapped session is built). The
+accumulator starts full, and is filled again by :meth:`DriftMonitor.reset`: the first
+batch a version answers (and the first after a reset) is always sampled, so a client
+that sends a few requests gets a score rather than ``None``.
+
+Flagging needs evidence: ``exceeded`` stays false until the window holds ``min_rows``
+rows (``RECALIB_DRIFT_MIN_ROWS``). With no drift at all, the symmetric KL between a
+channel's reference Gaussian and moments estimated from ``n`` independent values is about
+``(δ²/σ² + (r-1)²/2)`` with ``δ ~ N(0, σ²/n)`` and ``r - 1 ~ N(0, 2/n)``: its expectation
+is ``2/n`` (more with heavy tails: ``(κ+1)/(2n)`` for kurtosis ``κ``), and a layer of
+pooled features gives one value per row; with one or two rows the variance estimate can
+be near zero and the score unbounded. ``n = 256`` keeps the noise floor near 0.01, two
+orders of magnitude under the default threshold of 1.0 (and 5x under a threshold of
+0.05 even for κ = 9), while 256 rows are a few seconds of modest traffic at the default
+sample fraction. The score itself is reported from the first row (with ``samples``).
 
 Off the request path: turning tap outputs into moments costs more Python time than the
 tapped run itself adds (about a millisecond per run for a 9-layer network), so with an
@@ -80,6 +94,7 @@ class DriftMonitor:
         window_seconds: age bound of the rolling window.
         threshold: model score above which drift is flagged.
         sample_fraction: fraction of batches run through the tapped session.
+        min_rows: rows the window needs before drift is flagged (see the module).
         publish: called with each fresh report (outside the lock).
         publish_every: least seconds between reports published from :meth:`observe`.
         executor: where :meth:`submit` processes tap outputs (``None``: inline).
@@ -102,6 +117,7 @@ class DriftMonitor:
         window_seconds: float,
         threshold: float,
         sample_fraction: float = 1.0,
+        min_rows: int = 0,
         publish: DriftPublisher | None = None,
         publish_every: float = 1.0,
         executor: Executor | None = None,
@@ -118,13 +134,14 @@ class DriftMonitor:
         self.window_seconds = window_seconds
         self.threshold = threshold
         self.sample_fraction = sample_fraction
+        self.min_rows = min_rows
         self._publish = publish
         self._publish_every = publish_every
         self._clock = clock
         bucket = max(window_seconds / _BUCKETS_PER_WINDOW, 1e-3)
         self._window = RollingWindow(max_age=window_seconds, bucket_seconds=bucket)
         self._lock = threading.Lock()
-        self._credit = 0.0
+        self._credit = 1.0  # full: the first batch is sampled
         self._published = -float("inf")
         self._batches = 0
         self._executor = executor
@@ -142,7 +159,8 @@ class DriftMonitor:
         if self.sample_fraction <= 0.0:
             return False
         with self._lock:
-            self._credit += self.sample_fraction
+            if self._credit < 1.0 - 1e-12:
+                self._credit += self.sample_fraction
             if self._credit >= 1.0 - 1e-12:
                 self._credit -= 1.0
                 return True
@@ -239,9 +257,9 @@ class DriftMonitor:
         """The window's drift: ``score`` (``None`` when empty), ``max_score``,
         ``worst_layer``, ``layers`` (per-layer details), ``samples``, ``tapped_batches``
         (since the last reset), ``window`` (``seconds``, ``start``, ``end`` as ISO 8601
-        UTC or ``None``), ``threshold``, ``exceeded``, ``sample_fraction`` and
-        ``dropped_rows``. With ``wait``, first lets queued runs reach the window (1 s at
-        most)."""
+        UTC or ``None``), ``threshold``, ``min_rows``, ``exceeded`` (false below
+        ``min_rows`` rows), ``sample_fraction`` and ``dropped_rows``. With ``wait``, first
+        lets queued runs reach the window (1 s at most)."""
         if wait:
             self.flush()
         now = self._clock()
@@ -268,7 +286,9 @@ class DriftMonitor:
                 "end": None if bounds is None else _iso(wall - (now - bounds[1])),
             },
             "threshold": self.threshold,
+            "min_rows": self.min_rows,
             "exceeded": drift is not None
+            and samples >= self.min_rows
             and bool(np.isfinite(drift.score))
             and drift.score > self.threshold,
             "sample_fraction": self.sample_fraction,
@@ -286,6 +306,7 @@ class DriftMonitor:
         self.flush()
         with self._lock:
             self._window.reset()
+            self._credit = 1.0  # the next batch is sampled
             self._batches = 0
             self._dropped = 0
             self._published = -float("inf")

@@ -152,6 +152,7 @@ class ServingRuntime(VersionTable):
         """
         entries = await self._forget(name)
         await asyncio.gather(*(self._drop(entry) for entry in entries))
+        self.metrics.forget_model(name)  # its retired versions' and load failures' series
         # loads that resolved the model while the in-flight requests finished
         late = await self._forget(name)
         for entry in late:
@@ -287,6 +288,7 @@ class ServingRuntime(VersionTable):
                     "end": None,
                 },
                 "threshold": self.settings.drift_threshold,
+                "min_rows": self.settings.drift_min_rows,
                 "exceeded": False,
                 "sample_fraction": self.settings.drift_sample_fraction,
             }

@@ -287,9 +287,11 @@ class VersionTable:
             raise
         except ServiceError as exc:
             self._load_errors[key] = exc.message
+            self.metrics.model_load_failed(key[0], exc)
             raise
         except Exception as exc:  # ORT's own exception types
             self._load_errors[key] = f"model {key[0]!r} version {key[1]}: loading failed ({exc})"
+            self.metrics.model_load_failed(key[0], exc)
             raise
         self._load_errors.pop(key, None)
         if self._closed:
@@ -400,6 +402,7 @@ class VersionTable:
                 window_seconds=settings.drift_window_seconds,
                 threshold=settings.drift_threshold,
                 sample_fraction=fraction,
+                min_rows=settings.drift_min_rows,
                 publish=publish,
                 executor=self._drift_executor,
             )
@@ -447,7 +450,8 @@ class VersionTable:
             await entry.batcher.close()
         if entry.monitor is not None:
             await asyncio.to_thread(entry.monitor.close)
-        self.metrics.forget_version(entry.name, entry.version)
+        # at shutdown the counters stay: a last scrape still sees the totals
+        self.metrics.forget_version(entry.name, entry.version, keep_totals=self._closed)
         self.metrics.set_loaded_versions(len(self._versions))
         log.info("%s unloaded", entry.label)
 

@@ -144,9 +144,61 @@ def test_sampling_fraction_is_exact_and_even(onnx_path: Path) -> None:
     monitor, _ = _monitor(onnx_path, sample_fraction=0.25)
     picks = [monitor.should_sample() for _ in range(40)]
     assert sum(picks) == 10
-    assert picks[:8] == [False, False, False, True] * 2
+    assert picks[:8] == [True, False, False, False] * 2  # the first batch always
+    monitor.should_sample()
+    monitor.reset()
+    assert monitor.should_sample()  # and the first after a reset
     never, _ = _monitor(onnx_path, sample_fraction=0.0)
     assert not any(never.should_sample() for _ in range(10))
+
+
+def test_drift_is_flagged_only_after_min_rows(onnx_path: Path) -> None:
+    """Two shifted rows score far above the threshold, but are not evidence of drift."""
+    monitor, feed = _monitor(onnx_path, min_rows=64)
+    feed(shifted_images(2, seed=41))
+    few = monitor.report()
+    assert few["samples"] == 2 and few["score"] > few["threshold"] and few["min_rows"] == 64
+    assert not few["exceeded"]
+    feed(shifted_images(62, seed=42))
+    enough = monitor.report()
+    assert enough["samples"] == 64 and enough["exceeded"]
+    # in-domain traffic: the noise floor of the estimate at the default min_rows is far
+    # under the default threshold (about 2/n per channel with no drift)
+    default = Settings()
+    calm, feed_calm = _monitor(onnx_path, min_rows=default.drift_min_rows)
+    feed_calm(source_images(default.drift_min_rows, seed=43))
+    report = calm.report()
+    assert default.drift_min_rows == 256 and report["samples"] == 256
+    assert report["score"] < default.drift_threshold / 10 and not report["exceeded"]
+
+
+def test_first_batch_of_each_served_version_is_sampled(
+    model: torch.nn.Module, onnx_path: Path, tmp_path: Path
+) -> None:
+    """At the default sample fraction (0.1), a client sending one request per version
+    still gets a score, not ``None``."""
+    settings = Settings(home=tmp_path, execution_provider="cpu", intra_op_threads=1)
+    assert settings.drift_sample_fraction == 0.1
+    v2 = export(make_model(1), tmp_path / "v2.onnx")
+    x = shifted_images(2, seed=44)
+
+    async def body() -> list[dict[str, Any]]:
+        runtime = ServingRuntime(settings, ServiceMetrics(CollectorRegistry()))
+        await runtime.start()
+        reports = []
+        try:
+            for version, path in ((1, onnx_path), (2, v2)):
+                await runtime.serve("m", version, path)
+                await _traffic(runtime, x)
+                reports.append(runtime.drift("m"))
+        finally:
+            await runtime.close()
+        return reports
+
+    for version, report in enumerate(_run(body()), start=1):
+        assert report["version"] == version and report["tapped_batches"] == 1
+        assert report["samples"] == 2 and report["score"] is not None
+        assert not report["exceeded"]  # 2 rows: below RECALIB_DRIFT_MIN_ROWS
 
 
 def test_bad_tap_output_count_refused(onnx_path: Path) -> None:
@@ -179,6 +231,7 @@ def test_drift_falls_after_recalibrating_and_serving_the_new_version(
         intra_op_threads=1,
         drift_threshold=0.5,
         drift_sample_fraction=1.0,
+        drift_min_rows=128,  # flagged once the window holds the whole traffic
     )
     metrics = ServiceMetrics(CollectorRegistry())
     traffic = shifted_images(128, seed=22)

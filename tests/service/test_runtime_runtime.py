@@ -82,7 +82,8 @@ def test_lifecycle_load_serve_infer_unload(models: dict[int, Any], tmp_path: Pat
     _run(body())
     reg = metrics.registry
     assert reg.get_sample_value("recalib_loaded_versions") == 0
-    assert reg.get_sample_value("recalib_batch_size_count", {"model": "m", "version": "1"}) == 1
+    # unload_model removed the model's series (they do not outlive it)
+    assert reg.get_sample_value("recalib_batch_size_count", {"model": "m", "version": "1"}) is None
 
 
 def test_concurrent_loads_build_once(
@@ -268,7 +269,10 @@ def test_drift_and_reset(models: dict[int, Any], tmp_path: Path) -> None:
 
     async def body() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], Any]:
         runtime = ServingRuntime(
-            runtime_settings(tmp_path, drift_per_layer_metrics=True, drift_threshold=0.0), metrics
+            runtime_settings(
+                tmp_path, drift_per_layer_metrics=True, drift_threshold=0.0, drift_min_rows=8
+            ),
+            metrics,
         )
         empty = runtime.drift("m")
         await runtime.serve("m", 1, models[1][1])

@@ -223,8 +223,12 @@ def test_metrics_route_counts_requests(client: TestClient) -> None:
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
-    assert 'recalib_requests_total{model="m",outcome="ok",version="1"} 1.0' in text
-    assert 'recalib_requests_total{model="m",outcome="client_error",version="1"} 1.0' in text
+    assert 'recalib_requests_total{model="m",outcome="ok",reason="none",version="1"} 1.0' in text
+    assert (
+        'recalib_requests_total{model="m",outcome="client_error",reason="invalid_input",'
+        'version="1"} 1.0' in text
+    )
+    assert "_created" not in text  # off: twice the series for a start time nobody queries
     assert "unknown-model" not in text  # unresolved names never become labels
     assert 'recalib_batch_size_count{model="m",version="1"} 1.0' in text
     assert 'recalib_inflight_requests{model="m"} 0.0' in text
