@@ -7,6 +7,8 @@
 * :func:`add_drift_taps` (:mod:`.taps`) - per-channel BN-input moments as extra outputs.
 * :func:`add_bank_inputs`, :class:`BankTables` (:mod:`.banks`) - many stat banks in one
   graph, chosen per row or routed in-graph to the nearest bank.
+* :func:`weights_digest`, :func:`save_onnx_bank`, :func:`read_bank_file`
+  (:mod:`.bank_files`) - bank files stamped with the weights they were computed with.
 * :class:`GraphIndex` (:mod:`.graph`) - the one look-up structure over a graph.
 """
 
@@ -16,6 +18,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .bank_files import read_bank_file, save_onnx_bank, weights_digest
     from .banks import BankTables, add_bank_inputs, read_bank_spec
     from .export import ExportReport, export_onnx
     from .graph import GraphIndex
@@ -30,8 +33,11 @@ _LAZY: dict[str, str] = {
     "add_bank_inputs": ".banks",
     "add_drift_taps": ".taps",
     "export_onnx": ".export",
+    "read_bank_file": ".bank_files",
     "read_bank_spec": ".banks",
     "recalibrate_onnx": ".recalibrate",
+    "save_onnx_bank": ".bank_files",
+    "weights_digest": ".bank_files",
 }
 """Imported on first use: ``recalib.onnx.taps``, ``.banks`` and ``.names`` (what serving
 needs) load without torch."""
@@ -44,8 +50,11 @@ __all__ = [
     "add_bank_inputs",
     "add_drift_taps",
     "export_onnx",
+    "read_bank_file",
     "read_bank_spec",
     "recalibrate_onnx",
+    "save_onnx_bank",
+    "weights_digest",
 ]
 
 
