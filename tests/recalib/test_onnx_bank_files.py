@@ -132,9 +132,9 @@ def test_save_onnx_bank_round_trip(versions: dict[str, onnx.ModelProto], tmp_pat
     loaded = load_stat_bank(tmp_path / "b.safetensors")
     assert loaded.signature == bank.signature
     apply_stat_bank(torch_model, loaded)
-    mean = torch_model.bn1.running_mean
-    assert mean is not None
-    np.testing.assert_array_equal(mean.numpy(), bank.stats["bn1"][0])
+    running = torch_model.bn1.running_mean
+    assert running is not None
+    np.testing.assert_array_equal(running.numpy(), bank.stats["bn1"][0])
     # ... and the recalibrated ONNX model with these statistics is what the bank describes
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
