@@ -25,6 +25,7 @@ from promhelpers import (
 )
 
 TINY_MODEL = "tiny"
+GONE_MODEL = "gone"
 _IMAGE = (3, 4, 4)
 
 
@@ -102,6 +103,7 @@ def service_exposition(tmp_path_factory: pytest.TempPathFactory) -> Exposition:
         drift_sample_fraction=1.0,
         drift_per_layer_metrics=True,
         drift_threshold=0.5,
+        drift_min_rows=4,  # the 4 rows sent below
     )
     rng = np.random.default_rng(0)
     with pytest.MonkeyPatch.context() as patch:
@@ -132,8 +134,20 @@ def service_exposition(tmp_path_factory: pytest.TempPathFactory) -> Exposition:
             metrics = app.state.metrics
             metrics.provider_fallback(TINY_MODEL, 1)
             metrics.job_finished("failed", 3.5)
+            # a broken file cannot be registered (its checks run first): a load failure
+            # of the runtime recorded as it records one
+            from service.errors import InvalidInput
+
+            metrics.model_load_failed(TINY_MODEL, InvalidInput("expected an ONNX model file"))
+            # a second model served, then deleted: its series go with it (forget_model)
+            files = {"file": ("gone.onnx", _tiny_bn_onnx())}
+            assert client.post("/v1/models", data={"name": GONE_MODEL}, files=files).is_success
+            gone = client.post(f"/v2/models/{GONE_MODEL}/infer", json=_infer_body(shifted))
+            assert gone.status_code == 200, gone.text
+            assert client.delete(f"/v1/models/{GONE_MODEL}").status_code == 204
             response = client.get("/metrics")
             assert response.status_code == 200, response.text
+            assert f'model="{GONE_MODEL}"' not in response.text
     # Leaving the client ran the shutdown: the runtime unloaded the version (forget_version).
     return Exposition(response.text, frozenset(called), public)
 

@@ -99,7 +99,15 @@ def test_dashboard_shows_drift_traffic_batching_and_jobs() -> None:
         "recalib_batch_size_bucket",  # batch sizes
         "recalib_queue_wait_seconds_bucket",  # queue wait
         "recalib_recalibration_jobs_total",  # jobs
+        "recalib_inference_phase_seconds_total",  # compute split
+        "recalib_inference_successes_total",
+        "recalib_model_ready",  # readiness per replica
+        "recalib_model_load_failures_total",
+        "process_cpu_seconds_total",  # the process collector
+        "process_resident_memory_bytes",
     }
+    failures = [e for _, e in dashboard_targets() if "recalib_requests_total" in e]
+    assert any("by (model, outcome, reason)" in e for e in failures)
     kinds = {p["title"]: p["type"] for p in dashboard_panels()}
     assert kinds["Per-layer drift (symmetric KL)"] == "heatmap"
     quantiles = [e for _, e in dashboard_targets() if "histogram_quantile" in e]

@@ -44,7 +44,13 @@ _LEGEND_LABEL = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 def value_domains() -> dict[tuple[str, str], Collection[str]]:
     """Label values the service (and the shipped Prometheus config) can produce, from the
     code's own constants."""
-    from service.metrics import JOB_OUTCOMES, REQUEST_OUTCOMES
+    from service.metrics import (
+        JOB_OUTCOMES,
+        LOAD_FAILURE_REASONS,
+        PHASES,
+        REQUEST_OUTCOMES,
+        REQUEST_REASONS,
+    )
     from service.runtime.sessions import CPU, CUDA
     from service.settings import Settings
 
@@ -53,6 +59,9 @@ def value_domains() -> dict[tuple[str, str], Collection[str]]:
     jobs, _ = scrape_config()
     return {
         ("recalib_requests_total", "outcome"): REQUEST_OUTCOMES,
+        ("recalib_requests_total", "reason"): REQUEST_REASONS,
+        ("recalib_model_load_failures_total", "reason"): LOAD_FAILURE_REASONS,
+        ("recalib_inference_phase_seconds_total", "phase"): PHASES,
         ("recalib_recalibration_jobs_total", "outcome"): JOB_OUTCOMES,
         ("recalib_execution_provider_info", "requested"): requested,
         # ModelSession.provider: the first provider the session runs; create_session

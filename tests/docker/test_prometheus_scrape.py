@@ -162,6 +162,7 @@ def test_prometheus_scrapes_service_metrics(prometheus_binary: str, tmp_path: Pa
         "RECALIB_INTRA_OP_THREADS": "1",
         "RECALIB_EXECUTION_PROVIDER": "cpu",
         "RECALIB_DRIFT_SAMPLE_FRACTION": "1.0",
+        "RECALIB_DRIFT_MIN_ROWS": str(REQUESTS * ROWS),  # flagged once all traffic is in
         "PYTHONPATH": str(REPO),
     }
     service_log, prometheus_log = tmp_path / "service.log", tmp_path / "prometheus.log"
@@ -235,12 +236,23 @@ def test_prometheus_scrapes_service_metrics(prometheus_binary: str, tmp_path: Pa
 
         deadline.until("Prometheus to scrape every request", scraped, logs=logs)
 
-        # Request counter: one series per (model, version, outcome), counts exactly as sent.
+        # Request counter: one series per (model, version, outcome, reason), counts exactly
+        # as sent.
         requests = prom.values(f'recalib_requests_total{{model="{MODEL}"}}')
+        ok, rejected = (
+            (("outcome", "ok"), ("reason", "none")),
+            (
+                ("outcome", "client_error"),
+                ("reason", "invalid_input"),
+            ),
+        )
         assert requests == {
-            (("model", MODEL), ("outcome", "ok"), ("version", "1")): REQUESTS,
-            (("model", MODEL), ("outcome", "client_error"), ("version", "1")): 1,
+            (("model", MODEL), *ok, ("version", "1")): REQUESTS,
+            (("model", MODEL), *rejected, ("version", "1")): 1,
         }
+        # the process collector is scraped too, and no _created series
+        assert prom.values('process_resident_memory_bytes{job="recalib"}')
+        assert not prom.values('recalib_requests_created{job="recalib"}')
         rows_run = prom.values(f'recalib_batch_size_sum{{model="{MODEL}",version="1"}}')
         assert list(rows_run.values()) == [REQUESTS * ROWS]
         latency = prom.values(f'recalib_request_duration_seconds_count{{model="{MODEL}"}}')

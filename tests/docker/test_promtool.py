@@ -3,9 +3,12 @@ pass their unit tests, and every alert names only metrics the service exports.""
 
 from __future__ import annotations
 
+import re
 import shutil
+from pathlib import Path
 
 import pytest
+import yaml
 from promhelpers import (
     PROMETHEUS_BUILTIN,
     PROMETHEUS_DIR,
@@ -18,6 +21,7 @@ from promhelpers import (
 CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
 ALERT_TESTS = PROMETHEUS_DIR / "alerts_test.yml"
+RUNBOOK = Path(__file__).resolve().parents[2] / "docs" / "runbook.md"
 
 
 def test_config_is_valid(promtool: str) -> None:
@@ -44,7 +48,29 @@ def test_alerts_cover_drift_errors_fallbacks_and_failed_jobs() -> None:
         "RecalibCpuFallback",
         "RecalibProviderFallback",
         "RecalibRecalibrationJobFailed",
+        "RecalibModelNotReady",
+        "RecalibModelLoadFailures",
     }
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to dashes."""
+    headings = re.findall(r"^#{1,6} (.+)$", markdown, flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_every_alert_has_a_runbook_section() -> None:
+    anchors = _anchors(RUNBOOK.read_text())
+    rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+    assert rules
+    for rule in rules:
+        url = rule["annotations"].get("runbook_url")
+        assert url == f"docs/runbook.md#{rule['alert'].lower()}", rule["alert"]
+        assert url.split("#", 1)[1] in anchors, f"{rule['alert']}: no section in {RUNBOOK}"
+        section = RUNBOOK.read_text().split(f"## {rule['alert']}\n", 1)[1].split("\n## ", 1)[0]
+        for part in ("**Meaning.**", "**First checks.**", "**Fixes.**"):
+            assert part in section, f"{rule['alert']}: the runbook section has no {part}"
+    assert len(anchors) - 1 == len(rules), "a runbook section for an alert that is gone"
 
 
 def test_alerts_name_only_exported_metrics(exported_metrics: set[str]) -> None:
