@@ -20,6 +20,7 @@ the Open Inference Protocol's ``inference`` package, a superset of KServe's
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,7 @@ __all__ = [
     "encode_infer_response",
     "from_parameters",
     "to_parameters",
+    "typed_elements",
 ]
 
 CONTENTS_FIELDS: dict[str, str] = {
@@ -99,7 +101,28 @@ def _typed_contents(tensor: Any, datatype: str, shape: tuple[int, ...]) -> np.nd
             f"input {tensor.name!r}: {datatype} data must come in raw_input_contents (got none)"
         )
     values = getattr(tensor.contents, field)
-    return tensor_from_values(list(values), tensor.name, datatype, shape)
+    if len(values) != math.prod(shape):  # the same message as the REST codec's
+        return tensor_from_values(list(values), tensor.name, datatype, shape)
+    dtype = np.bool_ if datatype == "BOOL" else (np.float64 if field == "fp64_contents" else None)
+    raw = np.fromiter(values, dtype=dtype or _WIDE[field], count=len(values))
+    return tensor_from_values(raw, tensor.name, datatype, shape)
+
+
+_WIDE: dict[str, type[np.generic]] = {
+    "int_contents": np.int64,
+    "int64_contents": np.int64,
+    "uint_contents": np.uint64,
+    "uint64_contents": np.uint64,
+    "fp32_contents": np.float32,
+}
+"""The dtype a typed field's values are read into before the datatype's range check."""
+
+
+def typed_elements(message: Any) -> int:
+    """How many values ``message`` carries in typed ``contents`` (0 when raw)."""
+    if message.raw_input_contents:
+        return 0
+    return sum(math.prod(tensor.shape) for tensor in message.inputs)
 
 
 def decode_infer_request(message: Any) -> InferRequest:

@@ -33,7 +33,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from ..dataplane import DataPlane
 from ..errors import InvalidInput, NotFound, ServiceError, grpc_error
-from .codec import decode_infer_request, encode_infer_response, from_parameters
+from .codec import decode_infer_request, encode_infer_response, from_parameters, typed_elements
 
 __all__ = ["InferenceServicer"]
 
@@ -52,6 +52,21 @@ def _bearer(context: grpc.aio.ServicerContext) -> str | None:
                 return credentials
             return None
     return None
+
+
+_DECODE_INLINE_ELEMENTS = 1 << 16
+"""Typed-contents requests with more values are decoded in a worker thread."""
+
+
+def _stream_error(request: Any, message: str) -> Any:
+    """A stream's answer to a failed request: the message, and the request's id and model
+    (as Triton sends them), so the client can tell which request failed."""
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(
+            id=request.id, model_name=request.model_name, model_version=request.model_version
+        ),
+    )
 
 
 def _ref(version: str) -> str | None:
@@ -203,7 +218,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     async def _infer(self, request: Any) -> Any:
         if not request.model_name:
             raise InvalidInput("request: expected a model_name (got none)")
-        decoded = decode_infer_request(request)
+        if typed_elements(request) > _DECODE_INLINE_ELEMENTS:
+            # one Python object per typed value: a big message would hold the event
+            # loop (REST, gRPC and health probes) for seconds
+            decoded = await asyncio.to_thread(decode_infer_request, request)
+        else:
+            decoded = decode_infer_request(request)
         response = await self.dataplane.infer(
             request.model_name, _ref(request.model_version), decoded
         )
@@ -233,10 +253,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
                 await answers.put(pb.ModelStreamInferResponse(infer_response=result))
             except ServiceError as exc:
                 _, message = grpc_error(exc)
-                await answers.put(pb.ModelStreamInferResponse(error_message=message))
+                await answers.put(_stream_error(request, message))
             except Exception:
                 log.exception("stream inference failed")
-                await answers.put(pb.ModelStreamInferResponse(error_message="internal error"))
+                await answers.put(_stream_error(request, "internal error"))
 
         async def read() -> None:
             async for request in request_iterator:

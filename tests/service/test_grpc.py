@@ -270,3 +270,27 @@ def test_kserve_grpc_client(served: Any, models: dict[int, Any]) -> None:
     np.testing.assert_allclose(
         logits.reshape(2, -1), reference_outputs(models[1][0], x), rtol=1e-4, atol=1e-5
     )
+
+
+def test_a_failed_stream_request_is_answered_with_its_id(served: Any) -> None:
+    """As Triton does: the error answer names the request, so a client can match it."""
+    x = source_images(1, seed=17)
+    channel = grpc.insecure_channel(served[1])
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+    def requests() -> Iterator[Any]:
+        for rid, model in (("good", "m"), ("bad", "nosuch")):
+            request = pb.ModelInferRequest(model_name=model, id=rid)
+            request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+            request.raw_input_contents.append(x.tobytes())
+            yield request
+
+    try:
+        answers = list(stub.ModelStreamInfer(requests(), metadata=tuple(AUTH.items())))
+    finally:
+        channel.close()
+    by_id = {a.infer_response.id: a for a in answers}
+    assert set(by_id) == {"good", "bad"}
+    assert by_id["good"].error_message == ""
+    assert "'nosuch'" in by_id["bad"].error_message
+    assert by_id["bad"].infer_response.model_name == "nosuch"
