@@ -35,11 +35,13 @@ from fastapi import FastAPI, HTTPException
 from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .api import banks as banks_api
 from .api import datasets as datasets_api
 from .api import metrics_route, v2
 from .api import models as models_api
 from .api import recalibrations as recalibrations_api
 from .auth import bearer_token, check_bearer
+from .banks import BankStore
 from .catalog import Catalog
 from .dataplane import DataPlane, InferenceRuntime, server_version
 from .datasets import DatasetStore
@@ -224,8 +226,9 @@ def create_app(
             tests substitute slow or crashing ones).
 
     Returns:
-        The FastAPI app; its state holds ``settings``, ``db``, ``registry``,
-        ``datasets``, ``jobs``, ``runtime``, ``metrics``, ``metrics_registry``,
+        The FastAPI app; its state holds ``settings``, ``db``, ``registry``, ``banks``
+        (the :class:`~service.banks.BankStore`), ``datasets``, ``jobs``, ``runtime``,
+        ``metrics``, ``metrics_registry``,
         ``model_store`` and ``store_publisher`` (``None`` without a store; the latter
         also on a store-fed replica), ``dataplane`` (the
         :class:`~service.dataplane.DataPlane` the ``/v2`` routes and the gRPC service use)
@@ -243,9 +246,16 @@ def create_app(
         else None
     )
     registry = Registry(db, settings.home, runtime, publisher=publisher)
+    banks = BankStore(registry)
     datasets = DatasetStore(db, settings.home)
     jobs = JobManager(
-        settings, db=db, registry=registry, datasets=datasets, metrics=metrics, target=worker
+        settings,
+        db=db,
+        registry=registry,
+        datasets=datasets,
+        metrics=metrics,
+        target=worker,
+        banks=banks,
     )
     # The app's runtime is the ServingRuntime; the control-plane fakes of the tests
     # implement only the registry's Runtime and are never asked for inference.
@@ -302,6 +312,7 @@ def create_app(
     app.state.settings = settings
     app.state.db = db
     app.state.registry = registry
+    app.state.banks = banks
     app.state.datasets = datasets
     app.state.jobs = jobs
     app.state.runtime = runtime
@@ -318,6 +329,7 @@ def create_app(
     app.include_router(v2.router)
     app.include_router(metrics_route.router)
     app.include_router(models_api.router)
+    app.include_router(banks_api.router)
     app.include_router(datasets_api.router)
     app.include_router(recalibrations_api.router)
     app.add_middleware(

@@ -6,7 +6,9 @@ module turns an upload into such a directory (:func:`prepare_upload`: an ``.onnx
 loaded, checked and searched for BatchNormalization nodes; a ``.pt2`` is loaded with
 ``torch.export.load`` only, exported to ONNX with the parity check and its statistics
 saved as a stat bank), reads signatures (:func:`onnx_signature`), compares them
-(:func:`check_signature`) and hashes the files (:func:`hash_artifacts`).
+(:func:`check_signature`), hashes the files (:func:`hash_artifacts`) and names a version's
+weights (:func:`weights_identity`: the weights digest and BN layers that stat banks are
+checked against, :mod:`recalib.onnx.bank_files`).
 
 It is the only part of the registry that needs torch and onnx; both are imported inside
 the functions that use them, so importing the registry (and the service) stays cheap.
@@ -30,10 +32,12 @@ __all__ = [
     "ArtifactFormat",
     "check_signature",
     "hash_artifacts",
+    "model_identity",
     "onnx_signature",
     "prepare_upload",
     "read_signature",
     "signature_difference",
+    "weights_identity",
 ]
 
 ArtifactFormat = Literal["onnx", "pt2", "stats", "report"]
@@ -107,8 +111,24 @@ def hash_artifacts(directory: Path) -> dict[str, ArtifactInfo]:
     }
 
 
-def _check_onnx(path: Path) -> tuple[Signature, list[str]]:
-    """Load an uploaded ONNX file, check it, find its BN nodes: (signature, BN layers)."""
+def model_identity(model: Any) -> dict[str, Any]:
+    """``{"digest": weights digest, "bn_layers": {layer: channels}}`` of an
+    ``onnx.ModelProto`` (see :mod:`recalib.onnx.bank_files`)."""
+    from recalib.onnx.bank_files import bn_layers, weights_digest
+
+    return {"digest": weights_digest(model), "bn_layers": bn_layers(model)}
+
+
+def weights_identity(path: Path) -> dict[str, Any]:
+    """:func:`model_identity` of the ONNX file at ``path`` (external data loaded)."""
+    import onnx
+
+    return model_identity(onnx.load(str(path)))
+
+
+def _check_onnx(path: Path) -> tuple[Signature, list[str], dict[str, Any]]:
+    """Load an uploaded ONNX file, check it, find its BN nodes: (signature, BN layers,
+    weights identity)."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -128,7 +148,7 @@ def _check_onnx(path: Path) -> tuple[Signature, list[str]]:
             "statistics (got none: was BN fused into Conv at export? export with "
             "`recalib export` or torch.onnx.export(..., do_constant_folding=False))"
         )
-    return onnx_signature(model), [info.layer for info in bn.values()]
+    return onnx_signature(model), [info.layer for info in bn.values()], model_identity(model)
 
 
 def _example_inputs(program: Any) -> tuple[Any, ...]:
@@ -163,7 +183,7 @@ def _example_inputs(program: Any) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _convert_pt2(staging: Path) -> tuple[Signature, list[str], dict[str, Any]]:
+def _convert_pt2(staging: Path) -> tuple[Signature, list[str], dict[str, Any], dict[str, Any]]:
     """Load ``model.pt2``, export it to ``model.onnx`` (parity-checked), save its stat bank."""
     import onnx
     import torch
@@ -183,9 +203,10 @@ def _convert_pt2(staging: Path) -> tuple[Signature, list[str], dict[str, Any]]:
     with _convert_lock, torch.no_grad():
         report = export_onnx(program, _example_inputs(program), staging / ARTIFACT_FILES["onnx"])
         save_stat_bank(program, staging / ARTIFACT_FILES["stats"], metadata={"source": "upload"})
-    model = onnx.load(str(staging / ARTIFACT_FILES["onnx"]), load_external_data=False)
+    model = onnx.load(str(staging / ARTIFACT_FILES["onnx"]))
     layers = [str(entry["layer"]) for entry in report.bn_map.values()]
-    return onnx_signature(model), layers, report.to_dict() | {"path": ARTIFACT_FILES["onnx"]}
+    export = report.to_dict() | {"path": ARTIFACT_FILES["onnx"]}
+    return onnx_signature(model), layers, export, model_identity(model)
 
 
 def prepare_upload(
@@ -210,7 +231,7 @@ def prepare_upload(
 
     Returns:
         The version's report (``kind``, ``source_format``, ``bn_layers``, ``export``,
-        ``signature``; ``metadata`` for a push).
+        ``signature``, ``weights``: :func:`model_identity`; ``metadata`` for a push).
 
     Raises:
         InvalidInput: not a valid ONNX model with BN nodes, or not a loadable .pt2;
@@ -220,15 +241,16 @@ def prepare_upload(
     copy_upload(upload.file, staging / ARTIFACT_FILES[fmt], max_bytes=max_bytes)
     export: dict[str, Any] | None = None
     if fmt == "onnx":
-        signature, layers = _check_onnx(staging / ARTIFACT_FILES["onnx"])
+        signature, layers, weights = _check_onnx(staging / ARTIFACT_FILES["onnx"])
     else:
-        signature, layers, export = _convert_pt2(staging)
+        signature, layers, export, weights = _convert_pt2(staging)
     report: dict[str, Any] = {
         "kind": kind,
         "source_format": fmt,
         "bn_layers": layers,
         "export": export,
         "signature": signature.model_dump(),
+        "weights": weights,
     }
     if kind == "upload":
         report["metadata"] = metadata or {}

@@ -7,7 +7,11 @@ committed (:meth:`Catalog._commit_version`), a model removed, leftovers swept. I
 decisions: which version serves, and when, is :class:`service.registry.Registry`'s job.
 
 Files live in ``home/artifacts/<model id>/<version>/`` (a server-generated id: client
-names never become paths) with their sha256 recorded in the version's row. A version's
+names never become paths) with their sha256 recorded in the version's row; a model's stat
+banks (:mod:`service.banks`) in ``home/artifacts/<model id>/banks/``. Each version's row
+also holds its weights digest and BN layers (:func:`service.artifacts.weights_identity`),
+computed when it is committed, or on first use (:meth:`Catalog.version_weights`) for
+versions written before schema 3. A version's
 files are written in a staging directory and moved in with one ``rename`` before its row
 is committed, so a half-written version is never visible; :meth:`Catalog.sweep` removes
 what a crash left.
@@ -22,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .artifacts import ARTIFACT_FILES, hash_artifacts
+from .artifacts import ARTIFACT_FILES, hash_artifacts, weights_identity
 from .db import Database, dumps, loads, utcnow
 from .errors import Conflict, InvalidInput, NotFound
 from .names import check_name, is_number
@@ -36,7 +40,11 @@ from .registry_models import (
     VersionInfo,
 )
 
-__all__ = ["Catalog", "new_version_number"]
+__all__ = ["BANKS_DIR", "BANK_SUFFIX", "Catalog", "new_version_number"]
+
+BANKS_DIR = "banks"
+"""The folder of a model's stat banks, ``home/artifacts/<model id>/banks/``."""
+BANK_SUFFIX = ".safetensors"
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +117,7 @@ def _version_info(name: str, row: sqlite3.Row, aliases: list[str]) -> VersionInf
         signature=Signature.model_validate(loads(row["signature"])),
         artifacts={k: ArtifactInfo.model_validate(v) for k, v in loads(row["artifacts"]).items()},
         aliases=aliases,
+        weights_digest=row["weights_digest"],
     )
 
 
@@ -336,6 +345,8 @@ class Catalog:
         artifacts = {k: v.model_dump() for k, v in hash_artifacts(staging).items()}
         if "onnx" not in artifacts:
             raise InvalidInput("expected a model.onnx in the new version (got none)")
+        # uploads computed it while checking the file; a job's version is committed in a thread
+        weights = report.get("weights") or weights_identity(staging / ARTIFACT_FILES["onnx"])
         (self.root / model_id).mkdir(parents=True, exist_ok=True)
         with self.db.transaction() as conn:
             latest = conn.execute(
@@ -348,7 +359,8 @@ class Catalog:
                 conn.execute(
                     "INSERT INTO versions (model_id, version, created_at, parent_version, "
                     "dataset_id, job_id, recalibration, report, validation, signature, "
-                    "artifacts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "artifacts, weights_digest, bn_layers) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         model_id,
                         version,
@@ -361,6 +373,8 @@ class Catalog:
                         None if validation is None else dumps(validation),
                         dumps(signature),
                         dumps(artifacts),
+                        weights["digest"],
+                        dumps(weights["bn_layers"]),
                     ),
                 )
             except BaseException:
@@ -386,13 +400,47 @@ class Catalog:
         known = {
             (r["model_id"], str(r["version"])) for r in self.db.query("SELECT * FROM versions")
         }
+        banks = {(r["model_id"], r["name"]) for r in self.db.query("SELECT * FROM banks")}
         for model_dir in self.root.iterdir():
             for version_dir in model_dir.iterdir():
-                if (model_dir.name, version_dir.name) not in known:
+                if version_dir.name == BANKS_DIR:
+                    for file in version_dir.iterdir():  # renamed in, its row never committed
+                        if (model_dir.name, file.name.removesuffix(BANK_SUFFIX)) not in banks:
+                            log.warning("removing uncommitted bank file %s", file)
+                            file.unlink(missing_ok=True)
+                    if not any(version_dir.iterdir()):
+                        version_dir.rmdir()
+                elif (model_dir.name, version_dir.name) not in known:
                     log.warning("removing uncommitted version directory %s", version_dir)
                     shutil.rmtree(version_dir, ignore_errors=True)
             if not any(model_dir.iterdir()):
                 model_dir.rmdir()
+
+    def version_weights(self, model_id: str) -> dict[int, tuple[str, dict[str, int]]]:
+        """``{version: (weights digest, {BN layer: channels})}`` of a model's versions.
+
+        A version committed before schema 3 has neither: they are computed from its ONNX
+        file now and stored (once; it may load the file, so call it in a thread).
+        """
+        rows = self.db.query(
+            "SELECT version, weights_digest, bn_layers FROM versions WHERE model_id = ? "
+            "ORDER BY version",
+            (model_id,),
+        )
+        out: dict[int, tuple[str, dict[str, int]]] = {}
+        for row in rows:
+            digest, layers = row["weights_digest"], loads(row["bn_layers"])
+            if digest is None or layers is None:
+                path = self.root / model_id / str(row["version"]) / ARTIFACT_FILES["onnx"]
+                weights = weights_identity(path)
+                digest, layers = weights["digest"], weights["bn_layers"]
+                self.db.execute(
+                    "UPDATE versions SET weights_digest = ?, bn_layers = ? "
+                    "WHERE model_id = ? AND version = ?",
+                    (digest, dumps(layers), model_id, row["version"]),
+                )
+            out[int(row["version"])] = (str(digest), dict(layers))
+        return out
 
     def version_numbers(self, name: str) -> list[int]:
         """A model's version numbers, ascending (the v2 model metadata and repository index

@@ -1,7 +1,9 @@
 """The service's metadata store: one SQLite database in WAL mode.
 
-Tables: ``models``, ``versions`` (immutable once written), ``aliases``, ``datasets`` and
-``jobs``; JSON-valued columns hold lineage, reports and progress. Artifacts and uploaded
+Tables: ``models``, ``versions`` (immutable once written; their weights digest and BN
+layers are filled in lazily for versions older than schema 3), ``aliases``, ``banks`` (stat
+banks, immutable), ``datasets`` and ``jobs``; JSON-valued columns hold lineage, reports and
+progress. Artifacts and uploaded
 data live on the filesystem; rows only point at them.
 
 One :class:`Database` per app: :func:`service.app.create_app` creates it, hands it to the
@@ -25,7 +27,7 @@ from typing import Any
 
 __all__ = ["Database", "dumps", "loads", "utcnow"]
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -47,6 +49,8 @@ CREATE TABLE IF NOT EXISTS versions (
     validation TEXT,
     signature TEXT NOT NULL,
     artifacts TEXT NOT NULL,
+    weights_digest TEXT,
+    bn_layers TEXT,
     PRIMARY KEY (model_id, version)
 );
 CREATE TABLE IF NOT EXISTS aliases (
@@ -56,6 +60,17 @@ CREATE TABLE IF NOT EXISTS aliases (
     updated_at TEXT NOT NULL,
     PRIMARY KEY (model_id, alias),
     FOREIGN KEY (model_id, version) REFERENCES versions(model_id, version) ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS banks (
+    model_id TEXT NOT NULL REFERENCES models(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    layers TEXT NOT NULL,
+    weights_digest TEXT NOT NULL,
+    source TEXT NOT NULL,
+    PRIMARY KEY (model_id, name)
 );
 CREATE TABLE IF NOT EXISTS datasets (
     id TEXT PRIMARY KEY,
@@ -83,11 +98,34 @@ CREATE TABLE IF NOT EXISTS jobs (
     result_version INTEGER,
     promoted INTEGER NOT NULL DEFAULT 0,
     validation TEXT,
-    plan TEXT
+    plan TEXT,
+    result_bank TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_by_model ON jobs(model_id, created_at);
 """
+
+
+_ADDED_COLUMNS = (
+    ("jobs", "plan TEXT"),  # schema 1 -> 2: the jobs' adaptation plans
+    ("versions", "weights_digest TEXT"),  # 2 -> 3: what stat banks are checked against
+    ("versions", "bn_layers TEXT"),
+    ("jobs", "result_bank TEXT"),  # 2 -> 3: a job that produced a bank
+)
+"""Columns added after schema 1, as ``(table, "name TYPE")``; nullable, so old rows stay."""
+
+
+def _add_column(conn: sqlite3.Connection, table: str, column: str) -> None:
+    """``ALTER TABLE table ADD COLUMN column`` unless it exists (a concurrent process may
+    add it between the check and the ``ALTER``: its duplicate is tolerated)."""
+    name = column.split()[0]
+    if name in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+        return
+    try:
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+    except sqlite3.OperationalError as exc:  # another process migrated first
+        if "duplicate column" not in str(exc):
+            raise
 
 
 def utcnow() -> str:
@@ -142,14 +180,9 @@ class Database:
                 f"expected a database of schema version <= {_SCHEMA_VERSION} (got {found}); "
                 "it was written by a newer recalib"
             )
-        conn.executescript(_SCHEMA)
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
-        if "plan" not in columns:  # schema 1 -> 2: the jobs' adaptation plans
-            try:
-                conn.execute("ALTER TABLE jobs ADD COLUMN plan TEXT")
-            except sqlite3.OperationalError as exc:  # another process migrated first
-                if "duplicate column" not in str(exc):
-                    raise
+        conn.executescript(_SCHEMA)  # new tables (schema 3: banks) are created here
+        for table, column in _ADDED_COLUMNS:
+            _add_column(conn, table, column)
         conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
 
     @contextmanager

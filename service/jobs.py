@@ -28,6 +28,13 @@ has the runtime load it first).
   plan flags (no adapted plan beat the source, or the guard could not run) is created as a
   version but not promoted; a job that asked for ``promote`` then ends ``failed`` with the
   plan's reason. ``JobInfo.plan`` carries the candidates table.
+* A stat bank instead of a version (``"output": {"bank": name}``): the worker writes the
+  recalibrated statistics as a bank file stamped with the base version's weights digest,
+  and the server stores it (:meth:`service.banks.BankStore.add_file`) instead of adding a
+  version. The gate is stricter than for versions: a flagged plan or a failed validation
+  saves nothing (the job fails "not saved: ..."), since a bank has no history to keep it
+  in. The name must be free at submission (409) and still free when it is stored (else
+  the job fails). ``promote`` does not combine with a bank (422).
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from recalib.errors import DataError, RecalibError
 from recalib.options import DEFAULTS
 
 from .artifacts import ARTIFACT_FILES
+from .banks import BankStore, check_bank_name
 from .datasets import DatasetStore, input_array_name
 from .db import Database, dumps, loads, utcnow
 from .errors import Conflict, InvalidInput, NotFound, ServiceError
@@ -60,10 +68,11 @@ from .names import check_name
 from .registry import Registry
 from .registry_models import PRODUCTION
 from .settings import Settings
-from .worker import OUT_DIR, RESULT_FILE, JobSpec, run_job
+from .worker import BANK_FILE, OUT_DIR, RESULT_FILE, JobSpec, run_job
 
 __all__ = [
     "FINAL_STATES",
+    "BankOutput",
     "JobInfo",
     "JobList",
     "JobManager",
@@ -94,6 +103,18 @@ class ValidationRequest(BaseModel):
         ge=-1.0,
         le=1.0,
         description="largest allowed base accuracy - new accuracy (negative: demand a gain)",
+    )
+
+
+class BankOutput(BaseModel):
+    """Save the result as a stat bank of the model instead of a new version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bank: str = Field(
+        pattern=r"^(?:[0-9]*[A-Za-z]|[0-9]+[_.-])[A-Za-z0-9_.-]*$",
+        max_length=64,
+        description="name of the new bank (named like an alias; must be free)",
     )
 
 
@@ -142,11 +163,18 @@ class RecalibrationRequest(BaseModel):
     )
     promote: bool = Field(default=False, description="point production at the new version")
     validation: ValidationRequest | None = None
+    output: BankOutput | None = Field(
+        default=None,
+        description="null: a new version (default); {bank: name}: a stat bank of the model, "
+        "stamped with the base version's weights (not with promote)",
+    )
 
     @model_validator(mode="after")
     def _prior_needs_strength(self) -> RecalibrationRequest:
         if self.method == "prior" and self.prior_strength is None:
             raise ValueError("method 'prior' needs prior_strength (the source's sample size)")
+        if self.output is not None and self.promote:
+            raise ValueError("promote needs a version: a job with output bank cannot promote")
         return self
 
 
@@ -170,6 +198,10 @@ class JobInfo(BaseModel):
         description="the candidate plans, their scores and the chosen one (criterion, "
         "chosen, reason, flagged, candidates)",
     )
+    output: BankOutput | None = Field(
+        default=None, description="null: the job makes a version; else the bank it makes"
+    )
+    result_bank: str | None = Field(default=None, description="the bank it stored")
 
 
 class JobList(BaseModel):
@@ -189,6 +221,7 @@ class _Handle:
     params: dict[str, Any]
     validation_dataset: str | None
     recalibration: dict[str, Any]
+    bank: str | None = None
     task: asyncio.Task[None] | None = None
     process: Any = None
     started: float | None = None
@@ -238,7 +271,47 @@ def _job_info(row: sqlite3.Row, model: str) -> JobInfo:
         promoted=bool(row["promoted"]),
         validation=loads(row["validation"]),
         plan=loads(row["plan"]),
+        output=loads(row["params"]).get("output"),
+        result_bank=row["result_bank"],
     )
+
+
+def _not_saved(plan: dict[str, Any] | None, validation: dict[str, Any] | None) -> str | None:
+    """Why a bank job's result may not be stored (the plan gate, then validation)."""
+    if plan is not None and plan.get("flagged"):
+        return (
+            f"not saved: {plan.get('reason')} (plan {plan.get('chosen')}, "
+            f"{plan.get('criterion')}); no bank was stored"
+        )
+    if validation is not None and not validation["passed"]:
+        return (
+            f"not saved: validation failed: accuracy {validation['new_accuracy']:.4f} vs base "
+            f"{validation['base_accuracy']:.4f} (drop {validation['accuracy_drop']:.4f} > max "
+            f"{validation['max_accuracy_drop']:g}); no bank was stored"
+        )
+    return None
+
+
+def _store_bank(
+    banks: BankStore,
+    handle: _Handle,
+    bank: str,
+    out: Path,
+    validation: dict[str, Any] | None,
+    plan: dict[str, Any] | None,
+) -> str | None:
+    """A bank job's end: the gate (:func:`_not_saved`), then the bank is stored from
+    ``out``. Returns the job's error (``None``: stored)."""
+    error = _not_saved(plan, validation)
+    if error is not None:
+        return error
+    source = {"kind": "recalibration", "job": handle.id, "base_version": handle.base_version}
+    source |= {"dataset": handle.dataset, "recalibration": handle.recalibration}
+    try:
+        banks.add_file(handle.model, bank, out / BANK_FILE, source)
+    except (ServiceError, RecalibError, OSError, ValueError) as exc:
+        return f"could not store the bank: {exc}"
+    return None
 
 
 async def _stop(proc: Any) -> None:
@@ -259,6 +332,7 @@ class JobManager:
         registry: the model registry (versions; promotion).
         datasets: the data set store.
         metrics: counts finished jobs (``job_finished``).
+        banks: where jobs with ``output.bank`` store their bank.
         target: the function the worker process runs (tests substitute slow or crashing
             ones; it must be importable by name, as ``spawn`` pickles it).
     """
@@ -272,8 +346,10 @@ class JobManager:
         datasets: DatasetStore,
         metrics: ServiceMetrics,
         target: WorkerTarget | None = None,
+        banks: BankStore | None = None,
     ) -> None:
         self._settings = settings
+        self._banks = banks or BankStore(registry)
         self._db = db
         self._registry = registry
         self._datasets = datasets
@@ -403,6 +479,9 @@ class JobManager:
         except DataError as exc:
             raise InvalidInput(f"data set {dataset.id}: {exc}") from exc
         self._check_shape(model, base, dataset.tensors[key].shape[1:])
+        bank = None if request.output is None else check_bank_name(request.output.bank)
+        if bank is not None:
+            self._banks.check_free(model, bank)
         validation = (
             None
             if request.validation is None
@@ -411,7 +490,7 @@ class JobManager:
         job_id = uuid.uuid4().hex
         version_dir = self._registry.artifact(model, base, "onnx").parent
         pt2 = version_dir / ARTIFACT_FILES["pt2"]
-        exclude = {"dataset", "key", "base_version", "promote", "validation"}
+        exclude = {"dataset", "key", "base_version", "promote", "validation", "output"}
         spec = JobSpec(
             job_id=job_id,
             db_path=str(self._db.path),
@@ -423,6 +502,7 @@ class JobManager:
             params=request.model_dump(exclude=exclude),
             validation=validation,
             threads=_worker_threads(),
+            bank=bank,
         )
         handle = _Handle(
             id=job_id,
@@ -434,6 +514,7 @@ class JobManager:
             params=request.model_dump(mode="json"),
             validation_dataset=None if request.validation is None else request.validation.dataset,
             recalibration=spec.params | {"key": key},
+            bank=bank,
         )
         self._db.execute(
             "INSERT INTO jobs (id, model_id, state, base_version, dataset_id, "
@@ -492,16 +573,18 @@ class JobManager:
         promoted: bool = False,
         validation: dict[str, Any] | None = None,
         plan: dict[str, Any] | None = None,
+        bank: str | None = None,
     ) -> None:
         self._db.execute(
-            "UPDATE jobs SET state = ?, error = ?, result_version = ?, promoted = ?, "
-            "validation = ?, plan = ?, finished_at = ?, "
+            "UPDATE jobs SET state = ?, error = ?, result_version = ?, result_bank = ?, "
+            "promoted = ?, validation = ?, plan = ?, finished_at = ?, "
             "progress = json_set(progress, '$.stage', ?) "
             "WHERE id = ? AND state IN ('queued', 'running')",
             (
                 state,
                 error,
                 version,
+                bank,
                 int(promoted),
                 None if validation is None else dumps(validation),
                 None if plan is None else dumps(plan),
@@ -601,6 +684,15 @@ class JobManager:
                 "dataset": handle.validation_dataset,
                 "base_version": handle.base_version,
             } | validation
+        plan = result.get("plan") if isinstance(result.get("plan"), dict) else None
+        if handle.bank is not None:
+            error = await asyncio.to_thread(
+                _store_bank, self._banks, handle, handle.bank, work / OUT_DIR, validation, plan
+            )
+            state: JobState = "failed" if error else "succeeded"
+            bank = None if error else handle.bank
+            self._finish(handle, state, error=error, bank=bank, validation=validation, plan=plan)
+            return
         try:
             version = await asyncio.to_thread(
                 self._registry.add_version,
@@ -615,7 +707,6 @@ class JobManager:
         except (ServiceError, RecalibError, OSError, ValueError) as exc:
             self._finish(handle, "failed", error=f"could not register the new version: {exc}")
             return
-        plan = result.get("plan") if isinstance(result.get("plan"), dict) else None
         await self._conclude(handle, version.version, validation, plan)
 
     async def _conclude(

@@ -69,6 +69,12 @@ class VersionInfo(BaseModel):
     signature: Signature
     artifacts: dict[str, ArtifactInfo]
     aliases: list[str]
+    weights_digest: str | None = Field(
+        default=None,
+        description="sha256 of the weights, BN statistics excluded: the stat banks this "
+        "version takes were computed with these weights (null until first computed for "
+        "versions registered before schema 3)",
+    )
 
 
 class VersionList(BaseModel):

@@ -15,10 +15,13 @@ Steps (progress is written to the job's row as it goes, at most a few times a se
    counting batches and passes;
 3. optionally validate: top-1 accuracy of the base and the new ONNX model (ONNX Runtime,
    CPU) on a labeled data set (arrays ``x`` and ``y``);
-4. write ``out/`` (the new version's files and ``report.json``) and then ``result.json``
-   (``{"ok": true, "validation": ...}`` or ``{"ok": false, "error": "..."}``).
+4. write ``out/`` (the new version's files and ``report.json``; for a job whose output is
+   a stat bank also ``bank.safetensors``: the new statistics stamped with the *base*
+   version's weights digest, :func:`recalib.onnx.bank_files.save_onnx_bank`) and then
+   ``result.json`` (``{"ok": true, "validation": ...}`` or ``{"ok": false, "error": "..."}``).
 
-The server adds the version to the registry from ``out/`` once the process has exited;
+The server adds the version (or the bank) to the registry from ``out/`` once the process
+has exited;
 this process never touches the registry's tables. Importing this module is cheap (no
 torch): what a job needs is imported when it runs.
 """
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 OUT_DIR = "out"
+BANK_FILE = "bank.safetensors"
 LOG_FILE = "worker.log"
 
 
@@ -70,6 +74,7 @@ class JobSpec:
             allow_unconverged, plan).
         validation: ``{"dataset": path, "max_accuracy_drop": float}`` or ``None``.
         threads: torch / ONNX Runtime threads.
+        bank: the name of the stat bank to write instead of a version (``None``: a version).
     """
 
     job_id: str
@@ -82,6 +87,7 @@ class JobSpec:
     params: dict[str, Any]
     validation: dict[str, Any] | None
     threads: int
+    bank: str | None = None
 
 
 class _Progress:
@@ -332,8 +338,25 @@ def _run(spec: JobSpec, progress: _Progress) -> dict[str, Any]:
         "validation": validation,
     }
     (out / "report.json").write_text(json.dumps(payload, indent=2))
+    if spec.bank is not None:
+        _write_bank(spec, out)
     progress.stage("registering")
     return {"ok": True, "error": None, "validation": validation, "plan": report.plan}
+
+
+def _write_bank(spec: JobSpec, out: Path) -> None:
+    """``out/bank.safetensors``: the new model's statistics (torch layer names), stamped
+    with the base version's weights (recalibration changes no weight)."""
+    import onnx
+
+    from recalib.onnx.bank_files import save_onnx_bank
+    from recalib.onnx.names import bn_node_stats, read_bn_map
+
+    new = onnx.load(str(out / "model.onnx"))
+    infos = read_bn_map(new)
+    stats = {infos[key].layer: pair for key, pair in bn_node_stats(new).items()}
+    base = onnx.load(spec.base_onnx)
+    save_onnx_bank(base, stats, out / BANK_FILE, name=spec.bank, metadata={"job": spec.job_id})
 
 
 def _write_result(work: Path, result: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from typing import Annotated, Any
 from fastapi import Path
 from pydantic import BeforeValidator, WithJsonSchema
 
+from ..banks import check_bank_name
 from ..names import NAME_PATTERN, check_alias, check_name, is_number
 from ..registry_models import MAX_VERSION
 
@@ -35,6 +36,7 @@ __all__ = [
     "VERSION_PATTERN",
     "VERSION_REF_FORM",
     "AliasPath",
+    "BankNamePath",
     "DatasetIdPath",
     "JobIdPath",
     "ModelNamePath",
@@ -83,6 +85,15 @@ NewAliasPath = Annotated[
         description="alias (a name that is not a number: numbers name versions)",
     ),
     _checked(check_alias),
+]
+BankNamePath = Annotated[
+    str,
+    Path(
+        pattern=ALIAS_PATTERN,
+        max_length=_NAME_LENGTH,
+        description="stat bank name (named like an alias: a name that is not a number)",
+    ),
+    _checked(check_bank_name),
 ]
 VersionPath = Annotated[
     str,

@@ -1,0 +1,298 @@
+"""Stat banks in the registry: named, immutable sets of BN statistics of one model.
+
+A bank belongs to a model and is *valid for* the versions whose weights it was computed
+with: its file (:mod:`recalib.onnx.bank_files`, the StatBank safetensors format) carries
+the weights digest it was stamped with, and each version's row holds its own
+(:meth:`service.catalog.Catalog.version_weights`). ``valid_versions`` are the versions
+with that digest *and* the bank's BN layers (names and channel counts): recalibrated
+versions of one model share their weights, so a bank computed on version 1 serves
+version 3 recalibrated from it, and not a fine-tuned version 4. The layer names alone are
+not enough: BN statistics depend on every weight before the layer.
+
+A bank is refused (nothing is stored) when it is not a bank file (400), carries no weights
+digest (400: the file does not say which weights it is for), has non-finite statistics or
+negative variances (400), other BN layers than the model's versions (400), or a digest
+that matches none of its versions (``Incompatible``, 422). Names follow the alias rule
+(:func:`service.names.check_alias`); a bank is never replaced (409): delete it and put it
+again. Files are ``home/artifacts/<model id>/banks/<name>.safetensors``, written in a
+staging directory and renamed in inside the transaction that inserts the row; deleting
+the model removes them with its folder (rows cascade).
+
+Banks come from uploads (:meth:`BankStore.put`) or from recalibration jobs that asked for
+``"output": {"bank": name}`` (:meth:`BankStore.add_file`, called by
+:mod:`service.jobs`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from .catalog import BANK_SUFFIX, BANKS_DIR, Catalog
+from .db import dumps, loads, utcnow
+from .errors import Conflict, Incompatible, InvalidInput, NotFound
+from .names import check_name, is_number
+from .uploads import Upload, copy_upload, staging
+
+__all__ = ["BANK_SUFFIXES", "BankInfo", "BankList", "BankStore", "check_bank_name"]
+
+log = logging.getLogger(__name__)
+
+BANK_SUFFIXES = (".safetensors",)
+"""What an uploaded bank file's name ends with."""
+
+_STAMP_HINT = (
+    "stamp it with the weights of the version it was computed on: "
+    "recalib.onnx.bank_files.save_onnx_bank(onnx_model, stats, path), or "
+    "save_stat_bank(model, path, metadata={'weights_digest': weights_digest(onnx_model)})"
+)
+
+
+def check_bank_name(value: str) -> str:
+    """Return ``value`` if it can name a stat bank (the alias rule: a name, not a number).
+
+    Raises:
+        InvalidInput: malformed, or made of digits only.
+    """
+    check_name(value, "stat bank name")
+    if is_number(value):
+        raise InvalidInput(
+            f"expected a stat bank name that is not a number (got {value!r}: banks are named "
+            "like aliases)"
+        )
+    return value
+
+
+class BankInfo(BaseModel):
+    """One stat bank of a model."""
+
+    model: str
+    name: str
+    layers: int = Field(description="number of BN layers it holds statistics for")
+    size_bytes: int
+    sha256: str = Field(description="sha256 of the bank file")
+    weights_digest: str = Field(description="the weights it was computed with")
+    source: dict[str, Any] = Field(
+        description="where it came from: kind upload (its metadata) or recalibration "
+        "(job, base_version, dataset, recalibration parameters)"
+    )
+    valid_versions: list[int] = Field(
+        description="the versions with these weights and BN layers (it may serve them)"
+    )
+    created_at: str
+
+
+class BankList(BaseModel):
+    banks: list[BankInfo]
+
+
+def _checked_bank(path: Path) -> Any:
+    """The bank file at ``path``, values checked (``recalib.onnx.bank_files.BankFile``).
+
+    Raises:
+        InvalidInput: not a bank file, no weights digest, non-finite or negative values.
+    """
+    from recalib.errors import StatBankMismatchError
+    from recalib.onnx.bank_files import read_bank_file
+
+    try:
+        bank = read_bank_file(path)
+        bank.check_values()
+    except StatBankMismatchError as exc:
+        raise InvalidInput(str(exc)) from exc
+    if not bank.stats:
+        raise InvalidInput("expected statistics for the model's BN layers (got an empty bank)")
+    if bank.digest is None:
+        raise InvalidInput(
+            "expected a stat bank stamped with metadata 'weights_digest' (got none: the file "
+            f"does not say which weights its statistics were computed with); {_STAMP_HINT}"
+        )
+    return bank
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class BankStore:
+    """The ``banks`` rows and files of the registry's models.
+
+    Args:
+        catalog: the registry's reads (models, versions and their weights).
+    """
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.db = catalog.db
+        self.home = catalog.home
+
+    def _model(self, name: str) -> sqlite3.Row:
+        return self.catalog._model_row(name)  # the catalog's look-up (NotFound, 400)
+
+    def _path(self, model_id: str, bank: str) -> Path:
+        return self.catalog.root / model_id / BANKS_DIR / f"{bank}{BANK_SUFFIX}"
+
+    def _row(self, name: str, bank: str) -> tuple[sqlite3.Row, sqlite3.Row]:
+        model = self._model(name)
+        check_bank_name(bank)
+        row = self.db.query_one(
+            "SELECT * FROM banks WHERE model_id = ? AND name = ?", (model["id"], bank)
+        )
+        if row is None:
+            raise NotFound(f"model {name!r} has no stat bank {bank!r}")
+        return model, row
+
+    def _info(self, name: str, row: sqlite3.Row, weights: dict[int, Any]) -> BankInfo:
+        layers = loads(row["layers"])
+        digest = row["weights_digest"]
+        valid = [v for v, (d, lay) in weights.items() if d == digest and lay == layers]
+        return BankInfo(
+            model=name,
+            name=row["name"],
+            layers=len(layers),
+            size_bytes=row["bytes"],
+            sha256=row["sha256"],
+            weights_digest=row["weights_digest"],
+            source=loads(row["source"]),
+            valid_versions=valid,
+            created_at=row["created_at"],
+        )
+
+    # -- reads (they may compute old versions' weights digests once: call in a thread) ---
+
+    def banks(self, name: str) -> list[BankInfo]:
+        """A model's banks, by name."""
+        model = self._model(name)
+        rows = self.db.query("SELECT * FROM banks WHERE model_id = ? ORDER BY name", (model["id"],))
+        weights = self.catalog.version_weights(model["id"]) if rows else {}
+        return [self._info(name, r, weights) for r in rows]
+
+    def bank(self, name: str, bank: str) -> BankInfo:
+        """Raises: NotFound (InvalidInput for a malformed name)."""
+        model, row = self._row(name, bank)
+        return self._info(name, row, self.catalog.version_weights(model["id"]))
+
+    def file(self, name: str, bank: str) -> Path:
+        """The bank's safetensors file."""
+        model, row = self._row(name, bank)
+        return self._path(model["id"], row["name"])
+
+    def exists(self, name: str, bank: str) -> bool:
+        model = self._model(name)
+        check_bank_name(bank)
+        return (
+            self.db.query_one(
+                "SELECT 1 FROM banks WHERE model_id = ? AND name = ?", (model["id"], bank)
+            )
+            is not None
+        )
+
+    def check_free(self, name: str, bank: str) -> None:
+        """Raises: Conflict: ``name`` has a bank ``bank`` already (banks are immutable)."""
+        if self.exists(name, bank):
+            raise Conflict(
+                f"model {name!r} has a stat bank {bank!r} already (banks are immutable: delete "
+                "it first, or choose another name)"
+            )
+
+    # -- writes --------------------------------------------------------------------------
+
+    def _check_fits(self, name: str, model_id: str, bank: Any) -> None:
+        """Refuse a bank that fits no version of the model (layers: 400, weights: 422)."""
+        from recalib.onnx.bank_files import layer_difference
+
+        weights = self.catalog.version_weights(model_id)
+        same = [v for v, (d, _) in weights.items() if d == bank.digest]
+        version = same[-1] if same else max(weights)
+        difference = layer_difference(weights[version][1], bank.layers)
+        if difference is not None:
+            raise InvalidInput(
+                f"expected statistics for the {len(weights[version][1])} BN layers of version "
+                f"{version} of model {name!r} (got {difference}): a bank of another network?"
+            )
+        if not same:
+            known = ", ".join(f"v{v} {d[:12]}" for v, (d, _) in weights.items())
+            raise Incompatible(
+                f"expected a bank computed with the weights of a version of model {name!r} "
+                f"({known}) (got weights digest {bank.digest[:12]}: statistics of other "
+                "weights, e.g. another model's or a fine-tuned version's); compute it on the "
+                "version it is for"
+            )
+
+    def add_file(self, name: str, bank: str, file: Path, source: dict[str, Any]) -> BankInfo:
+        """Check the bank file ``file`` and move it in as bank ``bank`` of model ``name``
+        (``file`` is renamed: put it under ``home``). Synchronous: call it in a thread.
+
+        Raises:
+            NotFound: no such model; InvalidInput: a malformed name, not a bank file, no
+            digest, bad values, other BN layers; Incompatible: other weights;
+            Conflict: the name is taken.
+        """
+        check_bank_name(bank)
+        model = self._model(name)
+        self.check_free(name, bank)  # again below, in the transaction
+        checked = _checked_bank(file)
+        self._check_fits(name, model["id"], checked)
+        meta = {k: v for k, v in checked.metadata.items() if k != "weights_digest"}
+        final = self._path(model["id"], bank)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        size, sha = file.stat().st_size, _sha256(file)
+        try:
+            with self.db.transaction() as conn:
+                conn.execute(
+                    "INSERT INTO banks (model_id, name, created_at, bytes, sha256, layers, "
+                    "weights_digest, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        model["id"],
+                        bank,
+                        utcnow(),
+                        size,
+                        sha,
+                        dumps(checked.layers),
+                        checked.digest,
+                        dumps(source | ({"metadata": meta} if source["kind"] == "upload" else {})),
+                    ),
+                )
+                file.rename(final)  # in the transaction: a failed rename rolls the row back
+        except sqlite3.IntegrityError as exc:  # a concurrent put, or the model was deleted
+            self.check_free(name, bank)
+            raise NotFound(f"model {name!r} was deleted while its bank was stored") from exc
+        log.info("model %s: stat bank %s stored (%s)", name, bank, source["kind"])
+        return self.bank(name, bank)
+
+    async def put(self, name: str, bank: str, upload: Upload, *, max_bytes: int) -> BankInfo:
+        """Store an uploaded bank file (see :meth:`add_file`).
+
+        Raises:
+            as :meth:`add_file`; InvalidInput: not a ``.safetensors`` file name;
+            PayloadTooLarge: above ``max_bytes``.
+        """
+        from .uploads import upload_suffix
+
+        check_bank_name(bank)
+        self.check_free(name, bank)  # before reading the body
+        upload_suffix(upload.filename, BANK_SUFFIXES, "stat bank")
+        with staging(self.home, "bank") as folder:
+            path = folder / f"bank{BANK_SUFFIX}"
+            await asyncio.to_thread(copy_upload, upload.file, path, max_bytes=max_bytes)
+            return await asyncio.to_thread(self.add_file, name, bank, path, {"kind": "upload"})
+
+    def delete(self, name: str, bank: str) -> None:
+        """Remove a bank (its row, then its file).
+
+        Raises:
+            NotFound: no such model or bank.
+        """
+        model, row = self._row(name, bank)
+        self.db.execute(
+            "DELETE FROM banks WHERE model_id = ? AND name = ?", (model["id"], row["name"])
+        )
+        self._path(model["id"], row["name"]).unlink(missing_ok=True)
+        log.info("model %s: stat bank %s deleted", name, bank)
