@@ -4,7 +4,7 @@
     recalib demo --offline                         # the same recalibration in-process
     recalib recalibrate --model in.pt2 --data cal.npz --out out.pt2 [--report r.json]
     recalib export --model in.pt2 --out model.onnx --example data.npz
-    recalib serve [--host 127.0.0.1] [--port 8000] [--home DIR]
+    recalib serve [--host 127.0.0.1] [--port 8000] [--grpc-port 8001] [--home DIR]
 
 The core (``recalib.cli``, ``python -m recalib``) never imports the service; this module
 builds on its parser (:func:`recalib.cli.build_parser`) and adds ``serve`` and the demo
@@ -38,7 +38,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print("recalib demo: the whole pipeline through the REST API of a fresh service")
     try:
         serve_with_story(
-            host=args.host, port=args.port, home=args.home, keep_running=not args.exit, out=print
+            host=args.host,
+            port=args.port,
+            home=args.home,
+            grpc_port=args.grpc_port,
+            keep_running=not args.exit,
+            out=print,
         )
     except RuntimeError as exc:
         raise CliError(str(exc)) from exc
@@ -48,12 +53,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from .main import serve
+    from .main import PortInUse, serve
 
     try:
-        serve(host=args.host, port=args.port, home=args.home)
+        serve(host=args.host, port=args.port, home=args.home, grpc_port=args.grpc_port)
     except ValidationError as exc:
         raise CliError(f"invalid service settings: {_settings_error(exc)}") from exc
+    except PortInUse as exc:
+        raise CliError(str(exc)) from exc
     return 0
 
 
@@ -73,6 +80,9 @@ def _add_service_demo(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--host", default=None, help="service host (default 127.0.0.1)")
     demo.add_argument("--port", type=int, default=None, help="service port (default 8000)")
     demo.add_argument(
+        "--grpc-port", type=int, default=None, help="gRPC port (default: RECALIB_GRPC_PORT or 8001)"
+    )
+    demo.add_argument(
         "--home", default=None, help="service state directory (default: RECALIB_HOME or ./.recalib)"
     )
     demo.set_defaults(func=_cmd_demo)
@@ -83,16 +93,23 @@ def _parser() -> argparse.ArgumentParser:
     _add_service_demo(sub.choices["demo"])
     serve = sub.add_parser(
         "serve",
-        help="run the REST service",
-        description="Run the REST service until interrupted. Settings come from the "
-        "RECALIB_* environment; the options override host, port and home.",
+        help="run the service (REST and v2 gRPC)",
+        description="Run the service (REST on --port, v2 gRPC on --grpc-port) until "
+        "interrupted. Settings come from the RECALIB_* environment; the options override "
+        "host, ports and home.",
         formatter_class=parser.formatter_class,
     )
     serve.add_argument(
         "--host", default=None, help="interface to bind (default: RECALIB_HOST or 127.0.0.1)"
     )
     serve.add_argument(
-        "--port", type=int, default=None, help="TCP port (default: RECALIB_PORT or 8000)"
+        "--port", type=int, default=None, help="REST port (default: RECALIB_PORT or 8000)"
+    )
+    serve.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="v2 gRPC port (default: RECALIB_GRPC_PORT or 8001; RECALIB_GRPC=false: off)",
     )
     serve.add_argument(
         "--home", default=None, help="state directory (default: RECALIB_HOME or ./.recalib)"

@@ -158,6 +158,7 @@ def serve_with_story(
     host: str | None = None,
     port: int | None = None,
     home: str | Path | None = None,
+    grpc_port: int | None = None,
     keep_running: bool = True,
     out: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
@@ -165,6 +166,7 @@ def serve_with_story(
     import uvicorn
 
     from .app import create_app
+    from .main import check_ports
     from .settings import Settings
 
     # The story sends only a few requests: watch every batch so drift is measured on all.
@@ -172,9 +174,11 @@ def serve_with_story(
         "host": host,
         "port": port,
         "home": home,
+        "grpc_port": grpc_port,
         "drift_sample_fraction": 1.0,
     }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    check_ports(settings)
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(settings), host=settings.host, port=settings.port, log_level="warning"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +43,34 @@ def test_serve_with_bad_settings_exits_2_with_one_line(
     assert reason in line
 
 
+@pytest.mark.parametrize("which", ["--port", "--grpc-port"])
+def test_serve_on_a_taken_port_exits_2_naming_the_setting(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, which: str
+) -> None:
+    for name in ("RECALIB_API_TOKEN", "RECALIB_HOST", "RECALIB_PORT", "RECALIB_GRPC"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        other = "--grpc-port" if which == "--port" else "--port"
+        argv = ["serve", "--home", str(tmp_path), which, port, other, "0"]
+        assert main(argv) == 2
+    line = _stderr_line(capsys)
+    assert f"cannot listen on 127.0.0.1:{port}" in line
+    assert ("RECALIB_GRPC_PORT" if which == "--grpc-port" else "RECALIB_PORT") in line
+
+
 def test_demo_runs_the_story_with_the_service_options(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(service.story, "serve_with_story", lambda **kw: calls.append(kw))
-    assert main(["demo", "--exit", "--host", "127.0.0.2", "--port", "9001", "--home", "h"]) == 0
+    argv = ["--host", "127.0.0.2", "--port", "9001", "--grpc-port", "9002", "--home", "h"]
+    assert main(["demo", "--exit", *argv]) == 0
     (call,) = calls
     assert call["host"] == "127.0.0.2" and call["port"] == 9001 and call["home"] == "h"
+    assert call["grpc_port"] == 9002
     assert call["keep_running"] is False
     assert "through the REST API of a fresh service" in capsys.readouterr().out
 
@@ -89,7 +110,7 @@ def test_every_option_has_a_help(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert stop.value.code == 0
     top = capsys.readouterr().out
-    assert "run the REST service" in top and "``" not in top
+    assert "run the service (REST and v2 gRPC)" in top and "``" not in top
     sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) == {"recalibrate", "export", "demo", "serve"}
     for name, cmd in sub.choices.items():
