@@ -5,6 +5,11 @@ layer (float32, or the layers' own dtype) and metadata holding the model's *laye
 signature* (a digest of every stat-tracking layer's name and channel count). A domain's
 calibration can then be stored and shipped as a bank, and swapped into the same network
 with :meth:`StatBank.apply`; a bank from a different network is refused.
+
+The layer signature does not say which *weights* the statistics were computed with; the
+service requires that too: ``metadata={"weights_digest": ...}``
+(:func:`recalib.onnx.bank_files.weights_digest`, or write the bank for an ONNX version with
+:func:`recalib.onnx.bank_files.save_onnx_bank`).
 """
 
 from __future__ import annotations

@@ -73,6 +73,11 @@ def versions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, onnx.ModelPr
     }
     recal, _ = recalibrate_onnx(out["v1"], shifted_images(128, seed=3), batch_size=32)
     out["recalibrated"] = recal
+    torch_recal = make_model(0)  # new statistics in torch, then exported again (a .pt2 job)
+    torch_recal.train()
+    with torch.no_grad():
+        torch_recal(torch.from_numpy(shifted_images(64, seed=4)))
+    out["torch_recalibrated"] = onnx.load(str(export(torch_recal.eval(), root / "t.onnx")))
     return out
 
 
@@ -87,6 +92,9 @@ def test_digest_is_shared_by_recalibrated_versions_and_re_exports(
     )
     assert weights_digest(versions["recalibrated"]) == v1
     assert weights_digest(versions["v1_again"]) == v1
+    torch_stats = bn_node_stats(versions["torch_recalibrated"])
+    assert not np.allclose(next(iter(torch_stats.values()))[0], next(iter(stats.values()))[0])
+    assert weights_digest(versions["torch_recalibrated"]) == v1
 
 
 def test_digest_differs_for_other_weights(versions: dict[str, onnx.ModelProto]) -> None:
