@@ -298,3 +298,26 @@ def test_recalibration_jobs_make_versions_and_banks(
     assert failed["state"] == "failed" and failed["error"].startswith("not saved: validation")
     assert failed["result_bank"] is None
     assert api.client.get("/v1/models/m/banks/strict").status_code == 404
+
+
+def test_a_store_fed_replica_has_no_banks(
+    make_api: Callable[..., Api], settings: Settings, bn_onnx: bytes, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    control = make_api(settings.model_copy(update={"model_store": store}))
+    assert control.register("m", bn_onnx).status_code == 201
+    replica = make_api(
+        settings.model_copy(
+            update={"model_store": store, "role": "inference", "home": tmp_path / "replica"}
+        )
+    )
+    data = _bank_bytes(onnx.load_from_string(bn_onnx), tmp_path)
+    for method, path in [
+        ("GET", "/v1/models/m/banks"),
+        ("GET", "/v1/models/m/banks/b"),
+        ("GET", "/v1/models/m/banks/b/file"),
+        ("DELETE", "/v1/models/m/banks/b"),
+    ]:
+        response = replica.client.request(method, path)
+        assert response.status_code == 403, (method, path, response.text)
+    assert _put(replica, "b", data).status_code == 403
