@@ -209,6 +209,8 @@ class BankStore:
         from recalib.onnx.bank_files import layer_difference
 
         weights = self.catalog.version_weights(model_id)
+        if not weights:
+            raise Incompatible(f"model {name!r} has no version whose weights could be read")
         same = [v for v, (d, _) in weights.items() if d == bank.digest]
         version = same[-1] if same else max(weights)
         difference = layer_difference(weights[version][1], bank.layers)

@@ -420,7 +420,8 @@ class Catalog:
         """``{version: (weights digest, {BN layer: channels})}`` of a model's versions.
 
         A version committed before schema 3 has neither: they are computed from its ONNX
-        file now and stored (once; it may load the file, so call it in a thread).
+        file now and stored (once; it may load the file, so call it in a thread). A version
+        whose file cannot be read is logged and left out.
         """
         rows = self.db.query(
             "SELECT version, weights_digest, bn_layers FROM versions WHERE model_id = ? "
@@ -432,7 +433,13 @@ class Catalog:
             digest, layers = row["weights_digest"], loads(row["bn_layers"])
             if digest is None or layers is None:
                 path = self.root / model_id / str(row["version"]) / ARTIFACT_FILES["onnx"]
-                weights = weights_identity(path)
+                try:
+                    weights = weights_identity(path)
+                # Whatever reading an old file raises (onnx has its own errors), that version
+                # takes no bank; the others are still answered.
+                except Exception:
+                    log.exception("could not compute the weights digest of %s", path)
+                    continue
                 digest, layers = weights["digest"], weights["bn_layers"]
                 self.db.execute(
                     "UPDATE versions SET weights_digest = ?, bn_layers = ? "
