@@ -239,16 +239,11 @@ def test_prometheus_scrapes_service_metrics(prometheus_binary: str, tmp_path: Pa
         # Request counter: one series per (model, version, outcome, reason), counts exactly
         # as sent.
         requests = prom.values(f'recalib_requests_total{{model="{MODEL}"}}')
-        ok, rejected = (
-            (("outcome", "ok"), ("reason", "none")),
-            (
-                ("outcome", "client_error"),
-                ("reason", "invalid_input"),
-            ),
-        )
+        answered = (("outcome", "ok"), ("reason", "none"))
+        refused = (("outcome", "client_error"), ("reason", "invalid_input"))
         assert requests == {
-            (("model", MODEL), *ok, ("version", "1")): REQUESTS,
-            (("model", MODEL), *rejected, ("version", "1")): 1,
+            (("model", MODEL), *answered, ("version", "1")): REQUESTS,
+            (("model", MODEL), *refused, ("version", "1")): 1,
         }
         # the process collector is scraped too, and no _created series
         assert prom.values('process_resident_memory_bytes{job="recalib"}')

@@ -38,7 +38,8 @@ def _infer(api: Any, x: np.ndarray) -> dict[str, Any]:
 def test_register_recalibrate_promote_infer_drift(
     make_api: Callable[..., Any], settings: Settings, bn_onnx: bytes, npz: Callable[..., bytes]
 ) -> None:
-    api = make_api(settings.model_copy(update={"job_workers": 2, "drift_min_rows": 64}), runtime=None)  # real runtime
+    update = {"job_workers": 2, "drift_min_rows": 64}  # flagged with the 64 rows sent
+    api = make_api(settings.model_copy(update=update), runtime=None)  # real runtime
     assert api.register("m", bn_onnx).status_code == 201
     traffic = shifted_images(64, seed=7)
     assert _infer(api, traffic)["model_version"] == "1"

@@ -64,8 +64,7 @@ def _requests(plane: DataPlane, outcome: str, version: str = "1") -> float | Non
         sample.value
         for family in plane.metrics.registry.collect()
         for sample in family.samples
-        if sample.name == "recalib_requests_total"
-        and labels.items() <= sample.labels.items()
+        if sample.name == "recalib_requests_total" and labels.items() <= sample.labels.items()
     ]
     return sum(values) if values else None
 
