@@ -56,7 +56,14 @@ from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
 from .auth import check_bearer
-from .errors import InvalidInput, NotFound, ServiceError, Unauthorized
+from .errors import (
+    GenerationMoved,
+    InvalidInput,
+    NotFound,
+    NotReady,
+    ServiceError,
+    Unauthorized,
+)
 from .metrics import PhaseStats, ServiceMetrics, error_reason
 from .names import check_name, is_number
 from .runtime.sessions import CUDA, TensorSpec
@@ -75,6 +82,9 @@ __all__ = [
     "VersionLister",
     "server_version",
 ]
+
+_RESOLUTIONS = 3
+"""Resolutions a request makes when unloads keep overtaking its load."""
 
 SERVER_NAME = "recalib"
 """The ``name`` of the server metadata."""
@@ -561,10 +571,25 @@ class DataPlane:
     async def _target(self, name: str, ref: str | None) -> tuple[int, int | None]:
         """Resolve ``ref`` and make sure that version is loaded.
 
+        A load that an unload overtook (:class:`GenerationMoved`) is resolved again, so a
+        model unloaded through the repository extension is loaded back for the request
+        (as after a restart) and only a deleted one answers 404 (the registry's
+        "not found" on the next resolution).
+
         Returns:
             ``(version, explicit)``: the version that will answer, and the version to
             pass to the runtime (``None`` for the served one).
         """
+        for _ in range(_RESOLUTIONS):
+            try:
+                return await self._target_once(name, ref)
+            except GenerationMoved:
+                continue
+        # still registered (a deletion would have been "not found" above): unloads keep
+        # overtaking the load - a retry can succeed, so not a 404
+        raise NotReady(f"model {name!r} was unloaded {_RESOLUTIONS} times while it loaded: retry")
+
+    async def _target_once(self, name: str, ref: str | None) -> tuple[int, int | None]:
         runtime = self.runtime
         if ref is None:
             served = runtime.served_version(name)
@@ -651,7 +676,12 @@ class Inference:
         check_parameters(request.parameters)
         plane = self._plane
         explicit = self._explicit
-        if explicit is not None and not plane.runtime.is_ready(self.name, explicit):
+        unloaded = (
+            plane.runtime.served_version(self.name) is None
+            if explicit is None
+            else not plane.runtime.is_ready(self.name, explicit)
+        )
+        if unloaded:  # meanwhile (an unload, a delete): resolve again
             self.version, explicit = await plane._target(self.name, self._ref)
             self._explicit = explicit
         result = await plane.runtime.infer(self.name, explicit, request)

@@ -22,6 +22,7 @@ from starlette.routing import Match
 __all__ = [
     "Conflict",
     "Forbidden",
+    "GenerationMoved",
     "Incompatible",
     "InvalidInput",
     "NotFound",
@@ -70,6 +71,11 @@ class NotFound(ServiceError):
     """Unknown model, version, alias, dataset or job (404)."""
 
     status = 404
+
+
+class GenerationMoved(NotFound):
+    """The model was deleted or unloaded while a version of it was being loaded (404): the
+    data plane resolves the reference again, so only a real deletion reaches the client."""
 
 
 class Conflict(ServiceError):

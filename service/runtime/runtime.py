@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import NotFound, NotReady
+from ..errors import GenerationMoved, NotFound, NotReady
 from ..metrics import ServiceMetrics
 from ..settings import Settings
 from .sessions import TensorSpec
@@ -137,7 +137,9 @@ class ServingRuntime(VersionTable):
         if detached is not None:
             await self._drop(detached)
         if guarded and self.generation(name) != epoch:
-            raise NotFound(f"model {name!r} was deleted or unloaded while version {version} loaded")
+            raise GenerationMoved(
+                f"model {name!r} was deleted or unloaded while version {version} loaded"
+            )
 
     async def unload_model(self, name: str) -> None:
         """Forget every version of ``name`` (the model was deleted, or the repository

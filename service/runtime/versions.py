@@ -37,7 +37,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 from recalib.errors import RecalibError
 from recalib.onnx.taps import add_drift_taps
 
-from ..errors import InvalidInput, NotFound, NotReady, ServiceError, without_path
+from ..errors import GenerationMoved, InvalidInput, NotFound, NotReady, ServiceError, without_path
 from ..metrics import ServiceMetrics
 from ..settings import Settings
 from .batching import Batcher
@@ -235,7 +235,7 @@ class VersionTable:
 
     def _check_generation(self, name: str, generation: int | None, what: str) -> None:
         if generation is not None and self._generations.get(name, 0) != generation:
-            raise NotFound(f"model {name!r} was deleted or unloaded while {what}")
+            raise GenerationMoved(f"model {name!r} was deleted or unloaded while {what}")
 
     async def load(
         self, name: str, version: int, onnx_path: Path, *, generation: int | None = None
@@ -273,7 +273,7 @@ class VersionTable:
             if (current is not None and current.cancelling()) or not task.cancelled():
                 raise  # this caller was cancelled
             # the load was cancelled by unload_model() or close()
-            raise NotFound(
+            raise GenerationMoved(
                 f"model {name!r} was deleted or unloaded while version {version} loaded"
             ) from None
         # unload_model() drops what was loaded meanwhile; a later load is someone else's

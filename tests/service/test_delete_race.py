@@ -223,3 +223,50 @@ def test_version_load_racing_a_delete_is_404_without_a_path(
     assert set(r.json()) == {"error"}
     assert str(api.home) not in r.text and model_id not in r.text
     assert "No such file" not in r.text
+
+
+def test_an_unloaded_model_is_loaded_back_for_requests_racing_the_unload(
+    make_api: Callable[..., Api], settings: Settings, bn_onnx: bytes
+) -> None:
+    """The repository extension's unload is not a delete: inference racing it (versioned
+    or not) is served, never told the model was deleted (404). Before, a load overtaken by
+    an unload answered 404 "was deleted or unloaded" for a model still registered. Under
+    this storm (an unload every 20 ms) a request whose loads are overtaken three times in a
+    row answers 503 "retry", which a client may retry; never 404."""
+    api = _real_api(make_api, settings, bn_onnx)
+    added = api.client.post("/v1/models/m/versions", files={"file": ("m.onnx", bn_onnx)})
+    assert added.status_code == 201, added.text
+    body, headers = _body()
+    stop = threading.Event()
+    statuses: list[int] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def infer(url: str) -> None:
+        while not stop.is_set():
+            response = api.client.post(url, content=body, headers=headers)
+            with lock:
+                statuses.append(response.status_code)
+                retry = response.status_code == 503 and "retry" in response.text
+                if response.status_code != 200 and not retry:
+                    failures.append(f"{url}: {response.text}")
+
+    urls = ["/v2/models/m/infer", "/v2/models/m/versions/2/infer"] * 2
+    threads = [threading.Thread(target=infer, args=(url,)) for url in urls]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 8.0
+        for i in range(40):
+            if time.monotonic() > deadline:
+                break
+            assert api.client.post("/v2/repository/models/m/unload").status_code == 200
+            if i % 2:
+                assert api.client.post("/v2/repository/models/m/load").status_code == 200
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert not failures, failures[:3]
+    assert statuses.count(200) > len(statuses) // 2, statuses.count(200)
