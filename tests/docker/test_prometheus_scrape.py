@@ -162,6 +162,7 @@ def test_prometheus_scrapes_service_metrics(prometheus_binary: str, tmp_path: Pa
         "RECALIB_INTRA_OP_THREADS": "1",
         "RECALIB_EXECUTION_PROVIDER": "cpu",
         "RECALIB_DRIFT_SAMPLE_FRACTION": "1.0",
+        "RECALIB_GRPC_PORT": "0",  # never the default 8001: it may be taken
         "RECALIB_DRIFT_MIN_ROWS": str(REQUESTS * ROWS),  # flagged once all traffic is in
         "PYTHONPATH": str(REPO),
     }
