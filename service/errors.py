@@ -163,7 +163,9 @@ def install_error_handlers(app: FastAPI) -> None:
         parts = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()))
-            parts.append(f"{where}: {err.get('msg')}")
+            got = err.get("input")
+            arrived = f" (got {got[:64]!r})" if isinstance(got, str) else ""
+            parts.append(f"{where}: {err.get('msg')}{arrived}")
         # A malformed name, alias or id in the path is invalid input (400), as when the
         # domain's own check refuses it (service.api.params runs that check first).
         in_path = any(err.get("loc", ())[:1] == ("path",) for err in exc.errors())
