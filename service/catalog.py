@@ -28,7 +28,7 @@ from typing import Any
 
 from .artifacts import ARTIFACT_FILES, hash_artifacts, weights_identity
 from .db import Database, dumps, loads, utcnow
-from .errors import Conflict, InvalidInput, NotFound
+from .errors import Conflict, InvalidInput, NotFound, StorageError
 from .names import check_name, is_number
 from .registry_models import (
     MAX_VERSION,
@@ -256,6 +256,7 @@ class Catalog:
 
         Raises:
             NotFound: no such model or version, or the version has no such artifact.
+            StorageError: the artifact's file is missing on disk.
         """
         if fmt not in ARTIFACT_FILES:
             raise InvalidInput(
@@ -268,7 +269,14 @@ class Catalog:
                 f"{', '.join(sorted(info.artifacts))})"
             )
         model = self._model_row(name)
-        return self.root / str(model["id"]) / str(info.version) / ARTIFACT_FILES[fmt]
+        path = self.root / str(model["id"]) / str(info.version) / ARTIFACT_FILES[fmt]
+        if not path.is_file():
+            raise StorageError(
+                f"version {info.version} of model {name!r}: its {ARTIFACT_FILES[fmt]} is "
+                "missing from the server's artifact store (restore it from a backup, or "
+                "delete the version)"
+            )
+        return path
 
     def resolve(self, name: str, ref: str | None) -> tuple[int, Path]:
         """``(version, ONNX path)`` for ``ref`` (a number, an alias, or ``None``).

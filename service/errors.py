@@ -29,6 +29,7 @@ __all__ = [
     "NotReady",
     "PayloadTooLarge",
     "ServiceError",
+    "StorageError",
     "Unauthorized",
     "grpc_error",
     "install_error_handlers",
@@ -97,6 +98,13 @@ class PayloadTooLarge(ServiceError):
     status = 413
 
 
+class StorageError(ServiceError):
+    """The service's own files are missing or damaged (an operator's problem, 500); the
+    message names the version and the file, never where it is kept."""
+
+    status = 500
+
+
 class NotReady(ServiceError):
     """The model version exists but cannot serve yet (503)."""
 
@@ -148,6 +156,13 @@ def install_error_handlers(app: FastAPI) -> None:
     # Here, not at the top: the recalib package imports torch, and importing the
     # service's domain modules (which import this one) must not.
     from recalib.errors import RecalibError
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # a bug: logged with its traceback, answered in the protocol's error format
+        # without any detail (the message might hold paths or internal ids)
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(_body("internal server error (logged by the server)"), 500)
 
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:

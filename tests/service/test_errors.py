@@ -60,3 +60,33 @@ def test_405_carries_an_allow_header(api: Api) -> None:
     assert r.status_code == 405
     assert set(r.json()) == {"error"}
     assert "GET" in r.headers["allow"] and "POST" in r.headers["allow"]
+
+
+def test_a_missing_artifact_file_is_a_500_error_object_without_a_path(
+    api: Api, bn_onnx: bytes
+) -> None:
+    assert api.register("m", bn_onnx).status_code == 201
+    (onnx_file,) = [p for p in api.home.rglob("model.onnx") if p.parent.name == "1"]
+    onnx_file.unlink()  # an operator's accident on the server's disk
+    r = api.client.get("/v1/models/m/versions/1/artifact?format=onnx")
+    assert r.status_code == 500, r.text
+    assert set(r.json()) == {"error"}
+    assert "missing from the server's artifact store" in r.json()["error"]
+    assert str(api.home) not in r.text and "artifacts/" not in r.text
+
+
+def test_an_unexpected_failure_is_a_500_error_object(settings: Settings) -> None:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    app = create_app(settings.model_copy(update={"api_token": None}))
+
+    async def broken() -> None:
+        raise RuntimeError("/secret/path/inside the server")
+
+    app.add_api_route("/v1/broken", broken)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.get("/v1/broken")
+    assert r.status_code == 500
+    assert r.json() == {"error": "internal server error (logged by the server)"}
