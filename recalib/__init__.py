@@ -13,10 +13,10 @@ The public API::
 
 from __future__ import annotations
 
-import importlib
 import sys
-import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import LazyPackage
 
 if TYPE_CHECKING:
     from .adapt import adapt, adapt_onnx, data_flow_order
@@ -145,33 +145,4 @@ __all__ = [
     "save_stat_bank",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """``recalib.recalibrate`` and ``recalib.adapt`` are functions *and* submodules: the
-    import system sets a package attribute to the submodule when it is first imported,
-    which must not hide the function (the eager imports used to overwrite it)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if (
-            isinstance(value, types.ModuleType)
-            and value.__name__ == f"{self.__name__}.{name}"
-            and name in _LAZY
-        ):
-            return  # the submodule stays reachable through sys.modules
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+sys.modules[__name__].__class__ = LazyPackage

@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+import sys
+from typing import TYPE_CHECKING
+
+from .._lazy import LazyPackage
 
 if TYPE_CHECKING:
     from .bank_files import read_bank_file, save_onnx_bank, weights_digest
@@ -57,15 +59,4 @@ __all__ = [
     "weights_digest",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+sys.modules[__name__].__class__ = LazyPackage

@@ -76,7 +76,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import BankIndexError, NoBatchNormError, OnnxModelError, StatBankMismatchError
-from .graph import GraphIndex, opset_of, used_names
+from .graph import GraphIndex, opset_of, prune_unused, used_names
 from .names import BnNodeInfo, bn_node_stats, bn_nodes, read_bn_map
 
 if TYPE_CHECKING:
@@ -490,22 +490,6 @@ def _toposort(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
     return order
 
 
-def _drop_unused(graph: onnx.GraphProto, names: Iterable[str]) -> None:
-    """Remove initializers and ``Identity``/``Constant`` chains among ``names`` nobody reads."""
-    pending = list(names)
-    while pending:
-        index = GraphIndex(graph)
-        name = pending.pop()
-        if index.uses[name] > 0:
-            continue
-        node = index.producers.get(name)
-        if node is not None and node.op_type in ("Identity", "Constant"):
-            pending.extend(node.input)
-            graph.node.remove(node)
-        elif name in index.initializers and name not in index.graph_inputs:
-            graph.initializer.remove(index.initializers[name])
-
-
 def _rows_dim(graph: onnx.GraphProto) -> str | None:
     for info in graph.input:
         dims = info.type.tensor_type.shape.dim
@@ -635,7 +619,7 @@ def _rewrite(
     del graph.node[:]
     graph.node.extend(_toposort(new_nodes))
     graph.initializer.extend(b.initializers)
-    _drop_unused(graph, freed)
+    prune_unused(graph, freed)
     kept = [p for p in model.metadata_props if p.key != BANK_METADATA_KEY]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)

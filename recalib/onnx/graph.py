@@ -8,7 +8,7 @@ the default-domain opset.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,7 @@ import numpy.typing as npt
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["ORT_NUMPY_TYPES", "GraphIndex", "opset_of", "used_names"]
+__all__ = ["ORT_NUMPY_TYPES", "GraphIndex", "opset_of", "prune_unused", "used_names"]
 
 
 def used_names(graph: onnx.GraphProto) -> Iterator[str]:
@@ -134,3 +134,25 @@ ORT_NUMPY_TYPES: dict[str, Any] = {
     "tensor(bool)": np.bool_,
 }
 """ONNX Runtime's type strings (``NodeArg.type``) to NumPy dtypes."""
+
+
+def prune_unused(graph: onnx.GraphProto, names: Iterable[str]) -> None:
+    """Remove the initializers among ``names`` that nothing reads any more, and the
+    ``Identity``/``Constant`` chains producing them (what only they read goes too).
+
+    Args:
+        graph: edited in place.
+        names: tensors that may have lost their last reader.
+    """
+    pending = list(names)
+    while pending:
+        index = GraphIndex(graph)
+        name = pending.pop()
+        if index.uses[name] > 0:
+            continue
+        node = index.producers.get(name)
+        if node is not None and node.op_type in ("Identity", "Constant"):
+            pending.extend(node.input)
+            graph.node.remove(node)
+        elif name in index.initializers and name not in index.graph_inputs:
+            graph.initializer.remove(index.initializers[name])

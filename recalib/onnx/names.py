@@ -41,7 +41,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import BnGraphError
-from .graph import GraphIndex
+from .graph import GraphIndex, prune_unused
 
 __all__ = [
     "BN_MAP_KEY",
@@ -382,7 +382,7 @@ def untie_bn_stats(model: onnx.ModelProto) -> int:
             node.input[slot] = new_name
             index.uses[name] -= 1
             detached.append(name)
-    _prune(model.graph, detached)
+    prune_unused(model.graph, detached)
     return len(detached)
 
 
@@ -392,19 +392,3 @@ def _fresh(base: str, taken: set[str]) -> str:
         name, i = f"{base}_{i}", i + 1
     taken.add(name)
     return name
-
-
-def _prune(graph: onnx.GraphProto, names: list[str]) -> None:
-    """Remove the producers of ``names`` (and what only they read) once nothing reads them."""
-    pending = list(names)
-    while pending:
-        index = GraphIndex(graph)
-        name = pending.pop()
-        if index.uses[name] > 0:
-            continue
-        node = index.producers.get(name)
-        if node is not None and node.op_type in ("Identity", "Constant"):
-            pending.extend(node.input)
-            graph.node.remove(node)
-        elif name in index.initializers and name not in index.graph_inputs:
-            graph.initializer.remove(index.initializers[name])
