@@ -4,13 +4,17 @@ v2 app (the real router and runtime, a fake registry)."""
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import uvicorn
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from torch import Tensor, nn
@@ -164,3 +168,32 @@ def build_app(settings: Settings, registry: Any) -> FastAPI:
     app.include_router(v2.router)
     app.include_router(metrics_route.router)
     return app
+
+
+@contextmanager
+def serving(app: FastAPI, *, startup: float = 30.0) -> Iterator[str]:
+    """``app`` under uvicorn in a thread on a free 127.0.0.1 port (its lifespan on);
+    yields ``"127.0.0.1:<port>"``; stopped and joined on exit.
+
+    Raises:
+        RuntimeError: uvicorn did not start within ``startup`` seconds.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + startup
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(startup)
+        sock.close()

@@ -6,14 +6,16 @@ and a started app's client (:class:`Api`). A module of its own, imported by bare
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 from fastapi.testclient import TestClient
 
 from service.errors import InvalidInput, NotFound
+from service.settings import Settings
 
-__all__ = ["AUTH", "TOKEN", "Api", "FakeRuntime"]
+__all__ = ["AUTH", "TOKEN", "Api", "FakeRuntime", "real_api"]
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -115,3 +117,20 @@ class Api:
             for p in self.home.rglob("*")
             if p.is_file() and not p.name.startswith("recalib.db")
         )
+
+
+def real_api(make_api: Callable[..., Api], settings: Settings, bn_onnx: bytes) -> Api:
+    """An app on the real serving runtime (CPU, one thread, warm-up at batch 1) with model
+    ``m``: version 1 (production) and version 2."""
+    api = make_api(
+        settings.model_copy(
+            update={"execution_provider": "cpu", "intra_op_threads": 1, "warmup_batch_sizes": [1]}
+        ),
+        runtime=None,  # the real serving runtime
+    )
+    assert api.register("m", bn_onnx).status_code == 201
+    assert (
+        api.client.post("/v1/models/m/versions", files={"file": ("m.onnx", bn_onnx)}).status_code
+        == 201
+    )
+    return api

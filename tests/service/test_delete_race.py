@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from runtime_helpers import source_images
-from service_helpers import Api
+from service_helpers import Api, real_api
 
 from service.api.v2_codec import HEADER_LENGTH, encode_request
 from service.settings import Settings
@@ -156,28 +156,13 @@ def test_a_deleted_model_never_answers_again(
     assert elapsed < 60.0, f"{ROUNDS} rounds took {elapsed:.1f} s"
 
 
-def _real_api(make_api: Callable[..., Api], settings: Settings, bn_onnx: bytes) -> Api:
-    api = make_api(
-        settings.model_copy(
-            update={"execution_provider": "cpu", "intra_op_threads": 1, "warmup_batch_sizes": [1]}
-        ),
-        runtime=None,  # the real serving runtime
-    )
-    assert api.register("m", bn_onnx).status_code == 201
-    assert (
-        api.client.post("/v1/models/m/versions", files={"file": ("m.onnx", bn_onnx)}).status_code
-        == 201
-    )
-    return api
-
-
 def test_alias_move_racing_a_delete_is_404_without_a_path(
     make_api: Callable[..., Api],
     settings: Settings,
     bn_onnx: bytes,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    api = _real_api(make_api, settings, bn_onnx)
+    api = real_api(make_api, settings, bn_onnx)
     registry = api.app.state.registry
     model_id = registry._model_row("m")["id"]
     artifact = registry.artifact
@@ -204,7 +189,7 @@ def test_version_load_racing_a_delete_is_404_without_a_path(
     monkeypatch: pytest.MonkeyPatch,
     route: str,
 ) -> None:
-    api = _real_api(make_api, settings, bn_onnx)
+    api = real_api(make_api, settings, bn_onnx)
     registry = api.app.state.registry
     model_id = registry._model_row("m")["id"]
     resolve = registry.resolve
@@ -233,7 +218,7 @@ def test_an_unloaded_model_is_loaded_back_for_requests_racing_the_unload(
     an unload answered 404 "was deleted or unloaded" for a model still registered. Under
     this storm (an unload every 20 ms) a request whose loads are overtaken three times in a
     row answers 503 "retry", which a client may retry; never 404."""
-    api = _real_api(make_api, settings, bn_onnx)
+    api = real_api(make_api, settings, bn_onnx)
     added = api.client.post("/v1/models/m/versions", files={"file": ("m.onnx", bn_onnx)})
     assert added.status_code == 201, added.text
     body, headers = _body()

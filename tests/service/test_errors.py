@@ -6,30 +6,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from service_helpers import Api
+from service_helpers import Api, real_api
 
 from service.settings import Settings
-
-
-def _real_api(make_api: Callable[..., Api], settings: Settings, bn_onnx: bytes) -> Api:
-    api = make_api(
-        settings.model_copy(
-            update={"execution_provider": "cpu", "intra_op_threads": 1, "warmup_batch_sizes": [1]}
-        ),
-        runtime=None,  # the real serving runtime
-    )
-    assert api.register("m", bn_onnx).status_code == 201
-    assert (
-        api.client.post("/v1/models/m/versions", files={"file": ("m.onnx", bn_onnx)}).status_code
-        == 201
-    )
-    return api
 
 
 def test_an_unreadable_model_file_names_no_path(
     make_api: Callable[..., Api], settings: Settings, bn_onnx: bytes
 ) -> None:
-    api = _real_api(make_api, settings, bn_onnx)
+    api = real_api(make_api, settings, bn_onnx)
     registry = api.app.state.registry
     model_id = registry._model_row("m")["id"]
     registry.artifact("m", 2, "onnx").write_bytes(b"not an onnx file")

@@ -6,7 +6,6 @@ unsupported extensions and request parameters the server does not honour."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -20,11 +19,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-import uvicorn
 from fastapi.testclient import TestClient
 from google.protobuf import json_format
 from prometheus_client import CollectorRegistry
-from runtime_helpers import export_versions, runtime_settings, source_images
+from runtime_helpers import export_versions, runtime_settings, serving, source_images
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
@@ -66,29 +64,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         drift_sample_fraction=0.0,
     )
     app = create_app(settings, metrics_registry=CollectorRegistry())
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            srv.should_exit = True
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.01)
-    rest = f"127.0.0.1:{port}"
-    http = httpx.Client(base_url=f"http://{rest}", headers=dict(AUTH), timeout=60.0)
-    try:
-        yield Server(rest, f"127.0.0.1:{app.state.grpc_port}", http)
-    finally:
-        http.close()
-        srv.should_exit = True
-        thread.join(STARTUP_TIMEOUT)
-        sock.close()
+    with serving(app, startup=STARTUP_TIMEOUT) as rest:
+        http = httpx.Client(base_url=f"http://{rest}", headers=dict(AUTH), timeout=60.0)
+        try:
+            yield Server(rest, f"127.0.0.1:{app.state.grpc_port}", http)
+        finally:
+            http.close()
 
 
 def _register(server: Server, name: str, models: dict[int, bytes], versions: int = 2) -> None:

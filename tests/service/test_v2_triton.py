@@ -3,22 +3,19 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-import uvicorn
 from runtime_helpers import (
     FakeRegistry,
     build_app,
     export_versions,
     reference_outputs,
     runtime_settings,
+    serving,
     source_images,
 )
 from tritonclient.utils import InferenceServerException
@@ -37,26 +34,8 @@ def server(models: dict[int, Any], tmp_path_factory: pytest.TempPathFactory) -> 
     home = tmp_path_factory.mktemp("home")
     settings = runtime_settings(home)
     app = build_app(settings, FakeRegistry({v: p for v, (_, p) in models.items()}))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            srv.should_exit = True
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(STARTUP_TIMEOUT)
-        sock.close()
+    with serving(app, startup=STARTUP_TIMEOUT) as address:
+        yield address
 
 
 @pytest.fixture
