@@ -53,6 +53,7 @@ __all__ = [
     "BankFile",
     "bn_layers",
     "check_bank",
+    "check_stat_values",
     "layer_difference",
     "layer_signature",
     "read_bank_file",
@@ -149,14 +150,21 @@ class BankFile:
                     f"expected running_mean and running_var of one shape (C,) for layer "
                     f"{name!r} (got {mean.shape} and {var.shape})"
                 )
-            if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var))):
-                raise StatBankMismatchError(
-                    f"expected finite statistics for layer {name!r} (got NaN/Inf)"
-                )
-            if np.any(var < 0):
-                raise StatBankMismatchError(
-                    f"expected var >= 0 for layer {name!r} (got min {float(var.min()):.6g})"
-                )
+            check_stat_values(name, mean, var)
+
+
+def check_stat_values(layer: str, mean: npt.NDArray[Any], var: npt.NDArray[Any]) -> None:
+    """A bank layer's statistics are usable: finite, and the variance not negative.
+
+    Raises:
+        StatBankMismatchError: they are not (naming ``layer``).
+    """
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var))):
+        raise StatBankMismatchError(f"expected finite statistics for layer {layer!r} (got NaN/Inf)")
+    if np.any(var < 0):
+        raise StatBankMismatchError(
+            f"expected var >= 0 for layer {layer!r} (got min {float(var.min()):.6g})"
+        )
 
 
 def layer_difference(expected: Mapping[str, int], got: Mapping[str, int]) -> str | None:

@@ -76,6 +76,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import BankIndexError, NoBatchNormError, OnnxModelError, StatBankMismatchError
+from .bank_files import check_stat_values
 from .graph import GraphIndex, opset_of, prune_unused, used_names
 from .names import BnNodeInfo, bn_node_stats, bn_nodes, read_bn_map
 
@@ -666,14 +667,7 @@ def _checked_stats(spec: BankSpec, bank: BankLike) -> dict[str, tuple[FloatArray
                 f"expected mean and var of shape ({lay.channels},) for layer {lay.layer!r} "
                 f"(got {mean.shape} and {var.shape})"
             )
-        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var))):
-            raise StatBankMismatchError(
-                f"expected finite statistics for layer {lay.layer!r} (got NaN/Inf)"
-            )
-        if np.any(var < 0):
-            raise StatBankMismatchError(
-                f"expected var >= 0 for layer {lay.layer!r} (got min {var.min():.6g})"
-            )
+        check_stat_values(lay.layer, mean, var)
         out[lay.node] = (mean, var)
     return out
 
