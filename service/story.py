@@ -166,18 +166,12 @@ def serve_with_story(
     import uvicorn
 
     from .app import create_app
-    from .main import check_ports
-    from .settings import Settings
+    from .main import check_ports, settings_from
 
     # The story sends only a few requests: watch every batch so drift is measured on all.
-    overrides: dict[str, Any] = {
-        "host": host,
-        "port": port,
-        "home": home,
-        "grpc_port": grpc_port,
-        "drift_sample_fraction": 1.0,
-    }
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    settings = settings_from(
+        host=host, port=port, home=home, grpc_port=grpc_port, drift_sample_fraction=1.0
+    )
     check_ports(settings)
     server = uvicorn.Server(
         uvicorn.Config(

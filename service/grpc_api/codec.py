@@ -101,19 +101,18 @@ def _typed_contents(tensor: Any, datatype: str, shape: tuple[int, ...]) -> np.nd
             f"input {tensor.name!r}: {datatype} data must come in raw_input_contents (got none)"
         )
     values = getattr(tensor.contents, field)
-    if len(values) != math.prod(shape):  # the same message as the REST codec's
-        return tensor_from_values(list(values), tensor.name, datatype, shape)
-    dtype = np.bool_ if datatype == "BOOL" else (np.float64 if field == "fp64_contents" else None)
-    raw = np.fromiter(values, dtype=dtype or _WIDE[field], count=len(values))
+    raw = np.fromiter(values, dtype=_WIDE[field], count=len(values))
     return tensor_from_values(raw, tensor.name, datatype, shape)
 
 
 _WIDE: dict[str, type[np.generic]] = {
+    "bool_contents": np.bool_,
     "int_contents": np.int64,
     "int64_contents": np.int64,
     "uint_contents": np.uint64,
     "uint64_contents": np.uint64,
     "fp32_contents": np.float32,
+    "fp64_contents": np.float64,
 }
 """The dtype a typed field's values are read into before the datatype's range check."""
 

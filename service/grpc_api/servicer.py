@@ -31,6 +31,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
+from ..auth import bearer_token
 from ..dataplane import DataPlane
 from ..errors import InvalidInput, NotFound, ServiceError, grpc_error
 from .codec import decode_infer_request, encode_infer_response, from_parameters, typed_elements
@@ -46,11 +47,7 @@ def _bearer(context: grpc.aio.ServicerContext) -> str | None:
     """The token of an ``authorization: Bearer <token>`` metadata entry."""
     for key, value in context.invocation_metadata() or ():
         if key.lower() == "authorization":
-            text = value.decode("latin-1") if isinstance(value, bytes) else value
-            scheme, _, credentials = text.partition(" ")
-            if scheme.lower() == "bearer" and credentials:
-                return credentials
-            return None
+            return bearer_token(value.decode("latin-1") if isinstance(value, bytes) else value)
     return None
 
 

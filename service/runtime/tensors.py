@@ -221,7 +221,7 @@ def tensor_from_values(data: Any, name: str, datatype: str, shape: tuple[int, ..
     """An input tensor from row-major values (flat or nested lists, or one scalar).
 
     Args:
-        data: the values.
+        data: the values (lists from JSON, or an array read from typed gRPC contents).
         name: the tensor's name, for the messages.
         datatype: a numeric or ``BOOL`` datatype (a key of ``DATATYPES``).
         shape: a shape checked by :func:`check_shape`.
@@ -234,7 +234,7 @@ def tensor_from_values(data: Any, name: str, datatype: str, shape: tuple[int, ..
             (e.g. floats for ``INT64``) or out of the integer datatype's range.
     """
     count = math.prod(shape)
-    if not isinstance(data, list):
+    if not isinstance(data, (list, np.ndarray)):  # an array (the gRPC codec's) as it is
         data = [data]
     try:
         raw = np.asarray(data)
