@@ -695,7 +695,8 @@ class BankTables:
     full, and :meth:`feed` hands ONNX Runtime contiguous float32 views ``[:K]``, which its
     CPU provider reads without copying. :meth:`add` may run while other threads feed and
     run: a row is written before it is counted, and a grown table is a new array (views
-    already handed out keep the old one alive).
+    already handed out keep the old one alive). :meth:`retire` takes a bank out of routing
+    and naming but keeps its rows (indices already handed out stay valid).
 
     Args:
         model: the rewritten model (or its :class:`BankSpec`).
@@ -754,6 +755,24 @@ class BankTables:
             return self._names.index(name, 0, self._count)
         except ValueError:
             raise BankIndexError(f"no bank named {name!r} (got {self.names})") from None
+
+    def retire(self, index: int) -> None:
+        """Take bank ``index`` out of service: routing never picks it again (its penalty
+        becomes ``+inf``) and :meth:`index` no longer finds its name. Its rows stay, so an
+        index already handed out (a request in flight) still answers with that bank.
+
+        Raises:
+            BankIndexError: ``index`` is not in ``[1, K)`` (bank 0, the version's own
+                statistics, is the fallback and cannot be retired).
+        """
+        with self._lock:
+            if not 1 <= index < self._count:
+                raise BankIndexError(
+                    f"expected a bank index to retire in [1, {self._count}) (got {index})"
+                )
+            if self.spec.routed:
+                self._tables[ROUTE_PENALTY][index] = math.inf  # in place: live views see it
+            self._names[index] = None
 
     def add(self, bank: BankLike, *, name: str | None = None) -> int:
         """Append ``bank`` (validated against the model) and return its index.

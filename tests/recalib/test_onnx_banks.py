@@ -447,3 +447,34 @@ def test_quality_on_a_mixed_domain_stream_of_batch_1_requests(tmp_path: Path) ->
     assert right >= 0.95
     assert abs(auto_acc - explicit_acc) <= 0.01
     assert min(explicit_acc, auto_acc) >= pooled_acc + 0.1
+
+
+def test_a_retired_bank_keeps_its_rows_but_is_never_routed_to_nor_named(
+    cnn: nn.Module, banked: onnx.ModelProto
+) -> None:
+    x = np.random.default_rng(3).normal(size=(4, 3, 8, 8)).astype(np.float32)
+    first, second = _random_bank(cnn, 21), _random_bank(cnn, 22)
+    tables = BankTables(banked)
+    a, b = tables.add(first, name="a"), tables.add(second, name="b")
+    session = _session(banked)
+
+    def routed() -> list[int]:
+        out: list[int] = session.run([BANK_OUTPUT], {"input": x, **tables.feed(np.full(4, AUTO))})[
+            0
+        ].tolist()
+        return out
+
+    tables.retire(a)
+    assert routed() == [b] * 4
+    assert tables.names == ["source", None, "b"]
+    with pytest.raises(BankIndexError):
+        tables.index("a")
+    tables.retire(b)
+    assert routed() == [0] * 4  # nothing left to route to: the version's statistics
+    # the rows stay: an index handed out before the bank was retired still answers with it
+    out = session.run(["output"], {"input": x, **tables.feed(np.full(4, a))})[0]
+    np.testing.assert_allclose(out, _torch_reference(cnn, first, x), rtol=RTOL, atol=ATOL)
+    with pytest.raises(BankIndexError, match=r"in \[1, 3\) \(got 0\)"):
+        tables.retire(0)
+    with pytest.raises(BankIndexError):
+        tables.retire(3)
