@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from datetime import datetime, timezone
 from typing import Any
@@ -63,12 +63,14 @@ from recalib.errors import RecalibError
 from recalib.onnx.names import read_bn_map
 from recalib.onnx.taps import read_taps, reference_stats, tap_moments, tap_output_names
 
-__all__ = ["DriftMonitor", "DriftPublisher"]
+__all__ = ["DriftMonitor", "DriftPublisher", "SampleCredit"]
 
 log = logging.getLogger(__name__)
 
 DriftPublisher = Callable[[dict[str, Any]], None]
 """Receives each fresh :meth:`DriftMonitor.report` (the runtime sets the gauges)."""
+
+FloatArray = npt.NDArray[np.float64]
 
 _BUCKETS_PER_WINDOW = 60
 
@@ -86,6 +88,40 @@ def _module_names(model: onnx.ModelProto) -> dict[str, str]:
         return {}
 
 
+class SampleCredit:
+    """Deterministic sampling of a fraction of batches (see the module): each call gains
+    ``fraction``, and a call that brings the credit to 1 samples. The credit starts full,
+    so the first batch (and the first after :meth:`refill`) is sampled. Thread-safe.
+
+    Args:
+        fraction: in ``[0, 1]``; ``0`` never samples.
+    """
+
+    def __init__(self, fraction: float) -> None:
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"expected sample_fraction in [0, 1] (got {fraction})")
+        self.fraction = fraction
+        self._credit = 1.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> bool:
+        """Whether this batch is sampled."""
+        if self.fraction <= 0.0:
+            return False
+        with self._lock:
+            if self._credit < 1.0 - 1e-12:
+                self._credit += self.fraction
+            if self._credit >= 1.0 - 1e-12:
+                self._credit -= 1.0
+                return True
+            return False
+
+    def refill(self) -> None:
+        """Sample the next batch."""
+        with self._lock:
+            self._credit = 1.0
+
+
 class DriftMonitor:
     """Rolling BN-statistics drift of one model version.
 
@@ -101,6 +137,9 @@ class DriftMonitor:
         process_every: seconds the executor waits to gather queued runs.
         max_pending_rows: most rows queued for processing before new ones are dropped.
         clock: monotonic clock (tests inject one).
+        reference: ``{tapped layer: (running_mean, running_var)}`` to score against
+            (default: the statistics stored in ``tapped_model``, the version's own; a stat
+            bank's for the drift of the rows that bank answered).
 
     Examples::
 
@@ -124,12 +163,20 @@ class DriftMonitor:
         process_every: float = 0.5,
         max_pending_rows: int = 65536,
         clock: Callable[[], float] = time.monotonic,
+        reference: Mapping[str, tuple[FloatArray, FloatArray]] | None = None,
     ) -> None:
-        if not 0.0 <= sample_fraction <= 1.0:
-            raise ValueError(f"expected sample_fraction in [0, 1] (got {sample_fraction})")
+        self._sampler = SampleCredit(sample_fraction)
         self.taps = read_taps(tapped_model)
         self.tap_names = tap_output_names(self.taps)
-        self.reference = reference_stats(tapped_model, self.taps)
+        if reference is None:
+            self.reference = reference_stats(tapped_model, self.taps)
+        else:
+            missing = sorted(set(self.taps) - set(reference))
+            if missing:
+                raise ValueError(
+                    f"expected reference statistics for every tapped layer (missing {missing[:4]})"
+                )
+            self.reference = {layer: reference[layer] for layer in self.taps}
         self.modules = _module_names(tapped_model)
         self.window_seconds = window_seconds
         self.threshold = threshold
@@ -141,7 +188,6 @@ class DriftMonitor:
         bucket = max(window_seconds / _BUCKETS_PER_WINDOW, 1e-3)
         self._window = RollingWindow(max_age=window_seconds, bucket_seconds=bucket)
         self._lock = threading.Lock()
-        self._credit = 1.0  # full: the first batch is sampled
         self._published = -float("inf")
         self._batches = 0
         self._executor = executor
@@ -156,15 +202,7 @@ class DriftMonitor:
 
     def should_sample(self) -> bool:
         """Whether the next batch goes through the tapped session (thread-safe)."""
-        if self.sample_fraction <= 0.0:
-            return False
-        with self._lock:
-            if self._credit < 1.0 - 1e-12:
-                self._credit += self.sample_fraction
-            if self._credit >= 1.0 - 1e-12:
-                self._credit -= 1.0
-                return True
-            return False
+        return self._sampler()
 
     def observe(self, tap_values: Sequence[npt.ArrayLike], rows: int) -> None:
         """Add one tapped run now: its tap outputs (in :attr:`tap_names` order) and rows."""
@@ -306,7 +344,7 @@ class DriftMonitor:
         self.flush()
         with self._lock:
             self._window.reset()
-            self._credit = 1.0  # the next batch is sampled
+            self._sampler.refill()  # the next batch is sampled
             self._batches = 0
             self._dropped = 0
             self._published = -float("inf")

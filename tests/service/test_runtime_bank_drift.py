@@ -1,0 +1,175 @@
+"""Tests of service.runtime.bank_drift: drift per stat bank, from one bank session's taps.
+
+The graph is tapped at BN inputs and then rewritten for banks; each bank comes from
+:func:`recalib.recalibrate` on its own domain. Rows a bank answers on its own domain score
+near zero against that bank; rows of another domain served with it score high; the
+per-row split is checked against a float64 reference of the same moments.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import Tensor
+
+from recalib import recalibrate
+from recalib.onnx.banks import BANK_OUTPUT, BankTables, add_bank_inputs
+from recalib.onnx.export import export_onnx
+from recalib.onnx.names import read_bn_map
+from recalib.onnx.taps import add_drift_taps
+from recalib.statbank import StatBank
+from service.runtime.bank_drift import BankDrift
+from tests.conftest import SmallCNN, randomise_source_stats
+
+Reference = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def _domain(x: Tensor, k: int) -> Tensor:
+    gen = torch.Generator().manual_seed(200 + k)
+    scale = torch.rand(3, generator=gen) * 2.5 + 0.3
+    shift = torch.randn(3, generator=gen) * 1.5
+    return x * scale[:, None, None] + shift[:, None, None]
+
+
+@pytest.fixture(scope="module")
+def setup(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[onnx.ModelProto, ort.InferenceSession, BankTables, list[Reference]]:
+    torch.manual_seed(0)
+    cnn = randomise_source_stats(SmallCNN(), 0).eval()
+    path = tmp_path_factory.mktemp("bank_drift") / "cnn.onnx"
+    export_onnx(cnn, torch.randn(2, 3, 8, 8), path)
+    model = onnx.load(path)
+    graph = add_bank_inputs(add_drift_taps(model, source="input"))
+    node_of = {info.layer: key for key, info in read_bn_map(model).items()}
+    gen = torch.Generator().manual_seed(1)
+    banks, references = [], []
+    for k in range(2):
+        fitted = copy.deepcopy(cnn)
+        recalibrate(fitted, _domain(torch.randn(512, 3, 8, 8, generator=gen), k), batch_size=64)
+        bank = StatBank.from_model(fitted)
+        banks.append(bank)
+        references.append(
+            {
+                node_of[layer]: (mean.double().numpy(), var.double().numpy())
+                for layer, (mean, var) in bank.stats.items()
+            }
+        )
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(
+        graph.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+    )
+    return graph, session, BankTables(graph, banks), references
+
+
+def _drift(graph: onnx.ModelProto, limit: int = 8) -> BankDrift:
+    return BankDrift(
+        graph, window_seconds=3600.0, threshold=1.0, sample_fraction=1.0, min_rows=16, limit=limit
+    )
+
+
+def _run(
+    setup: tuple[onnx.ModelProto, ort.InferenceSession, BankTables, list[Reference]],
+    drift: BankDrift,
+    x: np.ndarray,
+    banks: list[int],
+) -> np.ndarray:
+    _, session, tables, _ = setup
+    names = ["output", BANK_OUTPUT, *drift.tap_names]
+    values = session.run(names, {"input": x, **tables.feed(banks)})
+    drift.submit(values[2:], values[1])
+    answered: np.ndarray = values[1]
+    return answered
+
+
+def _x(k: int, n: int, seed: int) -> np.ndarray:
+    gen = torch.Generator().manual_seed(seed)
+    return _domain(torch.randn(n, 3, 8, 8, generator=gen), k).numpy()
+
+
+def test_each_bank_is_scored_on_its_own_rows_against_its_own_statistics(
+    setup: tuple[onnx.ModelProto, ort.InferenceSession, BankTables, list[Reference]],
+) -> None:
+    graph, _, _, references = setup
+    drift = _drift(graph)
+    assert drift.track(1, "a", references[0]) and drift.track(2, "b", references[1])
+    assert drift.should_sample()
+    # each domain with its own bank, and rows with bank 0 (the version monitor's: ignored)
+    assert _run(setup, drift, _x(0, 64, 5), [1] * 64).tolist() == [1] * 64
+    _run(setup, drift, _x(1, 64, 6), [2] * 64)
+    _run(setup, drift, _x(0, 8, 7), [0] * 8)
+    reports = drift.reports()
+    assert set(reports) == {"a", "b"}
+    assert reports["a"]["samples"] == 64 and reports["b"]["samples"] == 64
+    assert reports["a"]["score"] < 0.2 and reports["b"]["score"] < 0.2
+    assert not reports["a"]["exceeded"]
+
+    wrong = _drift(graph)
+    wrong.track(1, "a", references[0])
+    _run(setup, wrong, _x(1, 64, 8), [1] * 64)  # domain 1 answered by bank a
+    report = wrong.reports()["a"]
+    assert report["score"] > 1.0 and report["exceeded"]
+
+
+def test_a_mixed_run_is_split_by_the_bank_that_answered_each_row(
+    setup: tuple[onnx.ModelProto, ort.InferenceSession, BankTables, list[Reference]],
+) -> None:
+    graph, _, _, references = setup
+    x = np.concatenate([_x(0, 32, 11), _x(1, 32, 12)])
+    mixed = _drift(graph)
+    separate = _drift(graph)
+    for d in (mixed, separate):
+        d.track(1, "a", references[0])
+        d.track(2, "b", references[1])
+    _run(setup, mixed, x, [1] * 32 + [2] * 32)
+    _run(setup, separate, x[:32], [1] * 32)
+    _run(setup, separate, x[32:], [2] * 32)
+    got, want = mixed.reports(), separate.reports()
+    for name in ("a", "b"):
+        assert got[name]["samples"] == want[name]["samples"] == 32
+        np.testing.assert_allclose(got[name]["score"], want[name]["score"], rtol=1e-9, atol=1e-12)
+
+
+def test_banks_beyond_the_limit_are_counted_not_scored_and_forget_stops_scoring(
+    setup: tuple[onnx.ModelProto, ort.InferenceSession, BankTables, list[Reference]],
+) -> None:
+    graph, _, _, references = setup
+    drift = _drift(graph, limit=1)
+    assert drift.track(1, "a", references[0])
+    assert not drift.track(2, "b", references[1])
+    _run(setup, drift, _x(1, 16, 13), [2] * 16)
+    assert drift.untracked_rows == 16 and set(drift.reports()) == {"a"}
+    assert drift.forget(1) == "a" and drift.reports() == {}
+    assert not drift.should_sample()  # nothing tracked: no tapped runs
+    assert drift.forget(1) is None
+
+
+def test_a_reference_without_every_tapped_layer_is_refused(
+    setup: tuple[onnx.ModelProto, ort.InferenceSession, BankTables, list[Reference]],
+) -> None:
+    graph, _, _, references = setup
+    partial = dict(list(references[0].items())[:1])
+    with pytest.raises(ValueError, match="expected reference statistics for every tapped layer"):
+        _drift(graph).track(1, "a", partial)
+
+
+def test_reset_empties_every_window_and_samples_the_next_batch(
+    setup: tuple[onnx.ModelProto, ort.InferenceSession, BankTables, list[Reference]],
+) -> None:
+    graph, _, _, references = setup
+    drift = BankDrift(
+        graph, window_seconds=3600.0, threshold=1.0, sample_fraction=0.25, min_rows=1, limit=4
+    )
+    drift.track(1, "a", references[0])
+    assert [drift.should_sample() for _ in range(8)] == [True, False, False, False] * 2
+    _run(setup, drift, _x(0, 4, 14), [1] * 4)
+    assert drift.reports()["a"]["samples"] == 4
+    drift.reset()
+    assert drift.reports()["a"]["samples"] == 0
+    assert drift.should_sample()
