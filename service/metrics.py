@@ -41,6 +41,18 @@ Metrics (labels in braces):
 * ``recalib_execution_provider_info{model,version,requested,provider}`` (always 1) and
   ``recalib_provider_fallbacks_total{model,version}`` - the ONNX Runtime provider in use,
   so "requested cuda, running on CPU" can be alerted on.
+* ``recalib_bank_requests_total{model,bank}`` - requests answered with a stat bank
+  (``parameters.bank`` or the model's default): ``bank`` is the bank that answered (a
+  routed request under the bank it was routed to; a request whose rows got several banks
+  once under each), ``none`` for the version's own statistics (``"none"``, fallbacks),
+  ``other`` past the first ``RECALIB_BANK_METRIC_LIMIT`` names of the model.
+* ``recalib_bank_route_distance{model}`` - distance of each routed row from the bank it
+  was routed to (histogram; rows that fell back are not in it).
+* ``recalib_bank_fallbacks_total{model}`` - routed rows answered with the version's own
+  statistics (farther than ``RECALIB_BANK_ROUTE_THRESHOLD`` from every bank, or no bank).
+* ``recalib_stat_banks{model,version}`` - banks a loaded version serves;
+  ``recalib_bank_load_failures_total{model}`` - bank files skipped (unreadable, other
+  weights or layers) and versions whose graph cannot take banks.
 * ``process_*`` (CPU, resident memory, open files, start time), ``python_info`` and
   ``python_gc_*``: prometheus_client's process, platform and GC collectors, registered in
   the injected registry too (two apps in one process do not clash).
@@ -72,6 +84,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 __all__ = [
+    "BANK_OTHER",
     "JOB_OUTCOMES",
     "LOAD_FAILURE_REASONS",
     "PHASES",
@@ -255,6 +268,9 @@ _LATENCY_BUCKETS = (
     10.0,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_DISTANCE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+BANK_OTHER = "other"
+"""The ``bank`` label of ``recalib_bank_requests_total`` past the per-model limit."""
 _JOB_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
 
 
@@ -382,6 +398,36 @@ class ServiceMetrics:
             ("model", "reason"),
             registry=registry,
         )
+        self.bank_requests = Counter(
+            "recalib_bank_requests_total",
+            "Requests answered with a stat bank, by the bank that answered (none: the "
+            "version's statistics; other: past RECALIB_BANK_METRIC_LIMIT names).",
+            ("model", "bank"),
+            registry=registry,
+        )
+        self.bank_route_distance = Histogram(
+            "recalib_bank_route_distance",
+            "Distance (KL, mean over channels) of each routed row from the bank it got.",
+            ("model",),
+            buckets=_DISTANCE_BUCKETS,
+            registry=registry,
+        )
+        self.bank_fallbacks = Counter(
+            "recalib_bank_fallbacks_total",
+            "Routed rows answered with the version's statistics (no bank near enough).",
+            ("model",),
+            registry=registry,
+        )
+        self.stat_banks = Gauge(
+            "recalib_stat_banks", "Stat banks a loaded version serves.", mv, registry=registry
+        )
+        self.bank_load_failures = Counter(
+            "recalib_bank_load_failures_total",
+            "Stat bank files skipped (unreadable, other weights or layers) and versions "
+            "whose graph cannot take banks.",
+            ("model",),
+            registry=registry,
+        )
         # what forget_version / forget_model remove series from (the in-flight gauge is
         # handled apart: a request may be in flight)
         self._by_model: tuple[Counter | Gauge | Histogram, ...] = (
@@ -396,7 +442,13 @@ class ServiceMetrics:
             self.provider_info,
             self.provider_fallbacks,
             self.load_failures,
+            self.bank_requests,
+            self.bank_route_distance,
+            self.bank_fallbacks,
+            self.stat_banks,
+            self.bank_load_failures,
         )
+        self._bank_labels: dict[str, set[str]] = {}
         self._providers: dict[tuple[str, str], tuple[str, str]] = {}
         self._layers: dict[tuple[str, str], set[str]] = {}
 
@@ -443,6 +495,51 @@ class ServiceMetrics:
     def inflight_add(self, model: str, delta: int) -> None:
         """Move the in-flight gauge of ``model`` by ``delta`` (+1 on entry, -1 on exit)."""
         self.inflight.labels(model).inc(delta)
+
+    # -- stat banks ----------------------------------------------------------------------
+
+    def observe_bank_request(
+        self,
+        model: str,
+        banks: Sequence[str],
+        *,
+        limit: int,
+        distances: Sequence[float] = (),
+        fallbacks: int = 0,
+    ) -> None:
+        """Count one request answered with stat banks.
+
+        Args:
+            model: the model.
+            banks: the distinct banks that answered its rows (``"none"``: the version's
+                statistics).
+            limit: most bank names of ``model`` with a label of their own (the first
+                seen; ``none`` not counted); the rest are counted as :data:`BANK_OTHER`.
+            distances: the routed rows' distances from their banks.
+            fallbacks: routed rows answered with the version's statistics.
+        """
+        seen = self._bank_labels.setdefault(model, set())
+        for bank in banks:
+            if bank != "none" and bank not in seen:
+                if len(seen) >= limit:
+                    bank = BANK_OTHER
+                else:
+                    seen.add(bank)
+            self.bank_requests.labels(model, bank).inc()
+        if distances:
+            histogram = self.bank_route_distance.labels(model)
+            for value in distances:
+                histogram.observe(value)
+        if fallbacks:
+            self.bank_fallbacks.labels(model).inc(fallbacks)
+
+    def set_banks_loaded(self, model: str, version: int | str, count: int) -> None:
+        """Publish how many stat banks a loaded version serves."""
+        self.stat_banks.labels(model, str(version)).set(count)
+
+    def bank_load_failed(self, model: str) -> None:
+        """Count a bank file skipped, or a version whose graph cannot take banks."""
+        self.bank_load_failures.labels(model).inc()
 
     # -- drift -------------------------------------------------------------------------
 
@@ -528,6 +625,7 @@ class ServiceMetrics:
         """Remove every series of ``model`` (deleted, or unloaded by the repository
         extension): its versions' series, its load failures, and its in-flight gauge
         once no request of it is in flight."""
+        self._bank_labels.pop(model, None)
         for key in [k for k in (*self._layers, *self._providers) if k[0] == model]:
             self._layers.pop(key, None)
             self._providers.pop(key, None)

@@ -103,6 +103,16 @@ class Settings(BaseSettings):
     drift_per_layer_metrics: bool = False
     """Export a per-layer drift gauge (one series per BN layer: mind cardinality)."""
 
+    bank_route_threshold: float = Field(default=2.0, ge=0.0)
+    """Stat banks: a row routed with ``parameters.bank="auto"`` whose distance (KL of its
+    stem BN-input moments from the nearest bank's, mean over channels) exceeds this gets
+    the version's own statistics instead, and is counted (``bank_fallback`` in the
+    response, ``recalib_bank_fallbacks_total``). ``inf``: never fall back."""
+
+    bank_metric_limit: int = Field(default=32, ge=0)
+    """Stat banks: most distinct bank names per model given their own ``bank`` label in
+    ``recalib_bank_requests_total`` (the first seen); later ones are counted as ``other``."""
+
     role: Literal["all", "inference"] = "all"
     """``all``: every endpoint. ``inference``: an inference replica - serves models and
     takes pushed versions and alias moves, but refuses data set uploads and recalibration

@@ -28,12 +28,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from recalib.onnx.banks import BANK_INDEX
 
 from ..errors import GenerationMoved, NotFound, NotReady
 from ..metrics import ServiceMetrics
 from ..settings import Settings
+from .bank_refs import BankRef
+from .bank_serving import ModelBanks
 from .sessions import TensorSpec
 from .tensors import InferOutput, InferRequest, InferResponse, select_outputs, to_feed
 from .versions import IDLE_SECONDS, PLATFORM, LoadedVersion, VersionTable, concurrent_runs
@@ -69,6 +74,33 @@ class ServingRuntime(VersionTable):
         super().__init__(settings, metrics)
         self._locks: dict[str, asyncio.Lock] = {}
         self._wanted: dict[str, int] = {}  # the version the latest serve() asked for
+        self._banks = ModelBanks(settings, metrics)
+
+    # -- stat banks ----------------------------------------------------------------------
+
+    async def set_banks(self, name: str, banks: Sequence[BankRef], default: str | None) -> None:
+        """Replace the stat banks of ``name`` and its default bank word (``None``,
+        ``"auto"``, ``"none"`` or a bank name), kept across unloads; ``([], None)``
+        forgets them (the model was deleted).
+
+        Every loaded version of ``name`` gets the banks valid for it (new ones added to its
+        tables, gone ones retired; no session rebuild, but the first bank of a version
+        builds its bank session, in a worker thread); a version loaded later gets them
+        when it loads. Unreadable or unfitting bank files are logged and counted, never
+        raised (:class:`~service.runtime.bank_serving.ModelBanks`).
+        """
+        self._banks.set(name, banks, default)
+        entries = [e for (n, _), e in sorted(self._versions.items()) if n == name]
+        await asyncio.gather(*(self._banks.sync(entry) for entry in entries))
+
+    async def load(
+        self, name: str, version: int, onnx_path: Path, *, generation: int | None = None
+    ) -> None:
+        """:meth:`VersionTable.load`, then the version's stat banks (see :meth:`set_banks`)."""
+        await super().load(name, version, onnx_path, generation=generation)
+        entry = self._versions.get((name, version))
+        if entry is not None:
+            await self._banks.sync(entry)
 
     # -- serving pointer ---------------------------------------------------------------
 
@@ -214,8 +246,12 @@ class ServingRuntime(VersionTable):
 
     def metadata(self, name: str, version: int | None = None) -> dict[str, Any]:
         """v2 model metadata: name, versions, platform, inputs, outputs (``-1`` for
-        variable dimensions) and ``parameters`` with the execution provider in use."""
-        return self._entry(name, version).metadata(self.settings)
+        variable dimensions) and ``parameters`` with the execution provider in use (and,
+        with stat banks, ``stat_banks``: how many the version serves, ``default_bank``)."""
+        entry = self._entry(name, version)
+        meta = entry.metadata(self.settings)
+        meta["parameters"].update(self._banks.metadata(entry))
+        return meta
 
     # -- inference ---------------------------------------------------------------------
 
@@ -240,6 +276,9 @@ class ServingRuntime(VersionTable):
         try:
             feed, rows = to_feed(request, entry.inputs)
             chosen = select_outputs(request, entry.outputs)
+            bank = self._banks.request(entry, request.parameters)
+            if bank is not None and bank.index is not None:
+                feed[BANK_INDEX] = bank.feed(feed)
             if entry.batcher is None:
                 raise NotReady(f"{entry.label} is not ready")
             fed = time.perf_counter()
@@ -252,6 +291,9 @@ class ServingRuntime(VersionTable):
             response = InferResponse(
                 model_name=name, model_version=str(entry.version), outputs=outputs, id=request.id
             )
+            if bank is not None:
+                extra = values[len(entry.output_names) :]
+                response.parameters = self._banks.answer(entry, bank, extra)
         except BaseException:  # refused input, failed run, cancelled caller
             stats.add_failure(time.perf_counter() - started)
             raise

@@ -35,11 +35,13 @@ import onnx
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from recalib.errors import RecalibError
+from recalib.onnx.banks import BANK_INDEX
 from recalib.onnx.taps import add_drift_taps
 
 from ..errors import GenerationMoved, InvalidInput, NotFound, NotReady, ServiceError, without_path
 from ..metrics import ServiceMetrics
 from ..settings import Settings
+from .bank_serving import VersionBanks
 from .batching import Batcher
 from .drift_monitor import DriftMonitor
 from .sessions import CUDA, ModelSession, TensorSpec, create_session, warmup_sizes
@@ -98,6 +100,7 @@ class LoadedVersion:
         self.output_names = [spec.name for spec in self.outputs]
         self.batchable = all(s.batched for s in (*self.inputs, *self.outputs))
         self.batcher: Batcher | None = None
+        self.banks: VersionBanks | None = None  # set by ModelBanks.sync on the event loop
         self.stats = ModelStats()  # the runtime's, set when the version is registered
         self.rows_counted = self.batchable  # inference_count: rows, or 1 per request
         self.active = 0
@@ -108,8 +111,11 @@ class LoadedVersion:
         self.label = f"model {name!r} version {version}"
 
     def run(self, feed: dict[str, Array], rows: int) -> list[Array]:
-        """Worker thread: one session run; sampled batches go through the tapped graph."""
+        """Worker thread: one session run; sampled batches go through the tapped graph,
+        bank requests (a ``recalib_bank_index`` in ``feed``) through the bank session."""
         try:
+            if self.banks is not None and BANK_INDEX in feed:
+                return self.banks.run(feed, self.output_names)
             monitor = self.monitor
             if monitor is not None and self.tapped is not None and monitor.should_sample():
                 values = self.tapped.run(feed, self.output_names + monitor.tap_names)

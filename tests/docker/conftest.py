@@ -134,6 +134,11 @@ def service_exposition(tmp_path_factory: pytest.TempPathFactory) -> Exposition:
             metrics = app.state.metrics
             metrics.provider_fallback(TINY_MODEL, 1)
             metrics.job_finished("failed", 3.5)
+            # stat banks (tests/service/test_runtime_banks.py serves them for real)
+            metrics.observe_bank_request(TINY_MODEL, ["night"], limit=8, distances=[0.05])
+            metrics.observe_bank_request(TINY_MODEL, ["none"], limit=8, fallbacks=1)
+            metrics.set_banks_loaded(TINY_MODEL, 1, 1)
+            metrics.bank_load_failed(TINY_MODEL)
             # a broken file cannot be registered (its checks run first): a load failure
             # of the runtime recorded as it records one
             from service.errors import InvalidInput

@@ -47,6 +47,11 @@ EXPECTED = {
     "recalib_execution_provider_info": ("gauge", {"model", "version", "requested", "provider"}),
     "recalib_provider_fallbacks": ("counter", {"model", "version"}),
     "recalib_model_load_failures": ("counter", {"model", "reason"}),
+    "recalib_bank_requests": ("counter", {"model", "bank"}),
+    "recalib_bank_route_distance": ("histogram", {"model"}),
+    "recalib_bank_fallbacks": ("counter", {"model"}),
+    "recalib_stat_banks": ("gauge", {"model", "version"}),
+    "recalib_bank_load_failures": ("counter", {"model"}),
 }
 PROCESS = {"process_cpu_seconds", "process_resident_memory_bytes", "process_start_time_seconds"}
 
@@ -62,6 +67,9 @@ def _exercise(m: ServiceMetrics) -> None:
     m.set_provider("demo", 1, "auto", "CPUExecutionProvider")
     m.provider_fallback("demo", 1)
     m.model_load_failed("demo", errors.InvalidInput("not an ONNX file"))
+    m.observe_bank_request("demo", ["night"], limit=4, distances=[0.03], fallbacks=1)
+    m.set_banks_loaded("demo", 1, 2)
+    m.bank_load_failed("demo")
 
 
 def test_names_types_and_labels() -> None:
