@@ -345,7 +345,7 @@ class ModelBanks:
                 label=entry.label,
                 inputs=entry.inputs,
             )
-        except (RecalibError, InvalidInput, OSError) as exc:
+        except Exception as exc:  # RecalibError, InvalidInput, OSError, ORT's own types
             self._unbankable.add(entry)
             log.warning("%s: stat banks off, its graph cannot take them: %s", entry.label, exc)
             self.metrics.bank_load_failed(entry.name)
