@@ -5,7 +5,9 @@ ONNX Runtime sessions are built by the runtime when the app starts. The lifespan
 
 1. clears what a crashed process left (staging directories, uncommitted versions) and
    marks its unfinished jobs ``interrupted``;
-2. starts the runtime and has it serve every model's ``production`` version;
+2. starts the runtime and has it serve every model's ``production`` version, then pushes
+   every model's stat banks and default bank to it (:meth:`BankStore.push_all`), before
+   the app reports ready;
 3. on shutdown stops running jobs (``interrupted``), then the runtime, then the database.
 
 Request bodies are limited by a small ASGI middleware: ``Content-Length`` above the limit
@@ -41,7 +43,7 @@ from .api import metrics_route, v2
 from .api import models as models_api
 from .api import recalibrations as recalibrations_api
 from .auth import bearer_token, check_bearer
-from .banks import BankStore
+from .banks import BankRuntime, BankStore
 from .catalog import Catalog
 from .dataplane import DataPlane, InferenceRuntime, server_version
 from .datasets import DatasetStore
@@ -240,13 +242,15 @@ def create_app(
     db = Database(settings.home / "recalib.db")  # opened on first use: never store-fed
     store, store_metrics = _model_store(settings, metrics_registry)
     # the control replica publishes production versions to the store; a store-fed one reads
+    catalog = Catalog(db, settings.home)  # the reads the publisher and the banks share
     publisher = (
-        StorePublisher(Catalog(db, settings.home), store, store_metrics)
+        StorePublisher(catalog, store, store_metrics)
         if store is not None and not settings.store_fed
         else None
     )
-    registry = Registry(db, settings.home, runtime, publisher=publisher)
-    banks = BankStore(registry)
+    # the banks are pushed to the runtime (and the store) after every change
+    banks = BankStore(catalog, cast(BankRuntime, runtime), publisher=publisher)
+    registry = Registry(db, settings.home, runtime, publisher=publisher, on_change=banks.push)
     datasets = DatasetStore(db, settings.home)
     jobs = JobManager(
         settings,
@@ -284,6 +288,7 @@ def create_app(
         await runtime.start()
         if resolver is None:
             await registry.serve_all()
+            await banks.push_all()  # store-fed: the watcher pushes what the store holds
             if publisher is not None:
                 await publisher.start()  # sweeps the store, publishes what the db says
         if store_loop is not None:

@@ -20,7 +20,26 @@ the model removes them with its folder (rows cascade).
 
 Banks come from uploads (:meth:`BankStore.put`) or from recalibration jobs that asked for
 ``"output": {"bank": name}`` (:meth:`BankStore.add_file`, called by
-:mod:`service.jobs`).
+:mod:`service.jobs`). The words ``auto`` and ``none`` are never bank names: they are what a
+request's ``parameters.bank`` (or the model's default) says instead of a name
+(:data:`service.runtime.bank_refs.RESERVED_BANK_WORDS`).
+
+A model may have a *default bank* (``models.default_bank``, schema 4): ``auto``, ``none``
+or the name of one of its banks, used for requests that name none. The default's bank
+cannot be deleted (409: clear or move the default first), so the default always names a
+bank that exists.
+
+*Pushes.* The serving runtime holds every model's whole bank set (:class:`BankRuntime`):
+after each change (a bank stored or deleted, the default set or cleared, a version added,
+a model registered or deleted; :mod:`service.registry` and :mod:`service.jobs` call
+:meth:`BankStore.push` after theirs) and once per model at start-up
+(:meth:`BankStore.push_all`), the store reads the model's :class:`BankSet` (in a thread:
+valid versions may compute old versions' weights digests) and gives it to the runtime with
+``set_banks``; with a model store it then has the publisher bring the store's entry up to
+date (banks and default beside the versions, :mod:`service.model_store`). Pushes of one
+model are serialised, each reading the state when it runs, so the last push a runtime
+gets is the latest state. A failed push is logged and never fails the call that committed;
+the next change (or restart) pushes again.
 """
 
 from __future__ import annotations
@@ -28,8 +47,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -37,9 +58,21 @@ from .catalog import BANK_SUFFIX, BANKS_DIR, Catalog
 from .db import dumps, loads, utcnow
 from .errors import Conflict, Incompatible, InvalidInput, NotFound
 from .names import check_name, is_number
+from .runtime.bank_refs import RESERVED_BANK_WORDS, BankRef
 from .uploads import Upload, copy_upload, staging
 
-__all__ = ["BANK_SUFFIXES", "BankInfo", "BankList", "BankStore", "check_bank_name"]
+__all__ = [
+    "BANK_SUFFIXES",
+    "BankInfo",
+    "BankList",
+    "BankPublisher",
+    "BankRuntime",
+    "BankSet",
+    "BankStore",
+    "bank_set",
+    "check_bank_name",
+    "check_default_bank",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +86,16 @@ _STAMP_HINT = (
 )
 
 
+_WORDS = " and ".join(repr(w) for w in sorted(RESERVED_BANK_WORDS))
+"""The reserved words, for messages."""
+
+
 def check_bank_name(value: str) -> str:
-    """Return ``value`` if it can name a stat bank (the alias rule: a name, not a number).
+    """Return ``value`` if it can name a stat bank (the alias rule: a name, not a number,
+    and not one of the request words ``auto`` and ``none``, in any case).
 
     Raises:
-        InvalidInput: malformed, or made of digits only.
+        InvalidInput: malformed, made of digits only, or a reserved word.
     """
     check_name(value, "stat bank name")
     if is_number(value):
@@ -65,7 +103,52 @@ def check_bank_name(value: str) -> str:
             f"expected a stat bank name that is not a number (got {value!r}: banks are named "
             "like aliases)"
         )
+    if value.lower() in RESERVED_BANK_WORDS:
+        raise InvalidInput(
+            f"expected a stat bank name other than {_WORDS} (got {value!r}: parameters.bank "
+            "uses these words for routing and for the version's own statistics)"
+        )
     return value
+
+
+def check_default_bank(value: str) -> str:
+    """Return ``value`` if it can be a model's default bank: ``auto``, ``none`` or a bank
+    name (:func:`check_bank_name`).
+
+    Raises:
+        InvalidInput: none of these.
+    """
+    return value if value in RESERVED_BANK_WORDS else check_bank_name(value)
+
+
+class BankRuntime(Protocol):
+    """What the bank store tells the serving runtime (``ServingRuntime.set_banks``)."""
+
+    async def set_banks(self, name: str, banks: Sequence[BankRef], default: str | None) -> None:
+        """Make ``banks`` the whole bank set of model ``name`` and ``default`` its default
+        (``None``, ``"auto"``, ``"none"`` or a bank name); ``([], None)`` after a delete."""
+
+
+class BankPublisher(Protocol):
+    """What brings the shared model store to the database's state
+    (:class:`service.store_publisher.StorePublisher`)."""
+
+    async def sync(self, name: str) -> bool:
+        """Publish (or remove) model ``name``; never raises."""
+        ...
+
+
+@dataclass(frozen=True)
+class BankSet:
+    """A model's banks and default bank, as the runtime and the model store get them.
+
+    Attributes:
+        banks: by name; each with the registry's file and the versions it is valid for.
+        default: ``None``, ``"auto"``, ``"none"`` or the name of one of ``banks``.
+    """
+
+    banks: tuple[BankRef, ...] = ()
+    default: str | None = None
 
 
 class BankInfo(BaseModel):
@@ -89,6 +172,11 @@ class BankInfo(BaseModel):
 
 class BankList(BaseModel):
     banks: list[BankInfo]
+    default: str | None = Field(
+        default=None,
+        description="the model's default bank (used when a request names none): 'auto', "
+        "'none', a bank name, or null for none set (the version's own statistics)",
+    )
 
 
 def _checked_bank(path: Path) -> Any:
@@ -121,17 +209,59 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _valid(row: sqlite3.Row, weights: dict[int, Any]) -> list[int]:
+    """The versions a bank's row may serve: same weights digest and BN layers."""
+    layers, digest = loads(row["layers"]), row["weights_digest"]
+    return [v for v, (d, lay) in weights.items() if d == digest and lay == layers]
+
+
+def bank_set(catalog: Catalog, name: str) -> BankSet:
+    """Model ``name``'s banks (files under ``catalog.root``) and default; empty for a model
+    that does not exist (deleted). Synchronous, and it may compute old versions' weights
+    digests: call it in a thread."""
+    try:
+        model = catalog._model_row(name)  # the catalog's look-up
+    except NotFound:
+        return BankSet()
+    rows = catalog.db.query("SELECT * FROM banks WHERE model_id = ? ORDER BY name", (model["id"],))
+    weights = catalog.version_weights(model["id"]) if rows else {}
+    folder = catalog.root / model["id"] / BANKS_DIR
+    refs = tuple(
+        BankRef(
+            name=r["name"],
+            path=folder / f"{r['name']}{BANK_SUFFIX}",
+            versions=frozenset(_valid(r, weights)),
+            sha256=r["sha256"],
+        )
+        for r in rows
+    )
+    return BankSet(refs, model["default_bank"])
+
+
 class BankStore:
-    """The ``banks`` rows and files of the registry's models.
+    """The ``banks`` rows and files of the registry's models, their default banks, and
+    the pushes of both to the runtime (and the model store).
 
     Args:
         catalog: the registry's reads (models, versions and their weights).
+        runtime: told each model's :class:`BankSet` after every change (:meth:`push`).
+        publisher: what brings the model store up to date after a push (``None``: no
+            store).
     """
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        runtime: BankRuntime,
+        *,
+        publisher: BankPublisher | None = None,
+    ) -> None:
         self.catalog = catalog
         self.db = catalog.db
         self.home = catalog.home
+        self.runtime = runtime
+        self.publisher = publisher
+        self._locks: dict[str, asyncio.Lock] = {}
 
     def _model(self, name: str) -> sqlite3.Row:
         return self.catalog._model_row(name)  # the catalog's look-up (NotFound, 400)
@@ -150,18 +280,15 @@ class BankStore:
         return model, row
 
     def _info(self, name: str, row: sqlite3.Row, weights: dict[int, Any]) -> BankInfo:
-        layers = loads(row["layers"])
-        digest = row["weights_digest"]
-        valid = [v for v, (d, lay) in weights.items() if d == digest and lay == layers]
         return BankInfo(
             model=name,
             name=row["name"],
-            layers=len(layers),
+            layers=len(loads(row["layers"])),
             size_bytes=row["bytes"],
             sha256=row["sha256"],
             weights_digest=row["weights_digest"],
             source=loads(row["source"]),
-            valid_versions=valid,
+            valid_versions=_valid(row, weights),
             created_at=row["created_at"],
         )
 
@@ -173,6 +300,11 @@ class BankStore:
         rows = self.db.query("SELECT * FROM banks WHERE model_id = ? ORDER BY name", (model["id"],))
         weights = self.catalog.version_weights(model["id"]) if rows else {}
         return [self._info(name, r, weights) for r in rows]
+
+    def listing(self, name: str) -> BankList:
+        """A model's banks, by name, and its default bank."""
+        banks = self.banks(name)
+        return BankList(banks=banks, default=self._model(name)["default_bank"])
 
     def bank(self, name: str, bank: str) -> BankInfo:
         """Raises: NotFound (InvalidInput for a malformed name)."""
@@ -284,17 +416,111 @@ class BankStore:
         with staging(self.home, "bank") as folder:
             path = folder / f"bank{BANK_SUFFIX}"
             await asyncio.to_thread(copy_upload, upload.file, path, max_bytes=max_bytes)
-            return await asyncio.to_thread(self.add_file, name, bank, path, {"kind": "upload"})
+            info = await asyncio.to_thread(self.add_file, name, bank, path, {"kind": "upload"})
+        await self.push(name)
+        return info
 
-    def delete(self, name: str, bank: str) -> None:
-        """Remove a bank (its row, then its file).
-
-        Raises:
-            NotFound: no such model or bank.
-        """
+    def _delete(self, name: str, bank: str) -> None:
         model, row = self._row(name, bank)
-        self.db.execute(
-            "DELETE FROM banks WHERE model_id = ? AND name = ?", (model["id"], row["name"])
-        )
+        with self.db.transaction() as conn:
+            default = conn.execute(
+                "SELECT default_bank FROM models WHERE id = ?", (model["id"],)
+            ).fetchone()
+            if default is not None and default[0] == row["name"]:
+                raise Conflict(
+                    f"stat bank {bank!r} is the default bank of model {name!r}; point the "
+                    f"default elsewhere (PUT /v1/models/{name}/default-bank) or clear it "
+                    "(DELETE) first"
+                )
+            conn.execute(
+                "DELETE FROM banks WHERE model_id = ? AND name = ?", (model["id"], row["name"])
+            )
         self._path(model["id"], row["name"]).unlink(missing_ok=True)
         log.info("model %s: stat bank %s deleted", name, bank)
+
+    async def delete(self, name: str, bank: str) -> None:
+        """Remove a bank (its row, then its file), then :meth:`push`.
+
+        Raises:
+            NotFound: no such model or bank; Conflict: it is the model's default bank.
+        """
+        await asyncio.to_thread(self._delete, name, bank)
+        await self.push(name)
+
+    # -- the default bank ----------------------------------------------------------------
+
+    def _set_default(self, name: str, bank: str | None) -> None:
+        model = self._model(name)
+        with self.db.transaction() as conn:
+            if bank is not None and bank not in RESERVED_BANK_WORDS:
+                found = conn.execute(
+                    "SELECT 1 FROM banks WHERE model_id = ? AND name = ?", (model["id"], bank)
+                ).fetchone()
+                if found is None:
+                    raise NotFound(
+                        f"model {name!r} has no stat bank {bank!r} (a default bank is "
+                        f"{_WORDS} or one of the model's banks)"
+                    )
+            changed = conn.execute(
+                "UPDATE models SET default_bank = ? WHERE id = ?", (bank, model["id"])
+            ).rowcount
+        if not changed:
+            raise NotFound(f"model {name!r} was deleted while its default bank was set")
+        log.info("model %s: default bank %s", name, bank)
+
+    async def set_default(self, name: str, bank: str) -> None:
+        """Make ``bank`` model ``name``'s default bank, then :meth:`push`.
+
+        Args:
+            name: the model.
+            bank: ``"auto"``, ``"none"`` or the name of one of its banks.
+
+        Raises:
+            InvalidInput: a malformed model or bank name; NotFound: no such model or bank.
+        """
+        check_default_bank(bank)
+        await asyncio.to_thread(self._set_default, name, bank)
+        await self.push(name)
+
+    async def clear_default(self, name: str) -> None:
+        """Remove model ``name``'s default bank (none set: the version's own statistics,
+        unless a request names a bank), then :meth:`push`. Clearing none is no error.
+
+        Raises:
+            NotFound: no such model; InvalidInput: a malformed name.
+        """
+        await asyncio.to_thread(self._set_default, name, None)
+        await self.push(name)
+
+    # -- pushes to the runtime (and the store) -------------------------------------------
+
+    def bank_set(self, name: str) -> BankSet:
+        """Model ``name``'s :class:`BankSet` (empty when it does not exist); in a thread."""
+        return bank_set(self.catalog, name)
+
+    async def push(self, name: str, *, store: bool = True) -> None:
+        """Give the runtime model ``name``'s whole bank set (``set_banks``), then have the
+        publisher (if any, and ``store``) bring its store entry up to date. Never raises:
+        the change it follows has committed; a failure is logged.
+
+        Args:
+            name: the model (one that was deleted gets ``([], None)``).
+            store: also publish (``False`` at start-up: the publisher reconciles then).
+        """
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:  # one push of a model at a time, each reading the latest state
+            try:
+                state = await asyncio.to_thread(self.bank_set, name)
+                await self.runtime.set_banks(name, state.banks, state.default)
+            # Whatever the runtime raised (it reads the files): the change stays committed.
+            except Exception:
+                log.exception("model %s: could not push its stat banks to the runtime", name)
+        if store and self.publisher is not None:
+            await self.publisher.sync(name)  # never raises (logged and counted)
+
+    async def push_all(self) -> None:
+        """At start-up, before the app reports ready: :meth:`push` every model's banks to
+        the runtime (the store is the publisher's start-up reconciliation's)."""
+        self._locks.clear()  # asyncio locks belong to the event loop that made them
+        for name in await asyncio.to_thread(self.catalog.model_names):
+            await self.push(name, store=False)

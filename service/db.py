@@ -1,10 +1,10 @@
 """The service's metadata store: one SQLite database in WAL mode.
 
-Tables: ``models``, ``versions`` (immutable once written; their weights digest and BN
-layers are filled in lazily for versions older than schema 3), ``aliases``, ``banks`` (stat
-banks, immutable), ``datasets`` and ``jobs``; JSON-valued columns hold lineage, reports and
-progress. Artifacts and uploaded
-data live on the filesystem; rows only point at them.
+Tables: ``models`` (their default stat bank since schema 4), ``versions`` (immutable once
+written; their weights digest and BN layers are filled in lazily for versions older than
+schema 3), ``aliases``, ``banks`` (stat banks, immutable), ``datasets`` and ``jobs``;
+JSON-valued columns hold lineage, reports and progress. Artifacts and uploaded data live
+on the filesystem; rows only point at them.
 
 One :class:`Database` per app: :func:`service.app.create_app` creates it, hands it to the
 registry, the data set store and the job manager, and closes it when the app stops. The
@@ -27,7 +27,7 @@ from typing import Any
 
 __all__ = ["Database", "dumps", "loads", "utcnow"]
 
-_SCHEMA_VERSION = 3
+_SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS models (
     name TEXT NOT NULL UNIQUE,
     created_at TEXT NOT NULL,
     source_format TEXT NOT NULL,
-    metadata TEXT NOT NULL
+    metadata TEXT NOT NULL,
+    default_bank TEXT
 );
 CREATE TABLE IF NOT EXISTS versions (
     model_id TEXT NOT NULL REFERENCES models(id) ON DELETE CASCADE,
@@ -111,6 +112,7 @@ _ADDED_COLUMNS = (
     ("versions", "weights_digest TEXT"),  # 2 -> 3: what stat banks are checked against
     ("versions", "bn_layers TEXT"),
     ("jobs", "result_bank TEXT"),  # 2 -> 3: a job that produced a bank
+    ("models", "default_bank TEXT"),  # 3 -> 4: the bank requests naming none use
 )
 """Columns added after schema 1, as ``(table, "name TYPE")``; nullable, so old rows stay."""
 

@@ -34,7 +34,9 @@ has the runtime load it first).
   version. The gate is stricter than for versions: a flagged plan or a failed validation
   saves nothing (the job fails "not saved: ..."), since a bank has no history to keep it
   in. The name must be free at submission (409) and still free when it is stored (else
-  the job fails). ``promote`` does not combine with a bank (422).
+  the job fails). ``promote`` does not combine with a bank (422). The stored bank is
+  pushed to the runtime (:meth:`service.banks.BankStore.push`) before the job reports
+  ``succeeded``; so is a new version (banks are valid for versions with their weights).
 """
 
 from __future__ import annotations
@@ -332,7 +334,8 @@ class JobManager:
         registry: the model registry (versions; promotion).
         datasets: the data set store.
         metrics: counts finished jobs (``job_finished``).
-        banks: where jobs with ``output.bank`` store their bank.
+        banks: where jobs with ``output.bank`` store their bank; told (``push``) after a
+            job stored a bank or added a version (the versions a bank is valid for).
         target: the function the worker process runs (tests substitute slow or crashing
             ones; it must be importable by name, as ``spawn`` pickles it).
     """
@@ -345,11 +348,11 @@ class JobManager:
         registry: Registry,
         datasets: DatasetStore,
         metrics: ServiceMetrics,
+        banks: BankStore,
         target: WorkerTarget | None = None,
-        banks: BankStore | None = None,
     ) -> None:
         self._settings = settings
-        self._banks = banks or BankStore(registry)
+        self._banks = banks
         self._db = db
         self._registry = registry
         self._datasets = datasets
@@ -689,6 +692,8 @@ class JobManager:
             error = await asyncio.to_thread(
                 _store_bank, self._banks, handle, handle.bank, work / OUT_DIR, validation, plan
             )
+            if error is None:  # before the job says so: the bank serves once it succeeded
+                await self._banks.push(handle.model)
             state: JobState = "failed" if error else "succeeded"
             bank = None if error else handle.bank
             self._finish(handle, state, error=error, bank=bank, validation=validation, plan=plan)
@@ -707,6 +712,7 @@ class JobManager:
         except (ServiceError, RecalibError, OSError, ValueError) as exc:
             self._finish(handle, "failed", error=f"could not register the new version: {exc}")
             return
+        await self._banks.push(handle.model)  # the new version may take the model's banks
         await self._conclude(handle, version.version, validation, plan)
 
     async def _conclude(

@@ -24,6 +24,12 @@ With a shared model store (:mod:`service.model_store`), the registry is also giv
 (registration, :meth:`Registry.set_alias`, a push or a job that promotes) or a model is
 deleted, it has the publisher bring the store to the model's new state after the database
 commit. A failed publication never fails the call that committed (see the publisher).
+
+A model's stat banks are valid for the versions with their weights, so they change when
+versions come and go: after registering, pushing a version or deleting a model, the
+registry awaits the ``on_change`` hook it was given (:func:`service.app.create_app` gives
+it :meth:`service.banks.BankStore.push`: the model's banks to the runtime and the store);
+a job's version (:meth:`Registry.add_version`, synchronous) is pushed by the job manager.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import json
 import logging
 import sqlite3
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -72,6 +79,10 @@ class Runtime(Protocol):
     def reset_drift(self, name: str) -> None: ...
 
 
+async def _unchanged(_: str) -> None:
+    """The default ``on_change`` hook: nothing to tell."""
+
+
 def _alias_not_moved(exc: Exception, message: str) -> ServiceError:
     """The error of a failed alias switch after a push, with ``message`` saying so."""
     from recalib.errors import RecalibError
@@ -95,6 +106,8 @@ class Registry(Catalog):
         runtime: what serves ``production`` versions.
         publisher: what brings the shared model store to the database's state after
             ``production`` moves or a model is deleted (``None``: no store).
+        on_change: awaited with a model's name after its versions changed or it was
+            registered or deleted (never raises: the bank push).
     """
 
     def __init__(
@@ -104,9 +117,11 @@ class Registry(Catalog):
         runtime: Runtime,
         *,
         publisher: StorePublisher | None = None,
+        on_change: Callable[[str], Awaitable[None]] = _unchanged,
     ) -> None:
         super().__init__(db, home)
         self._runtime = runtime
+        self._on_change = on_change
         self._locks: dict[str, asyncio.Lock] = {}
         self.publisher = publisher
 
@@ -147,6 +162,7 @@ class Registry(Catalog):
             self._remove_model(model_id)
             raise
         log.info("model %s registered from %s (version 1 in production)", name, suffix)
+        await self._on_change(name)
         return self.model(name)
 
     def add_version(
@@ -257,6 +273,7 @@ class Registry(Catalog):
                     parent_version=parent_version,
                 )
         log.info("model %s: version %d pushed from %s", name, number, suffix)
+        await self._on_change(name)
         if alias is not None:
             await self._move_alias_to_pushed(name, alias, number)
         return self.version(name, number)
@@ -350,6 +367,7 @@ class Registry(Catalog):
         log.info("model %s deleted", name)
         if self.publisher is not None:
             await self.publisher.sync(name)  # removes its entry (or what replaced it)
+        await self._on_change(name)
 
     async def serve_all(self) -> None:
         """Have the runtime serve every model's production version (at startup; the app

@@ -6,16 +6,19 @@ and a started app's client (:class:`Api`). A module of its own, imported by bare
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
+import onnx
 from fastapi.testclient import TestClient
 
 from service.errors import InvalidInput, NotFound
+from service.runtime.bank_refs import BankRef
 from service.settings import Settings
 
-__all__ = ["AUTH", "TOKEN", "Api", "FakeRuntime", "real_api"]
+__all__ = ["AUTH", "TOKEN", "Api", "FakeRuntime", "bank_bytes", "real_api", "shifted_stats"]
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -23,13 +26,18 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 class FakeRuntime:
     """Records what the control plane asks; ``fail`` holds ``(name, version)`` that
-    refuse to load."""
+    refuse to load. Bank pushes are recorded apart (``bank_calls``, and the latest set
+    per model in ``banks``) so the serve/unload sequences stay as they were;
+    ``fail_banks`` makes ``set_banks`` raise."""
 
     def __init__(self) -> None:
         self.served: dict[str, int] = {}
         self.calls: list[tuple[Any, ...]] = []
         self.fail: set[tuple[str, int]] = set()
         self.started = self.closed = False
+        self.bank_calls: list[tuple[str, tuple[BankRef, ...], str | None]] = []
+        self.banks: dict[str, tuple[tuple[BankRef, ...], str | None]] = {}
+        self.fail_banks = False
 
     async def start(self) -> None:
         self.started = True
@@ -71,6 +79,17 @@ class FakeRuntime:
 
     def reset_drift(self, name: str) -> None:
         self.calls.append(("reset_drift", name))
+
+    async def set_banks(self, name: str, banks: Sequence[BankRef], default: str | None) -> None:
+        """As ``ServingRuntime.set_banks``: a model's whole bank set and default."""
+        if self.fail_banks:
+            raise OSError(5, f"could not read the banks of {name}")
+        self.bank_calls.append((name, tuple(banks), default))
+        self.banks[name] = (tuple(banks), default)
+
+    def bank_names(self, name: str) -> dict[str, list[int]]:
+        """``{bank: sorted valid versions}`` of the latest push for ``name``."""
+        return {b.name: sorted(b.versions) for b in self.banks.get(name, ((), None))[0]}
 
 
 class Api:
@@ -134,3 +153,24 @@ def real_api(make_api: Callable[..., Api], settings: Settings, bn_onnx: bytes) -
         == 201
     )
     return api
+
+
+def shifted_stats(model: onnx.ModelProto, by: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``model``'s BN statistics, shifted (means + by, variances * (1 + by))."""
+    from recalib.onnx.names import bn_node_stats
+
+    return {k: (m + by, v * (1.0 + by)) for k, (m, v) in bn_node_stats(model).items()}
+
+
+def bank_bytes(
+    model: onnx.ModelProto,
+    tmp_path: Path,
+    stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> bytes:
+    """A stat bank file of ``model``'s weights (its statistics shifted by 0.5 unless
+    ``stats``), stamped with its weights digest."""
+    from recalib.onnx.bank_files import save_onnx_bank
+
+    path = tmp_path / "bank.safetensors"
+    save_onnx_bank(model, shifted_stats(model, 0.5) if stats is None else stats, path, name="b")
+    return path.read_bytes()

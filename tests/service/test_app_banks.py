@@ -16,24 +16,12 @@ import onnx
 import pytest
 from runtime_helpers import export, make_model, shifted_images
 from safetensors.numpy import load, save_file
-from service_helpers import Api
+from service_helpers import Api, FakeRuntime, bank_bytes, shifted_stats
 
-from recalib.onnx.bank_files import WEIGHTS_DIGEST_KEY, save_onnx_bank, weights_digest
+from recalib.onnx.bank_files import WEIGHTS_DIGEST_KEY, weights_digest
 from recalib.onnx.names import bn_node_stats, read_bn_map, set_bn_node_stats
 from recalib.statbank import save_stat_bank
 from service.settings import Settings
-
-Stats = dict[str, tuple[np.ndarray, np.ndarray]]
-
-
-def _shifted(model: onnx.ModelProto, by: float) -> Stats:
-    return {k: (m + by, v * (1.0 + by)) for k, (m, v) in bn_node_stats(model).items()}
-
-
-def _bank_bytes(model: onnx.ModelProto, tmp_path: Path, stats: Stats | None = None) -> bytes:
-    path = tmp_path / "bank.safetensors"
-    save_onnx_bank(model, _shifted(model, 0.5) if stats is None else stats, path, name="b")
-    return path.read_bytes()
 
 
 def _put(
@@ -44,14 +32,14 @@ def _put(
 
 def _put_own(api: Api, bank: str, bn_onnx: bytes, tmp_path: Path) -> int:
     """PUT a bank of ``bn_onnx``'s own weights; its status."""
-    status: int = _put(api, bank, _bank_bytes(onnx.load_from_string(bn_onnx), tmp_path)).status_code
+    status: int = _put(api, bank, bank_bytes(onnx.load_from_string(bn_onnx), tmp_path)).status_code
     return status
 
 
 def _recalibrated(bn_onnx: bytes, by: float) -> bytes:
     """``bn_onnx`` with other statistics (same weights): a recalibrated version."""
     model = onnx.load_from_string(bn_onnx)
-    set_bn_node_stats(model, _shifted(model, by))
+    set_bn_node_stats(model, shifted_stats(model, by))
     out: bytes = model.SerializeToString()
     return out
 
@@ -65,7 +53,7 @@ def other_weights(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 def test_upload_list_get_download_delete(api: Api, bn_onnx: bytes, tmp_path: Path) -> None:
     assert api.register("m", bn_onnx).status_code == 201
     model = onnx.load_from_string(bn_onnx)
-    data = _bank_bytes(model, tmp_path)
+    data = bank_bytes(model, tmp_path)
     r = _put(api, "site_b", data)
     assert r.status_code == 201, r.text
     info = r.json()
@@ -75,7 +63,7 @@ def test_upload_list_get_download_delete(api: Api, bn_onnx: bytes, tmp_path: Pat
     assert info["weights_digest"] == weights_digest(model)
     assert info["valid_versions"] == [1]
     assert info["source"]["kind"] == "upload" and info["source"]["metadata"] == {"name": "b"}
-    assert api.client.get("/v1/models/m/banks").json() == {"banks": [info]}
+    assert api.client.get("/v1/models/m/banks").json() == {"banks": [info], "default": None}
     assert api.client.get("/v1/models/m/banks/site_b").json() == info
     file = api.client.get("/v1/models/m/banks/site_b/file")
     assert file.status_code == 200 and file.content == data
@@ -83,7 +71,7 @@ def test_upload_list_get_download_delete(api: Api, bn_onnx: bytes, tmp_path: Pat
     again = _put(api, "site_b", data)
     assert again.status_code == 409 and "immutable" in again.json()["error"]
     assert api.client.delete("/v1/models/m/banks/site_b").status_code == 204
-    assert api.client.get("/v1/models/m/banks").json() == {"banks": []}
+    assert api.client.get("/v1/models/m/banks").json() == {"banks": [], "default": None}
     missing = api.client.get("/v1/models/m/banks/site_b")
     assert missing.status_code == 404 and "no stat bank" in missing.json()["error"]
     assert api.client.delete("/v1/models/m/banks/site_b").status_code == 404
@@ -105,7 +93,7 @@ def test_bad_bank_files_are_refused_with_one_line(api: Api, bn_onnx: bytes, tmp_
 
     assert "expected a recalib stat bank" in error(b"junk")
     assert ".safetensors" in error(b"junk", filename="b.npz")
-    assert "not a number" in error(_bank_bytes(model, tmp_path), bank="42")
+    assert "not a number" in error(bank_bytes(model, tmp_path), bank="42")
     # no digest: the file does not say which weights it is for
     save_stat_bank(make_model(0), tmp_path / "u.safetensors")
     assert "save_onnx_bank" in error((tmp_path / "u.safetensors").read_bytes())
@@ -141,7 +129,7 @@ def test_a_bank_of_other_weights_is_incompatible(
     api: Api, bn_onnx: bytes, other_weights: bytes, tmp_path: Path
 ) -> None:
     assert api.register("m", bn_onnx).status_code == 201
-    r = _put(api, "b", _bank_bytes(onnx.load_from_string(other_weights), tmp_path))
+    r = _put(api, "b", bank_bytes(onnx.load_from_string(other_weights), tmp_path))
     assert r.status_code == 422, r.text
     assert "statistics of other weights" in r.json()["error"]
 
@@ -157,9 +145,9 @@ def test_valid_versions_follow_the_weights(
     digests = [v["weights_digest"] for v in versions]
     assert digests[0] == digests[1] == digests[3] != digests[2]
     # computed on version 2 (recalibrated from 1): valid for 1, 2 and 4, not 3
-    bank = _bank_bytes(onnx.load_from_string(_recalibrated(bn_onnx, 0.3)), tmp_path)
+    bank = bank_bytes(onnx.load_from_string(_recalibrated(bn_onnx, 0.3)), tmp_path)
     assert _put(api, "site_b", bank).json()["valid_versions"] == [1, 2, 4]
-    other = _bank_bytes(onnx.load_from_string(other_weights), tmp_path)
+    other = bank_bytes(onnx.load_from_string(other_weights), tmp_path)
     assert _put(api, "other", other).json()["valid_versions"] == [3]
     # versions from before schema 3 get their digest on first use
     db = api.app.state.db
@@ -177,7 +165,7 @@ def test_inference_role_refuses_bank_writes(
 ) -> None:
     control = make_api(settings)
     assert control.register("m", bn_onnx).status_code == 201
-    data = _bank_bytes(onnx.load_from_string(bn_onnx), tmp_path)
+    data = bank_bytes(onnx.load_from_string(bn_onnx), tmp_path)
     assert _put(control, "kept", data).status_code == 201
     control.close()
     inference = make_api(settings.model_copy(update={"role": "inference"}))
@@ -191,13 +179,13 @@ def test_inference_role_refuses_bank_writes(
 
 def test_deleting_the_model_deletes_its_banks(api: Api, bn_onnx: bytes, tmp_path: Path) -> None:
     assert api.register("m", bn_onnx).status_code == 201
-    assert _put(api, "b", _bank_bytes(onnx.load_from_string(bn_onnx), tmp_path)).status_code == 201
+    assert _put(api, "b", bank_bytes(onnx.load_from_string(bn_onnx), tmp_path)).status_code == 201
     assert api.client.delete("/v1/models/m").status_code == 204
     assert api.files() == [] or not any("banks" in f for f in api.files())
     assert api.app.state.db.query("SELECT * FROM banks") == []
     assert api.client.get("/v1/models/m/banks").status_code == 404
     assert api.register("m", bn_onnx).status_code == 201
-    assert api.client.get("/v1/models/m/banks").json() == {"banks": []}
+    assert api.client.get("/v1/models/m/banks").json() == {"banks": [], "default": None}
 
 
 def test_sweep_removes_uncommitted_bank_files(
@@ -206,7 +194,7 @@ def test_sweep_removes_uncommitted_bank_files(
     api = make_api(settings)
     assert api.register("m", bn_onnx).status_code == 201
     assert (
-        _put(api, "kept", _bank_bytes(onnx.load_from_string(bn_onnx), tmp_path)).status_code == 201
+        _put(api, "kept", bank_bytes(onnx.load_from_string(bn_onnx), tmp_path)).status_code == 201
     )
     model_id = api.client.get("/v1/models/m").json()["id"]
     folder = settings.home / "artifacts" / model_id / "banks"
@@ -228,14 +216,15 @@ def test_a_schema_2_database_is_migrated(
     for table, column in (("versions", "weights_digest"), ("versions", "bn_layers")):
         conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     conn.execute("ALTER TABLE jobs DROP COLUMN result_bank")
+    conn.execute("ALTER TABLE models DROP COLUMN default_bank")
     conn.execute("PRAGMA user_version=2")
     conn.commit()
     conn.close()
     again = make_api(settings)
-    assert again.client.get("/v1/models/m/banks").json() == {"banks": []}
+    assert again.client.get("/v1/models/m/banks").json() == {"banks": [], "default": None}
     version = again.client.get("/v1/models/m/versions/1").json()
     assert version["weights_digest"] is None  # filled in when a bank needs it
-    assert again.app.state.db.query_one("PRAGMA user_version")[0] == 3
+    assert again.app.state.db.query_one("PRAGMA user_version")[0] == 4
 
 
 def test_job_requests_for_banks_are_checked(
@@ -248,7 +237,7 @@ def test_job_requests_for_banks_are_checked(
     assert both.status_code == 422 and "promote" in both.json()["error"]
     assert api.client.post(url, json={"dataset": ds, "output": {"bank": "7"}}).status_code == 422
     assert (
-        _put(api, "taken", _bank_bytes(onnx.load_from_string(bn_onnx), tmp_path)).status_code == 201
+        _put(api, "taken", bank_bytes(onnx.load_from_string(bn_onnx), tmp_path)).status_code == 201
     )
     taken = api.client.post(url, json={"dataset": ds, "output": {"bank": "taken"}})
     assert taken.status_code == 409 and "immutable" in taken.json()["error"]
@@ -257,7 +246,11 @@ def test_job_requests_for_banks_are_checked(
 
 @pytest.mark.slow
 def test_recalibration_jobs_make_versions_and_banks(
-    make_api: Callable[..., Api], settings: Settings, bn_onnx: bytes, npz: Callable[..., bytes]
+    make_api: Callable[..., Api],
+    settings: Settings,
+    runtime: FakeRuntime,
+    bn_onnx: bytes,
+    npz: Callable[..., bytes],
 ) -> None:
     api = make_api(settings)
     assert api.register("m", bn_onnx).status_code == 201
@@ -276,6 +269,7 @@ def test_recalibration_jobs_make_versions_and_banks(
     assert api.client.get("/v1/models/m").json()["latest_version"] == 2  # no new version
     bank = api.client.get("/v1/models/m/banks/site_b").json()
     assert bank["valid_versions"] == [1, 2]
+    assert runtime.bank_names("m") == {"site_b": [1, 2]}  # pushed before it succeeded
     assert bank["source"]["kind"] == "recalibration"
     assert (bank["source"]["job"], bank["source"]["base_version"]) == (bank_job["id"], 2)
     # the bank holds the recalibrated statistics: on the same data as version 2, so those
@@ -311,7 +305,7 @@ def test_a_store_fed_replica_has_no_banks(
             update={"model_store": store, "role": "inference", "home": tmp_path / "replica"}
         )
     )
-    data = _bank_bytes(onnx.load_from_string(bn_onnx), tmp_path)
+    data = bank_bytes(onnx.load_from_string(bn_onnx), tmp_path)
     for method, path in [
         ("GET", "/v1/models/m/banks"),
         ("GET", "/v1/models/m/banks/b"),
