@@ -53,6 +53,10 @@ Metrics (labels in braces):
 * ``recalib_stat_banks{model,version}`` - banks a loaded version serves;
   ``recalib_bank_load_failures_total{model}`` - bank files skipped (unreadable, other
   weights or layers) and versions whose graph cannot take banks.
+* ``recalib_bank_drift_score{model,version,bank}``,
+  ``recalib_bank_drift_threshold_exceeded{model,version,bank}`` - drift of the rows each
+  stat bank answered, against that bank's own statistics (the first
+  ``RECALIB_BANK_METRIC_LIMIT`` banks of a version; :mod:`service.runtime.bank_drift`).
 * ``process_*`` (CPU, resident memory, open files, start time), ``python_info`` and
   ``python_gc_*``: prometheus_client's process, platform and GC collectors, registered in
   the injected registry too (two apps in one process do not clash).
@@ -421,6 +425,20 @@ class ServiceMetrics:
         self.stat_banks = Gauge(
             "recalib_stat_banks", "Stat banks a loaded version serves.", mv, registry=registry
         )
+        self.bank_drift_score = Gauge(
+            "recalib_bank_drift_score",
+            "Drift score of the rows a stat bank answered, against that bank's statistics "
+            "(the first RECALIB_BANK_METRIC_LIMIT banks of a version).",
+            (*mv, "bank"),
+            registry=registry,
+        )
+        self.bank_drift_exceeded = Gauge(
+            "recalib_bank_drift_threshold_exceeded",
+            "1 when a stat bank's drift score is above the threshold (after "
+            "RECALIB_DRIFT_MIN_ROWS rows).",
+            (*mv, "bank"),
+            registry=registry,
+        )
         self.bank_load_failures = Counter(
             "recalib_bank_load_failures_total",
             "Stat bank files skipped (unreadable, other weights or layers) and versions "
@@ -446,6 +464,8 @@ class ServiceMetrics:
             self.bank_route_distance,
             self.bank_fallbacks,
             self.stat_banks,
+            self.bank_drift_score,
+            self.bank_drift_exceeded,
             self.bank_load_failures,
         )
         self._bank_labels: dict[str, set[str]] = {}
@@ -536,6 +556,22 @@ class ServiceMetrics:
     def set_banks_loaded(self, model: str, version: int | str, count: int) -> None:
         """Publish how many stat banks a loaded version serves."""
         self.stat_banks.labels(model, str(version)).set(count)
+
+    def set_bank_drift(
+        self, model: str, version: int | str, bank: str, *, score: float | None, exceeded: bool
+    ) -> None:
+        """Publish one stat bank's drift (``score=None``: nothing scored yet)."""
+        labels = (model, str(version), bank)
+        if score is None:
+            self._remove(self.bank_drift_score, *labels)
+        else:
+            self.bank_drift_score.labels(*labels).set(score)
+        self.bank_drift_exceeded.labels(*labels).set(1.0 if exceeded else 0.0)
+
+    def forget_bank_drift(self, model: str, version: int | str, bank: str) -> None:
+        """Remove a retired stat bank's drift series."""
+        for gauge in (self.bank_drift_score, self.bank_drift_exceeded):
+            self._remove(gauge, model, str(version), bank)
 
     def bank_load_failed(self, model: str) -> None:
         """Count a bank file skipped, or a version whose graph cannot take banks."""

@@ -199,6 +199,15 @@ class BankSpec:
         """The version's own statistics as a bank (``{node key: (mean, var)}``)."""
         return {lay.node: (lay.mean, lay.var) for lay in self.layers}
 
+    def stats_of(self, bank: BankLike) -> dict[str, tuple[FloatArray, FloatArray]]:
+        """``{node key: (mean, var)}`` (float64) of ``bank`` for every rewritten layer.
+
+        Raises:
+            StatBankMismatchError: a layer is missing or unknown, a channel count differs,
+                or a value is non-finite or a variance negative.
+        """
+        return _checked_stats(self, bank)
+
     def route_layers(self) -> list[BankLayer]:
         by_node = {lay.node: lay for lay in self.layers}
         return [by_node[key] for key in self.route]

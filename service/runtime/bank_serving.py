@@ -34,7 +34,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,10 +54,12 @@ from recalib.onnx.banks import (
     BankTables,
     add_bank_inputs,
 )
+from recalib.onnx.taps import add_drift_taps
 
 from ..errors import InvalidInput, NotFound
 from ..metrics import ServiceMetrics
 from ..settings import Settings
+from .bank_drift import BankDrift, BankDriftPublisher
 from .bank_refs import AUTO_BANK, NO_BANK, BankRef
 from .sessions import ModelSession, TensorSpec, create_session, warmup_sizes
 
@@ -132,6 +135,11 @@ class VersionBanks:
         digest: the version's weights digest (a bank of other weights is refused).
         threshold: routed rows farther than this from every bank get bank 0.
         label: ``model 'm' version 2``, for messages.
+        tapped: the session of the same bank graph with drift taps at BN inputs, for the
+            sampled runs of ``drift`` (:mod:`service.runtime.bank_drift`); ORT runs every
+            node of a graph whatever outputs are asked for, so unsampled runs use
+            ``session``.
+        drift: the per-bank drift windows (``None``: drift off).
     """
 
     def __init__(
@@ -142,8 +150,12 @@ class VersionBanks:
         digest: str,
         threshold: float,
         label: str,
+        tapped: ModelSession | None = None,
+        drift: BankDrift | None = None,
     ) -> None:
         self.session = session
+        self.tapped = tapped if drift is not None else None
+        self.drift = drift if tapped is not None else None
         self.tables = tables
         self.digest = digest
         self.threshold = threshold
@@ -156,10 +168,18 @@ class VersionBanks:
 
     @classmethod
     def build(
-        cls, path: Path, settings: Settings, *, label: str, inputs: Sequence[TensorSpec]
+        cls,
+        path: Path,
+        settings: Settings,
+        *,
+        label: str,
+        inputs: Sequence[TensorSpec],
+        executor: Executor | None = None,
+        publish: BankDriftPublisher | None = None,
     ) -> VersionBanks:
         """Worker thread: rewrite the version's graph for banks, build and warm up its
-        session.
+        session (and, with drift sampling on, the tapped one and the per-bank drift
+        windows, processed in ``executor`` and published with ``publish``).
 
         Raises:
             RecalibError: the graph cannot take banks (no BN with stored statistics,
@@ -169,19 +189,54 @@ class VersionBanks:
         proto = onnx.load(str(path))
         digest = weights_digest(proto)
         banked = add_bank_inputs(proto, route_layers=1)
-        del proto
         session = create_session(
             banked.SerializeToString(), settings, label=f"{label} (stat banks)"
         )
+        tapped, drift = None, None
+        if settings.drift_sample_fraction > 0.0 and settings.bank_metric_limit > 0:
+            tapped, drift = cls._drift(proto, settings, label, executor, publish)
+        del proto
         banks = cls(
             session,
             BankTables(banked),
             digest=digest,
             threshold=settings.bank_route_threshold,
             label=label,
+            tapped=tapped,
+            drift=drift,
         )
         banks.warm_up(warmup_sizes(settings), inputs)
         return banks
+
+    @staticmethod
+    def _drift(
+        proto: onnx.ModelProto,
+        settings: Settings,
+        label: str,
+        executor: Executor | None,
+        publish: BankDriftPublisher | None,
+    ) -> tuple[ModelSession | None, BankDrift | None]:
+        """The tapped bank session and its drift windows (``None``s: the graph cannot be
+        tapped; the banks are served without per-bank drift)."""
+        try:
+            graph = add_bank_inputs(add_drift_taps(proto, source="input"), route_layers=1)
+        except (RecalibError, ValueError) as exc:
+            log.warning("%s: per-bank drift off, the bank graph cannot be tapped: %s", label, exc)
+            return None, None
+        session = create_session(
+            graph.SerializeToString(), settings, label=f"{label} (stat banks, drift taps)"
+        )
+        drift = BankDrift(
+            graph,
+            window_seconds=settings.drift_window_seconds,
+            threshold=settings.drift_threshold,
+            sample_fraction=settings.drift_sample_fraction,
+            min_rows=settings.drift_min_rows,
+            limit=settings.bank_metric_limit,
+            executor=executor,
+            publish=publish,
+        )
+        return session, drift
 
     def warm_up(self, sizes: Sequence[int], inputs: Sequence[TensorSpec]) -> None:
         """Run zero inputs (bank 0) once per batch size, as the plain session is."""
@@ -196,7 +251,10 @@ class VersionBanks:
                 for s in inputs
             }
             feed[BANK_INDEX] = BankRequest(NO_BANK, 0).feed(feed)
-            self.run(feed, [])
+            self.run(feed, [], sample=False)
+            if self.tapped is not None:
+                full = {**feed, **self.tables.feed(feed[BANK_INDEX])}
+                self.tapped.run(full, list(EXTRA_OUTPUTS))
 
     # -- what it serves ------------------------------------------------------------------
 
@@ -217,15 +275,40 @@ class VersionBanks:
         """``{name: sha256}`` of the banks it serves."""
         return dict(self._sha)
 
-    def run(self, feed: Mapping[str, Array], output_names: Sequence[str]) -> list[Array]:
+    def run(
+        self, feed: Mapping[str, Array], output_names: Sequence[str], *, sample: bool = True
+    ) -> list[Array]:
         """Worker thread: one run of the bank session; ``output_names`` then
-        ``recalib_bank`` and ``recalib_bank_distance``.
+        ``recalib_bank`` and ``recalib_bank_distance``. A sampled run (``drift``'s
+        fraction of the runs) goes through the tapped session and hands its tap outputs,
+        split by the bank that answered each row, to the per-bank drift windows.
 
         Raises:
             BankIndexError: an index outside the tables.
         """
         full = {**feed, **self.tables.feed(feed[BANK_INDEX], threshold=self.threshold)}
-        return self.session.run(full, [*output_names, *EXTRA_OUTPUTS])
+        names = [*output_names, *EXTRA_OUTPUTS]
+        drift, tapped = self.drift, self.tapped
+        if sample and drift is not None and tapped is not None and drift.should_sample():
+            values = tapped.run(full, names + drift.tap_names)
+            k = len(names)
+            drift.submit(values[k:], values[k - 2])  # processed on the drift thread
+            return values[:k]
+        return self.session.run(full, names)
+
+    def drift_reports(self) -> dict[str, dict[str, Any]]:
+        """Each tracked bank's drift report, by bank name (empty with drift off)."""
+        return {} if self.drift is None else self.drift.reports()
+
+    def reset_drift(self) -> None:
+        """Empty every bank's drift window."""
+        if self.drift is not None:
+            self.drift.reset()
+
+    def close(self) -> None:
+        """The version is unloading: process queued drift rows, stop publishing."""
+        if self.drift is not None:
+            self.drift.close()
 
     # -- changing the banks ----------------------------------------------------------------
 
@@ -243,6 +326,8 @@ class VersionBanks:
             ref = wanted.get(name)
             if ref is None or ref.sha256 != sha[name]:
                 self.tables.retire(index)
+                if self.drift is not None:
+                    self.drift.forget(index)
                 del active[name], sha[name]
         problems: list[str] = []
         for ref in refs:
@@ -266,13 +351,17 @@ class VersionBanks:
                 f"expected a bank computed with weights {self.digest[:16]}... (got "
                 f"{(bank.digest or 'no digest')[:16]}...: statistics of other weights)"
             )
+        stats = self.tables.spec.stats_of(bank.stats)  # node-keyed, checked
         names = self._names
         self._names = [*names, ref.name]  # before the row: a routed run may pick it at once
         try:
-            return self.tables.add(bank.stats, name=ref.name)
+            index = self.tables.add(stats, name=ref.name)
         except RecalibError:
             self._names = names
             raise
+        if self.drift is not None:
+            self.drift.track(index, ref.name, stats)
+        return index
 
 
 class ModelBanks:
@@ -281,12 +370,22 @@ class ModelBanks:
     Args:
         settings: the route threshold and the metric label limit (and what the bank
             sessions are built with).
-        metrics: where bank requests, routing distances, fallbacks and load failures go.
+        metrics: where bank requests, routing distances, fallbacks, load failures and
+            per-bank drift go.
+        drift_executor: returns the runtime's drift thread (where per-bank drift rows are
+            processed; ``None`` before the runtime starts: inline).
     """
 
-    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: ServiceMetrics,
+        *,
+        drift_executor: Callable[[], Executor | None] = lambda: None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self._drift_executor = drift_executor
         self._pushed: dict[str, tuple[tuple[BankRef, ...], str | None]] = {}
         self._locks: weakref.WeakKeyDictionary[LoadedVersion, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
@@ -329,14 +428,24 @@ class ModelBanks:
                     return
             elif banks.current() == {ref.name: ref.sha256 for ref in refs}:
                 return
+            before = set(banks.names)
             problems = await asyncio.to_thread(banks.sync, refs)
             entry.banks = banks
+            for gone in before - set(banks.names):
+                self.metrics.forget_bank_drift(entry.name, entry.version, gone)
             for problem in problems:
                 log.warning("%s", problem)
                 self.metrics.bank_load_failed(entry.name)
             self.metrics.set_banks_loaded(entry.name, entry.version, len(banks.names))
 
     async def _build(self, entry: LoadedVersion) -> VersionBanks | None:
+        metrics, name, version = self.metrics, entry.name, entry.version
+
+        def publish(bank: str, report: dict[str, Any]) -> None:
+            metrics.set_bank_drift(
+                name, version, bank, score=report["score"], exceeded=report["exceeded"]
+            )
+
         try:
             return await asyncio.to_thread(
                 VersionBanks.build,
@@ -344,6 +453,8 @@ class ModelBanks:
                 self.settings,
                 label=entry.label,
                 inputs=entry.inputs,
+                executor=self._drift_executor(),
+                publish=publish,
             )
         except Exception as exc:  # RecalibError, InvalidInput, OSError, ORT's own types
             self._unbankable.add(entry)

@@ -74,7 +74,7 @@ class ServingRuntime(VersionTable):
         super().__init__(settings, metrics)
         self._locks: dict[str, asyncio.Lock] = {}
         self._wanted: dict[str, int] = {}  # the version the latest serve() asked for
-        self._banks = ModelBanks(settings, metrics)
+        self._banks = ModelBanks(settings, metrics, drift_executor=lambda: self._drift_executor)
 
     # -- stat banks ----------------------------------------------------------------------
 
@@ -311,7 +311,9 @@ class ServingRuntime(VersionTable):
         """Drift of the served version of ``name``: ``model``, ``version``, ``monitoring``
         (False when no version is served or drift is off), ``score``, ``max_score``,
         ``worst_layer``, per-layer ``layers``, ``samples`` in the window, ``window``
-        bounds, ``threshold``, ``exceeded``, ``sample_fraction``."""
+        bounds, ``threshold``, ``exceeded``, ``sample_fraction``, and ``banks``: the same
+        report per stat bank, by name, of the rows that bank answered scored against its
+        own statistics (:mod:`service.runtime.bank_drift`; empty without banks)."""
         version = self._served.get(name)
         entry = None if version is None else self._versions.get((name, version))
         monitor = None if entry is None else entry.monitor
@@ -335,11 +337,13 @@ class ServingRuntime(VersionTable):
                 "min_rows": self.settings.drift_min_rows,
                 "exceeded": False,
                 "sample_fraction": self.settings.drift_sample_fraction,
+                "banks": {},
             }
         report = monitor.report()
         if entry is not None:
             self._publish_drift(entry, report)
-        return {"model": name, "version": version, "monitoring": True, **report}
+        banks = {} if entry is None or entry.banks is None else entry.banks.drift_reports()
+        return {"model": name, "version": version, "monitoring": True, **report, "banks": banks}
 
     def reset_drift(self, name: str) -> None:
         """Empty the drift window of the served version of ``name`` (no-op if none)."""
@@ -347,3 +351,5 @@ class ServingRuntime(VersionTable):
         entry = None if version is None else self._versions.get((name, version))
         if entry is not None and entry.monitor is not None:
             entry.monitor.reset()
+        if entry is not None and entry.banks is not None:
+            entry.banks.reset_drift()

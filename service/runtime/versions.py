@@ -456,6 +456,8 @@ class VersionTable:
             await entry.batcher.close()
         if entry.monitor is not None:
             await asyncio.to_thread(entry.monitor.close)
+        if entry.banks is not None:
+            await asyncio.to_thread(entry.banks.close)
         # at shutdown the counters stay: a last scrape still sees the totals
         self.metrics.forget_version(entry.name, entry.version, keep_totals=self._closed)
         self.metrics.set_loaded_versions(len(self._versions))

@@ -138,6 +138,9 @@ def service_exposition(tmp_path_factory: pytest.TempPathFactory) -> Exposition:
             metrics.observe_bank_request(TINY_MODEL, ["night"], limit=8, distances=[0.05])
             metrics.observe_bank_request(TINY_MODEL, ["none"], limit=8, fallbacks=1)
             metrics.set_banks_loaded(TINY_MODEL, 1, 1)
+            metrics.set_bank_drift(TINY_MODEL, 1, "night", score=0.2, exceeded=False)
+            metrics.set_bank_drift(TINY_MODEL, 1, "gone", score=0.3, exceeded=True)
+            metrics.forget_bank_drift(TINY_MODEL, 1, "gone")
             metrics.bank_load_failed(TINY_MODEL)
             # a broken file cannot be registered (its checks run first): a load failure
             # of the runtime recorded as it records one

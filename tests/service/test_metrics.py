@@ -52,6 +52,8 @@ EXPECTED = {
     "recalib_bank_fallbacks": ("counter", {"model"}),
     "recalib_stat_banks": ("gauge", {"model", "version"}),
     "recalib_bank_load_failures": ("counter", {"model"}),
+    "recalib_bank_drift_score": ("gauge", {"model", "version", "bank"}),
+    "recalib_bank_drift_threshold_exceeded": ("gauge", {"model", "version", "bank"}),
 }
 PROCESS = {"process_cpu_seconds", "process_resident_memory_bytes", "process_start_time_seconds"}
 
@@ -69,6 +71,9 @@ def _exercise(m: ServiceMetrics) -> None:
     m.model_load_failed("demo", errors.InvalidInput("not an ONNX file"))
     m.observe_bank_request("demo", ["night"], limit=4, distances=[0.03], fallbacks=1)
     m.set_banks_loaded("demo", 1, 2)
+    m.set_bank_drift("demo", 1, "night", score=0.4, exceeded=False)
+    m.set_bank_drift("demo", 1, "gone", score=0.1, exceeded=False)
+    m.forget_bank_drift("demo", 1, "gone")
     m.bank_load_failed("demo")
 
 

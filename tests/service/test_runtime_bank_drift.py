@@ -8,7 +8,9 @@ per-row split is checked against a float64 reference of the same moments.
 
 from __future__ import annotations
 
+import asyncio
 import copy
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor
 
 from recalib import recalibrate
-from recalib.onnx.banks import BANK_OUTPUT, BankTables, add_bank_inputs
+from recalib.onnx.banks import BANK_INDEX, BANK_OUTPUT, BankTables, add_bank_inputs
 from recalib.onnx.export import export_onnx
 from recalib.onnx.names import read_bn_map
 from recalib.onnx.taps import add_drift_taps
@@ -173,3 +175,79 @@ def test_reset_empties_every_window_and_samples_the_next_batch(
     drift.reset()
     assert drift.reports()["a"]["samples"] == 0
     assert drift.should_sample()
+
+
+# -- through the serving runtime -----------------------------------------------------------
+
+
+def test_the_runtime_reports_drift_per_bank_and_forgets_a_retired_bank(tmp_path: Path) -> None:
+    from bank_helpers import bank_ref, domain_images, domain_model, write_bank
+    from prometheus_client import CollectorRegistry
+    from runtime_helpers import export, make_model, runtime_settings
+
+    from service.api.v2_codec import decode_request, encode_request
+    from service.metrics import ServiceMetrics
+    from service.runtime.runtime import ServingRuntime
+
+    v1 = export(make_model(0), tmp_path / "v1.onnx")
+    proto = onnx.load(v1)
+    refs = {
+        d: bank_ref(d, write_bank(proto, domain_model(d), tmp_path / f"{d}.st"), {1}) for d in "ab"
+    }
+    registry = CollectorRegistry()
+    settings = runtime_settings(
+        tmp_path,
+        drift_min_rows=16,
+        drift_threshold=0.2,
+        warmup_batch_sizes=[1],
+        dynamic_batching=False,
+    )
+    runtime = ServingRuntime(settings, ServiceMetrics(registry))
+
+    async def infer(x: np.ndarray, bank: str | None) -> np.ndarray:
+        request = decode_request(*encode_request({"input": x}))
+        if bank is not None:
+            request.parameters["bank"] = bank
+        answer = await runtime.infer("m", None, request)
+        out: np.ndarray = answer.outputs[0].data
+        return out
+
+    def gauge(bank: str) -> float | None:
+        labels = {"model": "m", "version": "1", "bank": bank}
+        return registry.get_sample_value("recalib_bank_drift_score", labels)
+
+    async def body() -> None:
+        await runtime.serve("m", 1, v1)
+        await runtime.set_banks("m", [refs["a"], refs["b"]], None)
+        entry = runtime._versions[("m", 1)]  # noqa: SLF001 - the sessions under test
+        assert entry.banks is not None and entry.banks.drift is not None
+        assert entry.banks.tapped is not None
+        x_a, x_c = domain_images(4, 31, "a"), domain_images(4, 32, "c")
+        sampled = await infer(x_a, "a")  # every run sampled (fraction 1): the tapped session
+        unsampled = await asyncio.to_thread(
+            entry.banks.run,
+            {"input": x_a, BANK_INDEX: np.full(4, 1, dtype=np.int64)},
+            entry.output_names,
+            sample=False,
+        )
+        np.testing.assert_allclose(sampled, unsampled[0], rtol=1e-5, atol=1e-5)
+        for i in range(5):
+            await infer(domain_images(4, 40 + i, "a"), "a")
+            await infer(x_c, "b")  # another domain answered by bank b
+        await infer(x_a, None)  # plain: the version's own monitor
+        report = await asyncio.to_thread(runtime.drift, "m")
+        banks = report["banks"]
+        assert set(banks) == {"a", "b"}
+        assert banks["a"]["samples"] == 24 and banks["b"]["samples"] == 20
+        # its own domain ~0.003 against bank a; another domain ~0.46 against bank b
+        assert banks["a"]["score"] < 0.05 and banks["b"]["score"] > 0.2
+        assert not banks["a"]["exceeded"] and banks["b"]["exceeded"]  # threshold 0.2
+        assert report["samples"] == 4  # the version's monitor saw only the plain request
+        assert gauge("a") is not None and gauge("b") is not None
+        await runtime.set_banks("m", [refs["a"]], None)  # b deleted
+        assert set(runtime.drift("m")["banks"]) == {"a"} and gauge("b") is None
+        await asyncio.to_thread(runtime.reset_drift, "m")
+        assert runtime.drift("m")["banks"]["a"]["samples"] == 0
+        await runtime.close()
+
+    asyncio.run(asyncio.wait_for(body(), 60.0))
