@@ -1,0 +1,59 @@
+"""bench/bank_quality.py still runs end to end on a real pretrained network (tiny sizes).
+
+The PaddleOCR text-line classifier ships in ``rapidocr-onnxruntime``, a dev dependency (its
+own dependencies bring cv2, which realsuite's preprocessing uses); the rendered data goes
+to a temporary cache. Numbers are not checked: only that every table has its rows.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+
+def test_bank_quality_prints_every_table_for_both_plans(tmp_path: Path) -> None:
+    if importlib.util.find_spec("rapidocr_onnxruntime") is None:
+        pytest.fail("rapidocr-onnxruntime (a dev dependency) is not installed")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "PYTHONWARNINGS": "ignore",
+        "RECALIB_REALSUITE_CACHE": str(tmp_path),
+    }
+    done = subprocess.run(
+        [sys.executable, "bank_quality.py", "--model", "textline"]
+        + ["--n-calib", "8", "--n-test", "4", "--domains", "clean,dark"]
+        + ["--bankless", "texture", "--plans", "auto,full", "--route-layers", "1,2"],
+        cwd=ROOT / "bench",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert any(li.startswith("  route_layers=1: ok") for li in lines)
+    assert any(li.startswith("  route_layers=2: refused") for li in lines)  # one stem BN
+    for plan in ("auto", "full"):
+        start = lines.index(
+            next(li for li in lines if li.startswith(f"== textline_cls, plan={plan}: accuracy"))
+        )
+        table = [li.split() for li in lines[start + 2 : start + 9]]
+        names = [row[0] for row in table]
+        assert names == ["clean", "dark*", "texture*", "tuning", "held-out*", "ALL", "bankless"]
+        assert all(len(row) >= 9 for row in table)
+        verdicts = [li for li in lines if li.startswith("  [") and "] " in li]
+        assert len(verdicts) == 8  # four targets per plan, met or not
+    assert sum("explicit vs separate model:" in li for li in lines) == 2
+    assert sum(li.startswith("  wrong-routed banked rows:") for li in lines) == 2
+    assert sum("threshold sweep" in li for li in lines) == 2
