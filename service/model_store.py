@@ -6,8 +6,10 @@ with no database of their own (:mod:`service.store_replica`). Layout (Triton's, 
 recalib's metadata beside it)::
 
     <store>/<model>/config.pbtxt          Triton ModelConfig (parses in a real Triton)
-    <store>/<model>/recalib.json          {"uid", "name", "production", "versions": {...}}
+    <store>/<model>/recalib.json          {"uid", "name", "production", "versions": {...},
+                                           "banks": {...}, "default_bank": ...}
     <store>/<model>/<version>/model.onnx  one immutable directory per published version
+    <store>/<model>/banks/<bank>.<sha256[:16]>.safetensors   the model's stat banks
 
 ``recalib.json`` is the commit point: a reader acts only on the versions and the
 production number it lists, and it is only ever replaced whole (``os.replace``), after
@@ -20,6 +22,16 @@ everything it names is in place:
   ``recalib.json`` and ``config.pbtxt`` are replaced, in that order;
 * removing a model renames its directory to ``<store>/.trash-<random>`` (readers see it
   go at once), then deletes it.
+
+*Stat banks* (:mod:`service.banks`) are published beside the versions: ``recalib.json``
+lists each bank (``{"sha256", "versions"}``: its file's digest and the versions it is
+valid for) and the model's ``default_bank`` (``null``, ``"auto"``, ``"none"`` or a bank
+name). A bank's file is named by its name *and* digest, so a bank deleted and stored again
+under its name never overwrites a file a committed ``recalib.json`` lists: new files are
+copied in (``banks/.staging-<random>``, then ``os.replace``) before the commit point, and
+files it no longer lists are deleted after it. An older ``recalib.json`` without these
+keys reads as no banks and no default. Triton ignores the ``banks`` directory: its version
+policy only looks at numerically named subdirectories (see docs/deployment.md).
 
 ``config.pbtxt`` has ``version_policy: specific`` on the production version, so a Triton
 serving the same repository answers unversioned requests with the version recalib does.
@@ -38,6 +50,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
@@ -48,12 +61,14 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter
 
 from .errors import InvalidInput
-from .names import check_name
+from .names import NAME_PATTERN, check_name
+from .runtime.bank_refs import RESERVED_BANK_WORDS, BankRef
 
 if TYPE_CHECKING:  # imported where used: they load ONNX Runtime and tritonclient
     from .runtime.sessions import TensorSpec
 
 __all__ = [
+    "BANKS_DIR",
     "CONFIG_FILE",
     "METADATA_FILE",
     "ModelStore",
@@ -61,6 +76,7 @@ __all__ = [
     "StoreUnreadable",
     "StoredModel",
     "TritonOptions",
+    "bank_key",
     "tensor_specs",
 ]
 
@@ -75,7 +91,12 @@ CONFIG_FILE = "config.pbtxt"
 ONNX_FILE = "model.onnx"
 """The file of a version inside ``<store>/<model>/<version>/`` (Triton's default name)."""
 
-_FORMAT = 1
+BANKS_DIR = "banks"
+"""The folder of a model's stat banks, ``<store>/<model>/banks/`` (ignored by Triton)."""
+
+_FORMAT = 1  # the bank keys are optional: older readers ignore them, newer default them
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_NAME = re.compile(NAME_PATTERN)
 _STAGING = ".staging-"
 _TRASH = ".trash-"
 # NumPy dtype names (the registry's signatures) -> Open Inference Protocol datatypes
@@ -136,6 +157,8 @@ class StoredModel:
         versions: published version number -> its metadata (``sha256``, ``bytes``,
             ``created_at``, ``parent_version``).
         directory: ``<store>/<model>``.
+        banks: the model's stat banks, by name, their files inside ``directory``.
+        default_bank: ``None``, ``"auto"``, ``"none"`` or the name of one of ``banks``.
     """
 
     name: str
@@ -143,10 +166,52 @@ class StoredModel:
     production: int
     versions: dict[int, dict[str, Any]] = field(default_factory=dict)
     directory: Path = Path()
+    banks: tuple[BankRef, ...] = ()
+    default_bank: str | None = None
 
     def onnx_path(self, version: int) -> Path:
         """Where version ``version``'s ONNX file is."""
         return self.directory / str(version) / ONNX_FILE
+
+
+def bank_key(banks: Sequence[BankRef]) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+    """What identifies a bank set wherever its files are: ``(name, sha256, versions)``
+    of each bank, by name (the registry's and the store's copies compare equal)."""
+    return tuple(sorted((b.name, b.sha256, tuple(sorted(b.versions))) for b in banks))
+
+
+def _bank_file(name: str, sha256: str) -> str:
+    """A bank's file name in ``banks/``: its name and digest (never reused for other
+    contents)."""
+    return f"{name}.{sha256[:16]}.safetensors"
+
+
+def _read_banks(raw: Mapping[str, Any], directory: Path) -> tuple[tuple[BankRef, ...], str | None]:
+    """The banks and default bank ``recalib.json`` lists (none in an older one).
+
+    Raises:
+        ValueError, TypeError, AttributeError: they make no sense.
+    """
+    banks = []
+    for name, entry in sorted(dict(raw.get("banks") or {}).items()):
+        sha = str(entry["sha256"])
+        if not _NAME.fullmatch(name) or name.lower() in RESERVED_BANK_WORDS:
+            raise ValueError(f"expected a stat bank name (got {name!r})")
+        if not _SHA256.fullmatch(sha):
+            raise ValueError(f"expected the sha256 of bank {name!r} (got {sha[:80]!r})")
+        versions = frozenset(int(v) for v in entry["versions"])
+        path = directory / BANKS_DIR / _bank_file(name, sha)
+        banks.append(BankRef(name=name, path=path, versions=versions, sha256=sha))
+    default = raw.get("default_bank")
+    if default is not None and default not in RESERVED_BANK_WORDS | {b.name for b in banks}:
+        raise ValueError(f"expected a default bank among the listed banks (got {default!r})")
+    return tuple(banks), default
+
+
+def _copy_synced(source: Path, target: Path) -> None:
+    shutil.copyfile(source, target)
+    with open(target, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def tensor_specs(specs: Sequence[Mapping[str, Any]]) -> list[TensorSpec]:
@@ -272,8 +337,15 @@ class ModelStore:
             ) from exc
         try:
             versions = {int(k): dict(v) for k, v in raw["versions"].items()}
+            banks, default = _read_banks(raw, directory)
             model = StoredModel(
-                str(raw["name"]), str(raw["uid"]), int(raw["production"]), versions, directory
+                str(raw["name"]),
+                str(raw["uid"]),
+                int(raw["production"]),
+                versions,
+                directory,
+                banks=banks,
+                default_bank=default,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StoreUnreadable(
@@ -330,9 +402,12 @@ class ModelStore:
         inputs: Sequence[TensorSpec],
         outputs: Sequence[TensorSpec],
         metadata: Mapping[str, Any] | None = None,
+        banks: Sequence[BankRef] = (),
+        default_bank: str | None = None,
     ) -> StoredModel:
-        """Make ``version`` the model's production version in the store, copying its
-        ``model.onnx`` in first unless it is published already.
+        """Make ``version`` the model's production version and ``banks`` its stat banks in
+        the store, copying its ``model.onnx`` and the bank files it lacks in first; then
+        delete the bank files no longer listed.
 
         A store entry of another model of that name (another ``uid``: the name was
         deleted and registered again) is removed first.
@@ -343,6 +418,8 @@ class ModelStore:
             uid: the registry's id of the model.
             inputs, outputs: the signature (for ``config.pbtxt``).
             metadata: what ``recalib.json`` records about the version.
+            banks: the model's whole bank set (``path``: the registry's file).
+            default_bank: its default bank (``None``, ``"auto"``, ``"none"``, a bank name).
 
         Returns:
             The model's entry as readers now see it.
@@ -370,6 +447,11 @@ class ModelStore:
             "uid": uid,
             "production": version,
             "versions": {str(v): versions[v] for v in sorted(versions)},
+            "banks": {
+                b.name: {"sha256": b.sha256, "versions": sorted(b.versions)}
+                for b in sorted(banks, key=lambda b: b.name)
+            },
+            "default_bank": default_bank,
         }
         metadata_text = json.dumps(document, indent=1, sort_keys=True)
         from .triton_config import config_text, model_config
@@ -391,21 +473,39 @@ class ModelStore:
                 group.kind = model_config_pb2.ModelInstanceGroup.KIND_AUTO
         pbtxt = config_text(config)
         if current is None:
-            self._create(directory, version, onnx_path, metadata_text, pbtxt)
+            self._create(directory, version, onnx_path, metadata_text, pbtxt, banks)
         else:
             self._add(directory, current, version, onnx_path)
+            _add_banks(directory, current, banks)
             _write_atomic(directory / METADATA_FILE, metadata_text)  # the commit point
             _write_atomic(directory / CONFIG_FILE, pbtxt)
-        return StoredModel(name, uid, version, versions, directory)
+            _prune_banks(directory, {_bank_file(b.name, b.sha256) for b in banks})
+        stored = tuple(
+            BankRef(
+                b.name, directory / BANKS_DIR / _bank_file(b.name, b.sha256), b.versions, b.sha256
+            )
+            for b in sorted(banks, key=lambda b: b.name)
+        )
+        return StoredModel(name, uid, version, versions, directory, stored, default_bank)
 
     def _create(
-        self, directory: Path, version: int, onnx_path: Path, metadata_text: str, pbtxt: str
+        self,
+        directory: Path,
+        version: int,
+        onnx_path: Path,
+        metadata_text: str,
+        pbtxt: str,
+        banks: Sequence[BankRef],
     ) -> None:
         """A model's first publication: built complete aside, then renamed in."""
         self.root.mkdir(parents=True, exist_ok=True)
         staging = self.root / f"{_STAGING}{uuid.uuid4().hex}"
         try:
             _copy_onnx(onnx_path, staging / str(version))
+            if banks:
+                (staging / BANKS_DIR).mkdir()
+            for bank in banks:
+                _copy_synced(bank.path, staging / BANKS_DIR / _bank_file(bank.name, bank.sha256))
             _write_atomic_new(staging / CONFIG_FILE, pbtxt)
             _write_atomic_new(staging / METADATA_FILE, metadata_text)
             os.rename(staging, directory)
@@ -461,13 +561,71 @@ class ModelStore:
                 log.warning("model store: removing leftover %s", entry)
                 shutil.rmtree(entry, ignore_errors=True)
             elif entry.is_dir() and not entry.name.startswith("."):
-                for inner in entry.iterdir():
+                for inner in [*entry.iterdir(), *_listing(entry / BANKS_DIR)]:
                     if inner.name.startswith((_STAGING, f".{METADATA_FILE}.", f".{CONFIG_FILE}.")):
                         log.warning("model store: removing leftover %s", inner)
                         if inner.is_dir():
                             shutil.rmtree(inner, ignore_errors=True)
                         else:
                             inner.unlink(missing_ok=True)
+                self._sweep_banks(entry.name)
+
+    def _sweep_banks(self, name: str) -> None:
+        """Delete the bank files of ``name`` its ``recalib.json`` does not list (copied in
+        by a publication that crashed before its commit point, or after it, before the
+        old files were deleted)."""
+        try:
+            model = self.read(name)
+        except (StoreUnreadable, InvalidInput):
+            return  # not ours to judge: the next publication replaces it
+        if model is not None:
+            _prune_banks(model.directory, {b.path.name for b in model.banks})
+
+
+def _listing(folder: Path) -> list[Path]:
+    """The entries of ``folder`` (none if it does not exist)."""
+    try:
+        return list(folder.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def _add_banks(directory: Path, current: StoredModel, banks: Sequence[BankRef]) -> None:
+    """Copy the bank files ``current`` does not list into ``directory/banks`` (not
+    committed yet: readers only open the files ``recalib.json`` lists)."""
+    folder = directory / BANKS_DIR
+    listed = {b.path.name for b in current.banks}
+    copied = False
+    for bank in banks:
+        target = folder / _bank_file(bank.name, bank.sha256)
+        if target.name in listed and target.is_file():
+            continue  # published before: same name and digest, same file
+        folder.mkdir(exist_ok=True)
+        staging = folder / f"{_STAGING}{uuid.uuid4().hex}"
+        try:
+            _copy_synced(bank.path, staging)
+            os.replace(staging, target)  # over an unlisted leftover: nobody reads it
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
+        copied = True
+    if copied:
+        _fsync_dir(folder)
+
+
+def _prune_banks(directory: Path, keep: set[str]) -> None:
+    """Delete the bank files of ``directory/banks`` not in ``keep`` (after the commit
+    point no longer lists them), and the folder once it is empty."""
+    folder = directory / BANKS_DIR
+    for entry in _listing(folder):
+        if entry.name not in keep and not entry.name.startswith(_STAGING) and entry.is_file():
+            log.info("model store: removing bank file %s (no longer listed)", entry)
+            entry.unlink(missing_ok=True)
+    if not keep:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # absent, or a staging file of a crashed publication (the sweep's)
 
 
 def _write_atomic_new(path: Path, text: str) -> None:

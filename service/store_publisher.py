@@ -12,22 +12,54 @@ production version - still published - and is repaired by the next reconciliatio
 and every ``store_poll_seconds``); the REST call that moved the alias has committed and
 succeeds.
 
+A model's stat banks and default bank (:func:`service.banks.bank_set`) are part of its
+state: :class:`~service.banks.BankStore` has the publisher :meth:`~StorePublisher.sync`
+after each bank change (and after versions come and go: they change the versions a bank
+is valid for), and an entry whose banks differ from the database's is republished like
+one whose production version does (new bank files copied in before ``recalib.json``,
+dropped ones deleted after it; see :mod:`service.model_store`).
+
 The publisher only reads the catalog (which production version a model has, that
-version's file and lineage); it decides nothing about what serves.
+version's file and lineage, its banks); it decides nothing about what serves. The reads
+run in a thread: a bank's valid versions may compute an old version's weights digest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
+from .banks import BankSet, bank_set
 from .catalog import Catalog
-from .model_store import ModelStore, StoredModel, StoreMetrics, tensor_specs
+from .model_store import ModelStore, StoredModel, StoreMetrics, bank_key, tensor_specs
 from .registry_models import PRODUCTION
 
 __all__ = ["StorePublisher"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    """What the store should hold for a model: its production version and banks."""
+
+    uid: str
+    production: int
+    banks: BankSet
+
+
+def _matches(entry: StoredModel | None, wanted: _Wanted | None) -> bool:
+    """Whether the store's ``entry`` is the database's state ``wanted`` (both ``None``:
+    nothing to hold, nothing held)."""
+    if entry is None or wanted is None:
+        return entry is None and wanted is None
+    return (entry.uid, entry.production, bank_key(entry.banks), entry.default_bank) == (
+        wanted.uid,
+        wanted.production,
+        bank_key(wanted.banks.banks),
+        wanted.banks.default,
+    )
 
 
 class StorePublisher:
@@ -50,21 +82,23 @@ class StorePublisher:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
-    def _wanted(self, name: str) -> tuple[str, int] | None:
-        """``(model id, production version)`` the store should hold for ``name``, ``None``
-        for nothing (no such model, or no ``production`` alias yet: a registration whose
-        version 1 is still loading)."""
+    def _wanted(self, name: str) -> _Wanted | None:
+        """What the store should hold for ``name``, ``None`` for nothing (no such model,
+        or no ``production`` alias yet: a registration whose version 1 is still loading).
+        Synchronous (the banks' valid versions): call it in a thread."""
         row = self.catalog.db.query_one(
             "SELECT m.id AS id, a.version AS version FROM models m JOIN aliases a "
             "ON a.model_id = m.id AND a.alias = ? WHERE m.name = ?",
             (PRODUCTION, name),
         )
-        return None if row is None else (str(row["id"]), int(row["version"]))
+        if row is None:
+            return None
+        return _Wanted(str(row["id"]), int(row["version"]), bank_set(self.catalog, name))
 
     async def sync(self, name: str) -> bool:
         """Bring the store's entry of ``name`` to the database's state: publish its
-        production version, or remove it. Never raises: a failure is logged and counted,
-        and the next :meth:`reconcile` tries again.
+        production version and banks, or remove it. Never raises: a failure is logged and
+        counted, and the next :meth:`reconcile` tries again.
 
         The state is read under a per-name lock, so whatever order concurrent alias moves
         (or a delete and a new registration) finish in, the last sync applies the latest.
@@ -74,18 +108,23 @@ class StorePublisher:
         """
         store = self.store
         async with self._lock(name):
-            wanted = self._wanted(name)
             try:
                 current = await asyncio.to_thread(store.read, name)
             except Exception:
                 current = None  # unreadable: publish over it (or fail doing so)
             try:
+                wanted = await asyncio.to_thread(self._wanted, name)
                 if wanted is None:
                     if await asyncio.to_thread(store.remove, name):
                         log.info("model store: %s removed", name)
-                elif current is None or (current.uid, current.production) != wanted:
-                    await asyncio.to_thread(self._publish, name, *wanted)
-                    log.info("model store: %s version %d published", name, wanted[1])
+                elif not _matches(current, wanted):
+                    await asyncio.to_thread(self._publish, name, wanted)
+                    log.info(
+                        "model store: %s version %d published (banks: %s)",
+                        name,
+                        wanted.production,
+                        ", ".join(b.name for b in wanted.banks.banks) or "none",
+                    )
             # Any failure of the store (OSError, a full disk, a vanished mount...): the
             # database has committed; the store keeps its previous, consistent state.
             except Exception:
@@ -95,7 +134,8 @@ class StorePublisher:
                 return False
         return True
 
-    def _publish(self, name: str, model_id: str, version: int) -> StoredModel:
+    def _publish(self, name: str, wanted: _Wanted) -> StoredModel:
+        model_id, version = wanted.uid, wanted.production
         info = self.catalog.version(name, version)
         signature = info.signature.model_dump()
         onnx = info.artifacts["onnx"]
@@ -112,6 +152,8 @@ class StorePublisher:
                 "created_at": info.created_at,
                 "parent_version": info.parent_version,
             },
+            banks=wanted.banks.banks,
+            default_bank=wanted.banks.default,
         )
 
     async def start(self) -> None:
@@ -133,10 +175,13 @@ class StorePublisher:
             return
         names = set(self.catalog.model_names()) | set(in_store) | set(unreadable)
         for name in sorted(names):
-            entry = in_store.get(name)
-            wanted = self._wanted(name)
-            if entry is not None and wanted == (entry.uid, entry.production):
-                continue
-            if entry is None and wanted is None and name not in unreadable:
-                continue
-            await self.sync(name)
+            if name in unreadable or not await self._in_state(name, in_store.get(name)):
+                await self.sync(name)
+
+    async def _in_state(self, name: str, entry: StoredModel | None) -> bool:
+        """Whether the store's ``entry`` of ``name`` is the database's state."""
+        try:
+            wanted = await asyncio.to_thread(self._wanted, name)
+        except Exception:  # e.g. the database busy: sync() tries, logs and counts it
+            return False
+        return _matches(entry, wanted)

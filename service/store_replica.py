@@ -12,6 +12,10 @@
   counted (``recalib_model_store_load_failures_total``) and retried with a growing delay;
   the previous version keeps serving meanwhile. A store that cannot be read (a mount
   gone, one unreadable ``recalib.json``) changes nothing: what was served stays served.
+  It also gives the runtime each model's stat banks and default bank as the store lists
+  them (``set_banks``: the files inside the store), when they changed since the last
+  push: once per model on the first pass, then after each change; a model that left the
+  store gets ``([], None)``. A push that fails is logged and tried again at the next poll.
 * :class:`Periodic` runs a coroutine function every few seconds (the watcher's loop, and
   the control replica's store reconciliation).
 """
@@ -22,14 +26,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from .errors import NotFound
-from .model_store import ModelStore, StoredModel, StoreMetrics
+from .model_store import ModelStore, StoredModel, StoreMetrics, bank_key
 from .names import check_name, is_number
 from .registry_models import PRODUCTION
+from .runtime.bank_refs import BankRef
 
 __all__ = ["Periodic", "StoreResolver", "StoreRuntime", "StoreWatcher"]
 
@@ -47,6 +52,9 @@ class StoreRuntime(Protocol):
     async def serve(self, name: str, version: int, onnx_path: Path) -> None: ...
 
     async def unload_model(self, name: str) -> None: ...
+
+    async def set_banks(self, name: str, banks: Sequence[BankRef], default: str | None) -> None:
+        """A model's whole bank set and default (see :mod:`service.runtime.bank_refs`)."""
 
 
 class StoreResolver:
@@ -155,6 +163,11 @@ class Periodic:
                 await task
 
 
+def _bank_state(model: StoredModel) -> Any:
+    """What a push of ``model``'s banks says (a new model of the name is pushed again)."""
+    return model.uid, bank_key(model.banks), model.default_bank
+
+
 class StoreWatcher:
     """Keeps the runtime serving what the store holds.
 
@@ -177,6 +190,7 @@ class StoreWatcher:
         self.metrics = metrics
         self._loop = Periodic(interval, self.sync, "model store watch")
         self._failed: dict[tuple[str, int], tuple[float, float]] = {}  # -> (retry at, delay)
+        self._banks: dict[str, Any] = {}  # name -> what its last push said (_bank_state)
 
     async def start(self) -> None:
         """The first pass (the replica starts with what the store holds), then polls."""
@@ -203,13 +217,42 @@ class StoreWatcher:
                 # under the new model's version numbers.
                 await self.runtime.unload_model(name)
                 self._forget_failures(name)
+                self._banks.pop(name, None)  # the new model's banks are pushed below
+                if new is None:
+                    await self._push_banks(name, None)
                 log.info(
                     "model store: %s %s; its old versions are no longer served",
                     name,
                     "left the store" if new is None else "was registered anew",
                 )
         self.resolver.install(found)
-        await asyncio.gather(*(self._serve(model) for model in found.values()))
+        await asyncio.gather(*(self._follow(model) for model in found.values()))
+
+    async def _follow(self, model: StoredModel) -> None:
+        """Serve ``model``'s production version, then push its banks if they changed."""
+        await self._serve(model)
+        if self._banks.get(model.name) != _bank_state(model):
+            await self._push_banks(model.name, model)
+
+    async def _push_banks(self, name: str, model: StoredModel | None) -> None:
+        """``set_banks`` with ``model``'s banks (``None``: it left the store, none)."""
+        banks, default = ((), None) if model is None else (model.banks, model.default_bank)
+        try:
+            await self.runtime.set_banks(name, banks, default)
+        # whatever the runtime raised (it reads the files): tried again at the next poll
+        except Exception as exc:
+            log.warning("model store: could not give %s its stat banks (%s); will retry", name, exc)
+            if model is not None:
+                self._banks.pop(name, None)
+            return
+        if model is not None:
+            self._banks[name] = _bank_state(model)
+            log.info(
+                "model store: %s has stat banks %s (default %s)",
+                name,
+                ", ".join(b.name for b in banks) or "none",
+                default,
+            )
 
     def _forget_failures(self, name: str) -> None:
         for key in [k for k in self._failed if k[0] == name]:

@@ -1,11 +1,13 @@
 """Stat banks reach the runtime (issue 13): every change pushes the model's whole bank set
 and default (``set_banks``), start-up pushes every model once, a failed push never fails
-the call that committed; the default-bank routes and the reserved words ``auto``/``none``."""
+the call that committed; the default-bank routes and the reserved words ``auto``/``none``;
+the control publishes banks to the model store and a store-fed replica pushes them."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from runtime_helpers import shifted_images
 from service_helpers import Api, FakeRuntime, bank_bytes, shifted_stats
 
 from recalib.onnx.names import set_bn_node_stats
+from service.model_store import ModelStore
 from service.settings import Settings
 
 
@@ -171,3 +174,74 @@ def test_reserved_words_are_not_bank_names(
     )
     assert job.status_code == 400 and "'auto' and 'none'" in job.json()["error"]
     assert api.client.get("/v1/models/m/banks").json()["banks"] == []
+
+
+def _until(what: str, check: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_the_control_publishes_banks_and_a_replica_pushes_them(
+    make_api: Callable[..., Api], settings: Settings, bn_onnx: bytes, bank: bytes, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    control = make_api(settings.model_copy(update={"model_store": store}))
+    assert control.register("m", bn_onnx).status_code == 201
+    assert _put(control, "site_b", bank).status_code == 201
+    assert _default(control, "site_b").status_code == 200
+    model = ModelStore(store).read("m")
+    assert model is not None and model.default_bank == "site_b"
+    ((ref,),) = (model.banks,)
+    assert (ref.name, ref.versions) == ("site_b", frozenset({1}))
+    assert ref.path.read_bytes() == bank and ref.path.is_relative_to(store / "m")
+
+    replica_runtime = FakeRuntime()
+    make_api(
+        settings.model_copy(
+            update={
+                "model_store": store,
+                "role": "inference",
+                "home": tmp_path / "replica",
+                "store_poll_seconds": 0.05,
+            }
+        ),
+        runtime=replica_runtime,
+    )
+    # the first pass, before the replica reports ready: the store's copies
+    (pushed,), default = replica_runtime.banks["m"]
+    assert (pushed.name, pushed.path, default) == ("site_b", ref.path, "site_b")
+
+    # a version with the same weights: the bank's valid versions follow, in the store too
+    files = {"file": ("m.onnx", _recalibrated(bn_onnx, 0.3))}
+    assert control.client.post("/v1/models/m/versions", files=files).status_code == 201
+    _until("the new valid versions", lambda: replica_runtime.bank_names("m") == {"site_b": [1, 2]})
+    assert _put(control, "site_c", bank).status_code == 201
+    _until("site_c", lambda: "site_c" in replica_runtime.bank_names("m"))
+    pushes = len(replica_runtime.bank_calls)
+    time.sleep(0.2)  # polls that find nothing new push nothing
+    assert len(replica_runtime.bank_calls) == pushes
+
+    assert control.client.delete("/v1/models/m/default-bank").status_code == 204
+    assert control.client.delete("/v1/models/m/banks/site_b").status_code == 204
+    _until("site_b gone", lambda: replica_runtime.bank_names("m") == {"site_c": [1, 2]})
+    assert replica_runtime.banks["m"][1] is None
+    assert not ref.path.exists()  # removed from the store after recalib.json dropped it
+    assert control.client.delete("/v1/models/m").status_code == 204
+    _until("the model gone", lambda: replica_runtime.banks["m"] == ((), None))
+    assert list(store.iterdir()) == []
+
+
+def test_start_up_reconciles_the_stores_banks(
+    make_api: Callable[..., Api], settings: Settings, bn_onnx: bytes, bank: bytes, tmp_path: Path
+) -> None:
+    first = make_api(settings)  # no store yet
+    assert first.register("m", bn_onnx).status_code == 201
+    assert _put(first, "site_b", bank).status_code == 201
+    first.close()
+    store = tmp_path / "store"
+    make_api(settings.model_copy(update={"model_store": store}))
+    model = ModelStore(store).read("m")
+    assert model is not None and [b.name for b in model.banks] == ["site_b"]

@@ -5,11 +5,12 @@ registry (register, alias moves, pushes, deletes, failures, start-up)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +22,17 @@ from tritonclient.grpc import model_config_pb2
 
 from service.errors import InvalidInput, NotFound
 from service.model_store import (
+    BANKS_DIR,
     CONFIG_FILE,
     METADATA_FILE,
     ModelStore,
     StoredModel,
     StoreMetrics,
+    StoreUnreadable,
     TritonOptions,
     tensor_specs,
 )
+from service.runtime.bank_refs import BankRef
 from service.runtime.sessions import TensorSpec
 from service.settings import Settings
 from service.store_replica import StoreResolver, StoreWatcher
@@ -78,6 +82,8 @@ def test_publish_writes_the_triton_layout_and_recalib_metadata(tmp_path: Path) -
         "uid": "id-1",
         "production": 1,
         "versions": {"1": {"sha256": "sha-1"}},
+        "banks": {},
+        "default_bank": None,
     }
 
     config = _config(store)  # Triton's own ModelConfig message parses it
@@ -279,12 +285,21 @@ def test_resolver_answers_from_its_view(tmp_path: Path) -> None:
 
 
 class _Runtime:
-    """The watcher's view of the serving runtime; ``fail`` refuses to load."""
+    """The watcher's view of the serving runtime; ``fail`` refuses to load; bank pushes
+    are recorded in ``bank_calls`` (``fail_banks``: they raise)."""
 
     def __init__(self) -> None:
         self.served: dict[str, int] = {}
         self.calls: list[tuple[Any, ...]] = []
         self.fail: set[tuple[str, int]] = set()
+        self.bank_calls: list[tuple[str, tuple[BankRef, ...], str | None]] = []
+        self.fail_banks = False
+
+    async def set_banks(self, name: str, banks: Sequence[BankRef], default: str | None) -> None:
+        if self.fail_banks:
+            raise OSError(5, "unreadable bank")
+        assert all(b.path.is_file() for b in banks)
+        self.bank_calls.append((name, tuple(banks), default))
 
     def served_version(self, name: str) -> int | None:
         return self.served.get(name)
@@ -496,3 +511,153 @@ def test_a_store_fed_replica_serves_the_store_without_a_database(
     while replica_runtime.served.get("n") != 1 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert replica.client.get("/v2/health/ready").status_code == 200
+
+
+# -- stat banks in the store ---------------------------------------------------------------
+
+
+def _bank(tmp_path: Path, name: str, content: bytes, versions: set[int]) -> BankRef:
+    """A stand-in bank file (the store never parses it) as the registry pushes it."""
+    path = tmp_path / f"registry-{name}-{hashlib.sha256(content).hexdigest()[:8]}.safetensors"
+    path.write_bytes(content)
+    return BankRef(name, path, frozenset(versions), hashlib.sha256(content).hexdigest())
+
+
+def _publish_banks(
+    store: ModelStore, tmp_path: Path, version: int, banks: list[BankRef], default: str | None
+) -> StoredModel:
+    return store.publish(
+        "m",
+        version,
+        _onnx(tmp_path, version),
+        uid="id-1",
+        inputs=INPUTS,
+        outputs=OUTPUTS,
+        banks=banks,
+        default_bank=default,
+    )
+
+
+def test_banks_are_published_beside_the_versions(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    a, b = _bank(tmp_path, "site_a", b"A" * 64, {1}), _bank(tmp_path, "site_b", b"B" * 64, {1})
+    published = _publish_banks(store, tmp_path, 1, [b, a], "site_a")
+    model = store.read("m")
+    assert model == published and model is not None
+    assert [(r.name, r.versions, r.sha256) for r in model.banks] == [
+        (r.name, r.versions, r.sha256) for r in (a, b)
+    ]
+    assert model.default_bank == "site_a"
+    for ours, theirs in zip(model.banks, (a, b), strict=True):
+        assert ours.path.parent == store.root / "m" / BANKS_DIR
+        assert ours.path.read_bytes() == theirs.path.read_bytes()
+    meta = json.loads((store.root / "m" / METADATA_FILE).read_text())
+    assert meta["banks"] == {
+        "site_a": {"sha256": a.sha256, "versions": [1]},
+        "site_b": {"sha256": b.sha256, "versions": [1]},
+    }
+    assert meta["default_bank"] == "site_a"
+    # Triton takes the numeric directories for versions and ignores "banks"
+    assert sorted(p.name for p in (store.root / "m").iterdir()) == [
+        "1",
+        BANKS_DIR,
+        CONFIG_FILE,
+        METADATA_FILE,
+    ]
+    assert list(_config(store).version_policy.specific.versions) == [1]
+
+    # version 2 with the same weights; site_a deleted, site_b stored again with other stats
+    a_file = model.banks[0].path
+    new_b = _bank(tmp_path, "site_b", b"C" * 64, {1, 2})
+    model = _publish_banks(store, tmp_path, 2, [new_b], None)
+    assert store.read("m") == model
+    assert [(r.name, r.sha256, r.versions) for r in model.banks] == [
+        ("site_b", new_b.sha256, frozenset({1, 2}))
+    ]
+    assert model.banks[0].path.read_bytes() == b"C" * 64
+    assert not a_file.exists()  # removed once recalib.json no longer listed it
+    assert [p.name for p in (store.root / "m" / BANKS_DIR).iterdir()] == [model.banks[0].path.name]
+    # no banks left: no folder either
+    model = _publish_banks(store, tmp_path, 2, [], None)
+    assert model.banks == () and not (store.root / "m" / BANKS_DIR).exists()
+
+
+def test_an_older_recalib_json_has_no_banks_and_a_bad_one_is_unreadable(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    _publish(store, tmp_path, 1)
+    path = store.root / "m" / METADATA_FILE
+    meta = json.loads(path.read_text())
+    del meta["banks"], meta["default_bank"]  # as a recalib before banks wrote it
+    path.write_text(json.dumps(meta))
+    model = store.read("m")
+    assert model is not None and (model.banks, model.default_bank) == ((), None)
+    for banks, default in [
+        ({"auto": {"sha256": "0" * 64, "versions": [1]}}, None),
+        ({"b": {"sha256": "../../etc", "versions": [1]}}, None),
+        ({"b": {"sha256": "0" * 64, "versions": ["x"]}}, None),
+        ({"b": ["not", "an", "object"]}, None),
+        ({}, "site_x"),
+    ]:
+        path.write_text(json.dumps(meta | {"banks": banks, "default_bank": default}))
+        with pytest.raises(StoreUnreadable):
+            store.read("m")
+    path.write_text(json.dumps(meta | {"banks": {}, "default_bank": "auto"}))
+    model = store.read("m")
+    assert model is not None and model.default_bank == "auto"
+
+
+def test_a_failed_bank_copy_leaves_the_previous_state_and_sweep_cleans_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ModelStore(tmp_path / "store")
+    a = _bank(tmp_path, "site_a", b"A" * 64, {1})
+    _publish_banks(store, tmp_path, 1, [a], "site_a")
+    before = store.read("m")
+    b = _bank(tmp_path, "site_b", b"B" * 64, {1})
+    b.path.unlink()  # the registry's file went (deleted meanwhile)
+    with pytest.raises(FileNotFoundError):
+        _publish_banks(store, tmp_path, 1, [a, b], None)
+    assert before is not None and store.read("m") == before  # not committed
+    folder, listed = store.root / "m" / BANKS_DIR, [before.banks[0].path.name]
+    assert sorted(p.name for p in folder.iterdir()) == listed
+    (folder / "site_c.0123456789abcdef.safetensors").write_bytes(b"uncommitted")
+    (folder / ".staging-abc").write_bytes(b"half")
+    store.sweep()
+    assert sorted(p.name for p in folder.iterdir()) == listed
+
+
+def test_watcher_pushes_the_stores_banks_when_they_change(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    a = _bank(tmp_path, "site_a", b"A" * 64, {1})
+    _publish_banks(store, tmp_path, 1, [a], None)
+    runtime = _Runtime()
+    watcher = StoreWatcher(StoreResolver(store), runtime, 60.0)
+
+    async def scenario() -> None:
+        await watcher.start()
+        ((name, (ref,), default),) = runtime.bank_calls
+        assert (name, ref.name, ref.versions, default) == ("m", "site_a", frozenset({1}), None)
+        assert ref.path.parent == store.root / "m" / BANKS_DIR  # the store's copy
+        await watcher.sync()
+        assert len(runtime.bank_calls) == 1  # nothing changed: nothing pushed
+        _publish_banks(store, tmp_path, 2, [a], "auto")  # a new production: same banks
+        await watcher.sync()
+        assert runtime.bank_calls[-1][2] == "auto" and len(runtime.bank_calls) == 2
+        runtime.fail_banks = True
+        _publish_banks(store, tmp_path, 2, [], "auto")
+        await watcher.sync()
+        assert len(runtime.bank_calls) == 2 and runtime.served == {"m": 2}
+        runtime.fail_banks = False
+        await watcher.sync()  # the failed push is tried again
+        assert runtime.bank_calls[-1] == ("m", (), "auto")
+        store.remove("m")  # deleted and registered again: a new model, no banks
+        store.publish("m", 1, _onnx(tmp_path, 1), uid="id-2", inputs=INPUTS, outputs=OUTPUTS)
+        await watcher.sync()
+        assert runtime.bank_calls[-1:] == [("m", (), None)]
+        calls = len(runtime.bank_calls)
+        store.remove("m")
+        await watcher.sync()
+        assert runtime.bank_calls[calls:] == [("m", (), None)]  # it left the store
+        await watcher.close()
+
+    asyncio.run(scenario())
