@@ -153,8 +153,11 @@ def _check(server: dp.Server, model: str, x: np.ndarray, bank: str) -> dict[str,
         headers={"Content-Type": "application/json"},
         method="POST",
     )
-    with urllib.request.urlopen(request, timeout=60) as r:
-        answer = json.loads(r.read())
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            answer = json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"{model}: bank {bank!r}: {exc.code} {exc.read()[:300]!r}") from None
     params: dict[str, Any] = answer.get("parameters") or {}
     if "bank" not in params:
         raise RuntimeError(f"{model}: a request with bank {bank!r} got no bank back: {answer}")
@@ -197,7 +200,9 @@ def _cell(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet", help="resnet or demo (serve_speed's)")
+    parser.add_argument(
+        "--model", default="resnet", help="resnet or demo (serve_speed's), or a FILE.onnx"
+    )
     parser.add_argument("--banks", type=int, default=1000, help="banks of the 'many' model")
     parser.add_argument("--seconds", type=float, default=2.0, help="seconds per cell")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, rotated order")
@@ -209,8 +214,12 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory(prefix="bank-serving-") as tmp:
         workdir = Path(tmp)
-        model = workdir / "model.onnx"
-        shape = dp._export(args.model, model)
+        if args.model.endswith(".onnx"):  # a given model: one FP32 input "input", batch first
+            model = Path(args.model).resolve()
+            shape = tuple(int(d) for d in dp.ort_session(str(model), 1).get_inputs()[0].shape[1:])
+        else:
+            model = workdir / "model.onnx"
+            shape = dp._export(args.model, model)
         x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
         paths, per_bank = _bank_files(model, args.banks, workdir)
         path = os.pathsep.join(p for p in (str(dp.ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -255,7 +264,7 @@ def main() -> None:
                     _request(port, "many", x, b) for b in random_banks
                 ],
                 f"many: the same bank every request (K={args.banks})": [
-                    _request(port, "many", x, "b7")
+                    _request(port, "many", x, f"b{min(7, args.banks - 1)}")
                 ],
                 f"many: auto routing (K={args.banks})": [_request(port, "many", x, "auto")],
             }
@@ -269,6 +278,9 @@ def main() -> None:
                             _cell(server, cases[case], c, args.seconds)
                         )
             rss_after = dp.rss_mb(server.pid)
+        except Exception:
+            print(f"--- the server's log:\n{server.tail(4000)}", file=sys.stderr)
+            raise
         finally:
             server.close()
     _print(args, names, levels, cells, rss_before, rss_after, per_bank, put_seconds, auto)

@@ -54,6 +54,8 @@ from recalib.onnx.banks import (
     BankTables,
     add_bank_inputs,
 )
+from recalib.onnx.graph import GraphIndex
+from recalib.onnx.names import bn_nodes
 from recalib.onnx.taps import add_drift_taps
 
 from ..errors import InvalidInput, NotFound
@@ -152,10 +154,12 @@ class VersionBanks:
         label: str,
         tapped: ModelSession | None = None,
         drift: BankDrift | None = None,
+        tap_layers: Mapping[str, str] | None = None,
     ) -> None:
         self.session = session
         self.tapped = tapped if drift is not None else None
         self.drift = drift if tapped is not None else None
+        self._tap_layers = dict(tap_layers or {})  # tapped layer -> bank node key
         self.tables = tables
         self.digest = digest
         self.threshold = threshold
@@ -195,6 +199,10 @@ class VersionBanks:
         tapped, drift = None, None
         if settings.drift_sample_fraction > 0.0 and settings.bank_metric_limit > 0:
             tapped, drift = cls._drift(proto, settings, label, executor, publish)
+        # the taps name a BN node by its name, else its output; the banks by read_bn_map's key
+        tap_layers = {
+            node.name or node.output[0]: key for key, node in bn_nodes(GraphIndex(proto.graph))
+        }
         del proto
         banks = cls(
             session,
@@ -204,6 +212,7 @@ class VersionBanks:
             label=label,
             tapped=tapped,
             drift=drift,
+            tap_layers=tap_layers,
         )
         banks.warm_up(warmup_sizes(settings), inputs)
         return banks
@@ -360,7 +369,11 @@ class VersionBanks:
             self._names = names
             raise
         if self.drift is not None:
-            self.drift.track(index, ref.name, stats)
+            try:
+                reference = {tap: stats[key] for tap, key in self._tap_layers.items()}
+                self.drift.track(index, ref.name, reference)
+            except ValueError as exc:  # served all the same, without its drift
+                log.warning("%s: no drift for stat bank %r: %s", self.label, ref.name, exc)
         return index
 
 

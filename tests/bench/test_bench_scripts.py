@@ -135,3 +135,19 @@ def test_stat_banks_prints_every_case_and_the_memory_line() -> None:
     for case in cases:
         assert any(li.startswith(case) or case in li for li in out.splitlines()), case
     assert "RSS growth with 4 banks" in out
+
+
+def test_bank_serving_puts_banks_and_prints_every_case_and_the_ratios(tmp_path: Path) -> None:
+    model = _small_bn_onnx(tmp_path / "small_bn.onnx")
+    out = _run(
+        "bank_serving.py",
+        *("--model", str(model), "--banks", "3", "--seconds", "0.1", "--rounds", "1"),
+    )
+    lines = out.splitlines()
+    for case in ("no bank", "explicit bank (K=1)", "random explicit bank (K=3)", "auto routing"):
+        cells = [li for li in lines if case in li and li.startswith(("one:", "many:"))]
+        assert len(cells) == 2, case  # concurrency 1 and 16
+        assert all(float(li.split()[-4]) > 0 for li in cells), cells  # req/s measured
+    assert sum(li.strip().startswith(("c=1:", "c=16:")) for li in lines) == 2
+    assert "after 2 banks put and served" in out
+    assert "an auto request's answer: {'bank': " in out  # a bank, or "none" (fallback)
