@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
@@ -51,6 +52,7 @@ from recalib.onnx.banks import (
     BANK_INDEX,
     BANK_OUTPUT,
     DISTANCE_OUTPUT,
+    ROUTE_THRESHOLD,
     BankTables,
     add_bank_inputs,
 )
@@ -86,6 +88,9 @@ EXTRA_OUTPUTS = (BANK_OUTPUT, DISTANCE_OUTPUT)
 """What a bank run returns after the model's outputs (``[N]`` each)."""
 
 Array = npt.NDArray[Any]
+
+_PER_RUN = (BANK_INDEX, ROUTE_THRESHOLD)
+"""Inputs of :meth:`BankTables.feed` that change with every run (the rest: the tables)."""
 
 
 def requested_bank(parameters: Mapping[str, Any], default: str | None) -> str | None:
@@ -160,6 +165,11 @@ class VersionBanks:
         self.tapped = tapped if drift is not None else None
         self.drift = drift if tapped is not None else None
         self._tap_layers = dict(tap_layers or {})  # tapped layer -> bank node key
+        # IOBinding sessions (CUDA): the tables live on the device, copied once per change
+        # of the banks (:meth:`_resident`), not once per run
+        self._generation = 0  # bumped after every add and retire
+        self._device: tuple[tuple[int, int], dict[str, Any]] | None = None
+        self._device_lock = threading.Lock()
         self.tables = tables
         self.digest = digest
         self.threshold = threshold
@@ -295,15 +305,46 @@ class VersionBanks:
         Raises:
             BankIndexError: an index outside the tables.
         """
-        full = {**feed, **self.tables.feed(feed[BANK_INDEX], threshold=self.threshold)}
+        host = self.tables.feed(feed[BANK_INDEX], threshold=self.threshold)
         names = [*output_names, *EXTRA_OUTPUTS]
         drift, tapped = self.drift, self.tapped
         if sample and drift is not None and tapped is not None and drift.should_sample():
-            values = tapped.run(full, names + drift.tap_names)
+            values = self._run(tapped, feed, host, names + drift.tap_names)
             k = len(names)
             drift.submit(values[k:], values[k - 2])  # processed on the drift thread
             return values[:k]
-        return self.session.run(full, names)
+        return self._run(self.session, feed, host, names)
+
+    def _run(
+        self,
+        session: ModelSession,
+        feed: Mapping[str, Array],
+        host: Mapping[str, Array],
+        names: Sequence[str],
+    ) -> list[Array]:
+        if not session.uses_binding:
+            return session.run({**feed, **host}, names)
+        per_run = {n: host[n] for n in _PER_RUN if n in host}
+        resident = self._resident(session, host)
+        return session.run({**feed, **per_run}, names, resident=resident)
+
+    def _resident(self, session: ModelSession, host: Mapping[str, Array]) -> dict[str, Any]:
+        """The tables as device ``OrtValue`` s, copied again only when the banks changed
+        (added or retired since the last copy; every IOBinding session of a version is on
+        the one device, so they share them)."""
+        rows = len(self.tables)
+        key = (self._generation, rows)
+        with self._device_lock:
+            cached = self._device
+            if cached is None or cached[0] != key:
+                tables = {n: v for n, v in host.items() if n not in _PER_RUN}
+                if any(v.shape[0] != rows for v in tables.values() if v.ndim):
+                    # the banks changed between this run's feed and now: this run is fed
+                    # from the host (its indices fit its own feed), the next one copies
+                    return {n: session.to_device(v) for n, v in tables.items()}
+                cached = (key, {n: session.to_device(v) for n, v in tables.items()})
+                self._device = cached
+        return cached[1]
 
     def drift_reports(self) -> dict[str, dict[str, Any]]:
         """Each tracked bank's drift report, by bank name (empty with drift off)."""
@@ -335,6 +376,7 @@ class VersionBanks:
             ref = wanted.get(name)
             if ref is None or ref.sha256 != sha[name]:
                 self.tables.retire(index)
+                self._generation += 1
                 if self.drift is not None:
                     self.drift.forget(index)
                 del active[name], sha[name]
@@ -368,6 +410,7 @@ class VersionBanks:
         except RecalibError:
             self._names = names
             raise
+        self._generation += 1
         if self.drift is not None:
             try:
                 reference = {tap: stats[key] for tap, key in self._tap_layers.items()}

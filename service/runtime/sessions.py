@@ -216,14 +216,30 @@ class ModelSession:
         return [spec.name for spec in self.outputs]
 
     def run(
-        self, feed: Mapping[str, npt.NDArray[Any]], output_names: Sequence[str] | None = None
+        self,
+        feed: Mapping[str, npt.NDArray[Any]],
+        output_names: Sequence[str] | None = None,
+        *,
+        resident: Mapping[str, Any] | None = None,
     ) -> list[npt.NDArray[Any]]:
         """Run the graph on ``feed`` (input name to array); outputs in ``output_names`` order
-        (all graph outputs when ``None``)."""
+        (all graph outputs when ``None``).
+
+        Args:
+            feed: host inputs.
+            output_names: what to return.
+            resident: inputs already on this session's device (``OrtValue`` s from
+                :meth:`to_device`, e.g. stat-bank tables), bound as they are; only with
+                :attr:`uses_binding` (else put them in ``feed``).
+        """
         names = list(output_names) if output_names is not None else self.output_names
         if not self.uses_binding:
+            if resident:
+                raise ValueError("expected resident inputs only on a session with IOBinding")
             return list(self.session.run(names, dict(feed)))
         binding = self.session.io_binding()
+        for name, value in (resident or {}).items():
+            binding.bind_ortvalue_input(name, value)
         # Keep the device copies referenced until the run is over.
         staged = [
             ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self._device, 0)
@@ -235,6 +251,11 @@ class ModelSession:
             binding.bind_output(name, self._device, 0)
         self.session.run_with_iobinding(binding)
         return [value.numpy() for value in binding.get_outputs()]
+
+    def to_device(self, value: npt.NDArray[Any]) -> Any:
+        """``value`` copied once into an ``OrtValue`` on this session's device (for
+        :meth:`run`'s ``resident``)."""
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self._device, 0)
 
     def warm_up(self, batch_sizes: Sequence[int], output_names: Sequence[str] | None = None) -> int:
         """Run zero inputs once per batch size (first runs per shape are slow: memory
