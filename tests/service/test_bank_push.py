@@ -245,3 +245,49 @@ def test_start_up_reconciles_the_stores_banks(
     make_api(settings.model_copy(update={"model_store": store}))
     model = ModelStore(store).read("m")
     assert model is not None and [b.name for b in model.banks] == ["site_b"]
+
+
+def test_a_bank_put_on_the_control_serves_requests_on_a_store_fed_replica(
+    make_api: Callable[..., Api], settings: Settings, bn_onnx: bytes, bank: bytes, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    control = make_api(settings.model_copy(update={"model_store": store}))
+    assert control.register("m", bn_onnx).status_code == 201
+    replica = make_api(
+        settings.model_copy(
+            update={
+                "model_store": store,
+                "role": "inference",
+                "home": tmp_path / "replica",
+                "store_poll_seconds": 0.05,
+                "execution_provider": "cpu",
+                "intra_op_threads": 1,
+                "warmup_batch_sizes": [1],
+            }
+        ),
+        runtime=None,  # the real serving runtime
+    )
+    x = shifted_images(1, seed=3)
+    body = {
+        "parameters": {"bank": "site_b"},
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ],
+    }
+    missing = replica.client.post("/v2/models/m/infer", json=body)
+    assert missing.status_code == 404, missing.text  # no such bank yet
+    assert _put(control, "site_b", bank).status_code == 201
+
+    def answered() -> bool:
+        return replica.client.post("/v2/models/m/infer", json=body).status_code == 200
+
+    _until("the replica serving site_b", answered)
+    served = replica.client.post("/v2/models/m/infer", json=body).json()
+    assert served["parameters"]["bank"] == "site_b"
+    plain = replica.client.post("/v2/models/m/infer", json=body | {"parameters": {}}).json()
+    assert plain["outputs"][0]["data"] != served["outputs"][0]["data"]  # other statistics
