@@ -84,3 +84,41 @@ def test_cuda_in_domain_traffic_shows_little_drift(tmp_path: Path) -> None:
 
     same, shifted = asyncio.run(body())
     assert same < shifted / 10
+
+
+def test_cuda_stat_banks_match_cpu_with_device_resident_tables(tmp_path: Path) -> None:
+    """Banks on CUDA: explicit and routed rows answer as on CPU, the tables are copied to
+    the device once (not per run)."""
+    import onnx
+    from bank_helpers import bank_ref, domain_images, domain_model, write_bank
+
+    from recalib.onnx.banks import AUTO, BANK_INDEX
+    from service.runtime.bank_serving import VersionBanks
+    from service.runtime.sessions import TensorSpec
+
+    path = export_versions(tmp_path)[1][1]
+    proto = onnx.load(path)
+    refs = [
+        bank_ref(d, write_bank(proto, domain_model(d), tmp_path / f"{d}.st"), {1}) for d in "ab"
+    ]
+    x = np.concatenate([domain_images(2, 5, d) for d in "ab"])
+    answers = {}
+    for provider in ("cpu", "cuda"):
+        settings = runtime_settings(
+            tmp_path / provider, execution_provider=provider, provider_fallback="fail"
+        )
+        banks = VersionBanks.build(
+            path, settings, label="m", inputs=[TensorSpec("input", "FP32", (-1, 3, 8, 8))]
+        )
+        assert banks.session.uses_binding == (provider == "cuda")
+        assert banks.sync(refs) == []
+        runs = []
+        for index in ([1, 1, 2, 2], [AUTO] * 4):
+            feed = {"input": x, BANK_INDEX: np.asarray(index, dtype=np.int64)}
+            runs.append(banks.run(feed, ["output"], sample=False))
+        answers[provider] = runs
+        if provider == "cuda":
+            assert banks._device is not None  # noqa: SLF001 - the resident copy exists
+    for cpu_run, gpu_run in zip(answers["cpu"], answers["cuda"], strict=True):
+        np.testing.assert_allclose(gpu_run[0], cpu_run[0], rtol=1e-3, atol=1e-3)
+        np.testing.assert_array_equal(gpu_run[1], cpu_run[1])  # the bank of each row
