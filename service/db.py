@@ -27,7 +27,7 @@ from typing import Any
 
 __all__ = ["Database", "dumps", "loads", "utcnow"]
 
-_SCHEMA_VERSION = 4
+_SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -185,6 +185,11 @@ class Database:
         conn.executescript(_SCHEMA)  # new tables (schema 3: banks) are created here
         for table, column in _ADDED_COLUMNS:
             _add_column(conn, table, column)
+        if 3 <= found < 5:
+            # 4 -> 5: weights digests written before could skip weights held in Constant
+            # nodes (recalib.onnx.bank_files.weights_digest de-duplicated by id()): they
+            # are computed again on first use (Catalog.version_weights)
+            conn.execute("UPDATE versions SET weights_digest = NULL")
         conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
 
     @contextmanager

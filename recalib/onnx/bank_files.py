@@ -91,7 +91,10 @@ def weights_digest(model: onnx.ModelProto) -> str:
         index.resolve(node.input[slot]) for _, node in bn_nodes(index) for slot in (_MEAN, _VAR)
     }
     digest = hashlib.sha256(_DIGEST_TAG)
-    seen: set[int] = set()
+    # Each tensor once, by the name it is stored under (an initializer's, a Constant's
+    # output): not by id() of the proto object, which for a Constant's value is a
+    # temporary wrapper whose id the next one may reuse.
+    seen: set[str] = set()
     for node in model.graph.node:
         if node.op_type in ("Identity", "Constant"):
             continue  # read through: what they hold counts where a real node reads it
@@ -99,10 +102,12 @@ def weights_digest(model: onnx.ModelProto) -> str:
             if not name:
                 continue
             source = index.resolve(name)
-            tensor = None if source in stats else index.const(source)
-            if tensor is None or id(tensor) in seen:
+            if source in seen or source in stats:
                 continue
-            seen.add(id(tensor))
+            tensor = index.const(source)
+            if tensor is None:
+                continue
+            seen.add(source)
             arr = np.ascontiguousarray(numpy_helper.to_array(tensor))
             header = json.dumps([arr.dtype.str, list(arr.shape)]).encode()
             digest.update(len(header).to_bytes(4, "little") + header)

@@ -108,6 +108,37 @@ def test_digest_differs_for_other_weights(versions: dict[str, onnx.ModelProto]) 
     assert weights_digest(tuned) != weights_digest(versions["v1"])
 
 
+def _as_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every initializer moved into a ``Constant`` node (as paddle2onnx
+    exports weights)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    constants = [
+        onnx.helper.make_node("Constant", [], [t.name], value=t) for t in out.graph.initializer
+    ]
+    del out.graph.initializer[:]
+    nodes = list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(constants + nodes)
+    return out
+
+
+def test_digest_counts_every_weight_held_in_constant_nodes(
+    versions: dict[str, onnx.ModelProto],
+) -> None:
+    """Each Constant's value counts once, every time (the digest once de-duplicated by id()
+    of temporary proto wrappers and skipped some, differently from call to call)."""
+    held = _as_constants(versions["v1"])
+    digests = {weights_digest(held) for _ in range(50)}
+    assert digests == {weights_digest(versions["v1"])}  # where the weights live is not hashed
+    for node in held.graph.node:
+        if node.op_type == "Constant" and node.output[0].endswith("conv2.weight"):
+            arr = onnx.numpy_helper.to_array(node.attribute[0].t).copy()
+            arr.flat[0] += 1e-3
+            node.attribute[0].t.CopyFrom(onnx.numpy_helper.from_array(arr, node.output[0]))
+    assert weights_digest(held) != weights_digest(versions["v1"])
+
+
 def test_digest_ignores_tensor_names(versions: dict[str, onnx.ModelProto]) -> None:
     renamed = onnx.ModelProto()
     renamed.CopyFrom(versions["v1"])

@@ -224,7 +224,29 @@ def test_a_schema_2_database_is_migrated(
     assert again.client.get("/v1/models/m/banks").json() == {"banks": [], "default": None}
     version = again.client.get("/v1/models/m/versions/1").json()
     assert version["weights_digest"] is None  # filled in when a bank needs it
-    assert again.app.state.db.query_one("PRAGMA user_version")[0] == 4
+    assert again.app.state.db.query_one("PRAGMA user_version")[0] == 5
+
+
+def test_a_schema_4_database_computes_its_weights_digests_again(
+    make_api: Callable[..., Api], settings: Settings, bn_onnx: bytes, tmp_path: Path
+) -> None:
+    """Schema 4's digests could skip weights held in Constant nodes: 5 recomputes them."""
+    api = make_api(settings)
+    assert api.register("m", bn_onnx).status_code == 201
+    digest = api.client.get("/v1/models/m/versions/1").json()["weights_digest"]
+    assert digest is not None
+    api.close()
+    conn = sqlite3.connect(settings.home / "recalib.db")
+    conn.execute("UPDATE versions SET weights_digest = 'stale'")
+    conn.execute("PRAGMA user_version=4")
+    conn.commit()
+    conn.close()
+    again = make_api(settings)
+    assert again.client.get("/v1/models/m/versions/1").json()["weights_digest"] is None
+    bank = bank_bytes(onnx.load_from_string(bn_onnx), tmp_path)  # its check computes them
+    assert _put(again, "site", bank).status_code == 201
+    assert again.client.get("/v1/models/m/versions/1").json()["weights_digest"] == digest
+    assert again.app.state.db.query_one("PRAGMA user_version")[0] == 5
 
 
 def test_job_requests_for_banks_are_checked(
