@@ -57,6 +57,7 @@ from pydantic import BaseModel, Field
 from .catalog import BANK_SUFFIX, BANKS_DIR, Catalog
 from .db import dumps, loads, utcnow
 from .errors import Conflict, Incompatible, InvalidInput, NotFound
+from .metrics import BANK_OTHER
 from .names import check_name, is_number
 from .runtime.bank_refs import RESERVED_BANK_WORDS, BankRef
 from .uploads import Upload, copy_upload, staging
@@ -92,7 +93,8 @@ _WORDS = " and ".join(repr(w) for w in sorted(RESERVED_BANK_WORDS))
 
 def check_bank_name(value: str) -> str:
     """Return ``value`` if it can name a stat bank (the alias rule: a name, not a number,
-    and not one of the request words ``auto`` and ``none``, in any case).
+    and not one of the request words ``auto`` and ``none`` or the metric label ``other``,
+    in any case).
 
     Raises:
         InvalidInput: malformed, made of digits only, or a reserved word.
@@ -107,6 +109,11 @@ def check_bank_name(value: str) -> str:
         raise InvalidInput(
             f"expected a stat bank name other than {_WORDS} (got {value!r}: parameters.bank "
             "uses these words for routing and for the version's own statistics)"
+        )
+    if value.lower() == BANK_OTHER:
+        raise InvalidInput(
+            f"expected a stat bank name other than {BANK_OTHER!r} (got {value!r}: metrics "
+            "count the banks past RECALIB_BANK_METRIC_LIMIT under that label)"
         )
     return value
 

@@ -539,13 +539,16 @@ class ServiceMetrics:
             fallbacks: routed rows answered with the version's statistics.
         """
         seen = self._bank_labels.setdefault(model, set())
+        labels: dict[str, None] = {}  # once per request each, "other" included
         for bank in banks:
             if bank != "none" and bank not in seen:
                 if len(seen) >= limit:
                     bank = BANK_OTHER
                 else:
                     seen.add(bank)
-            self.bank_requests.labels(model, bank).inc()
+            labels[bank] = None
+        for label in labels:
+            self.bank_requests.labels(model, label).inc()
         if distances:
             histogram = self.bank_route_distance.labels(model)
             for value in distances:

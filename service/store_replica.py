@@ -229,10 +229,12 @@ class StoreWatcher:
         await asyncio.gather(*(self._follow(model) for model in found.values()))
 
     async def _follow(self, model: StoredModel) -> None:
-        """Serve ``model``'s production version, then push its banks if they changed."""
-        await self._serve(model)
+        """Push ``model``'s banks if they changed, then serve its production version:
+        in this order, a new version loads with the banks valid for it before it serves
+        (pushed after, it would answer a request naming one of them 404 meanwhile)."""
         if self._banks.get(model.name) != _bank_state(model):
             await self._push_banks(model.name, model)
+        await self._serve(model)
 
     async def _push_banks(self, name: str, model: StoredModel | None) -> None:
         """``set_banks`` with ``model``'s banks (``None``: it left the store, none)."""

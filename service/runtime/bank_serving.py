@@ -375,6 +375,9 @@ class VersionBanks:
         for name, index in list(active.items()):
             ref = wanted.get(name)
             if ref is None or ref.sha256 != sha[name]:
+                # bumped before and after the in-place write: a device copy taken while
+                # it is written is keyed by the first bump and replaced after the second
+                self._generation += 1
                 self.tables.retire(index)
                 self._generation += 1
                 if self.drift is not None:
@@ -387,7 +390,11 @@ class VersionBanks:
             try:
                 index = self._add(ref)
             except (RecalibError, OSError) as exc:
-                self._failed.add((ref.name, ref.sha256))
+                # a file missing or unreadable for now (a store being pruned, a delete
+                # racing the load) is read again at the next push; only what the file
+                # holds (format, digest, layers, values) makes it skipped for good
+                if not (isinstance(exc, OSError) or isinstance(exc.__cause__, OSError)):
+                    self._failed.add((ref.name, ref.sha256))
                 problems.append(f"{self.label}: stat bank {ref.name!r} skipped: {exc}")
                 continue
             active[ref.name], sha[ref.name] = index, ref.sha256
@@ -476,6 +483,8 @@ class ModelBanks:
         async with lock:
             refs = self.valid(entry.name, entry.version)
             banks = entry.banks
+            if entry.closed:
+                return  # unloaded meanwhile: nothing may come back (sessions, series)
             if banks is None:
                 if not refs or entry in self._unbankable:
                     return
@@ -486,6 +495,10 @@ class ModelBanks:
                 return
             before = set(banks.names)
             problems = await asyncio.to_thread(banks.sync, refs)
+            if entry.closed:  # unloaded while its banks were read: drop what was built
+                if entry.banks is not banks:
+                    await asyncio.to_thread(banks.close)
+                return
             entry.banks = banks
             for gone in before - set(banks.names):
                 self.metrics.forget_bank_drift(entry.name, entry.version, gone)
@@ -542,8 +555,9 @@ class ModelBanks:
             return BankRequest(word, index)
         if BANK_PARAMETER not in parameters:  # the default: not the caller's mistake
             return BankRequest(NO_BANK, None)
-        known = ", ".join(banks.names) if banks is not None and banks.names else "none"
-        raise NotFound(f"{entry.label} has no stat bank {word!r} (its banks: {known})")
+        raise NotFound(
+            f"{entry.label} has no stat bank {_shown(word)} (its banks: {_listed(banks)})"
+        )
 
     def answer(
         self, entry: LoadedVersion, bank: BankRequest, extra: Sequence[Array]
@@ -582,6 +596,20 @@ class ModelBanks:
         if not count and default is None:
             return {}
         return {"stat_banks": count, "default_bank": default or NO_BANK}
+
+
+def _shown(word: str, limit: int = 64) -> str:
+    """``word`` for a message, cut to ``limit`` characters (a request may send megabytes)."""
+    return repr(word) if len(word) <= limit else f"{word[:limit]!r}... ({len(word)} characters)"
+
+
+def _listed(banks: VersionBanks | None, limit: int = 10) -> str:
+    """The first ``limit`` bank names a version serves, and how many more."""
+    names = [] if banks is None else banks.names
+    if not names:
+        return "none"
+    more = len(names) - limit
+    return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")
 
 
 def bank_parameters(names: Sequence[str], distance: Array, fallback: bool) -> dict[str, Any]:

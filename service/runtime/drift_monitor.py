@@ -195,6 +195,7 @@ class DriftMonitor:
         self._pending: list[tuple[Sequence[npt.ArrayLike], int, float]] = []
         self._pending_rows = 0
         self._draining = False
+        self._pending_since = 0.0
         self._dropped = 0
         self._idle = threading.Condition()
         self._hurry = threading.Event()
@@ -223,6 +224,8 @@ class DriftMonitor:
             self._pending.append((tap_values, rows, self._clock()))
             self._pending_rows += rows
             start = not self._draining
+            if start:
+                self._pending_since = time.monotonic()
             self._draining = True
         if start:
             try:
@@ -248,7 +251,12 @@ class DriftMonitor:
             raise ValueError(f"expected {len(self.tap_names)} tap outputs (got {len(tap_values)})")
 
     def _drain(self) -> None:
-        self._hurry.wait(self._process_every)  # gather runs (flush cuts the wait short)
+        # gather runs for process_every from the first one queued (flush cuts it short);
+        # counted from then, not from now: several monitors (one per stat bank) share the
+        # one drift thread, and each waiting in turn would add up
+        remaining = self._process_every - (time.monotonic() - self._pending_since)
+        if remaining > 0:
+            self._hurry.wait(remaining)
         while True:
             with self._idle:
                 items, self._pending, self._pending_rows = self._pending, [], 0

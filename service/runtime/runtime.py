@@ -96,11 +96,16 @@ class ServingRuntime(VersionTable):
     async def load(
         self, name: str, version: int, onnx_path: Path, *, generation: int | None = None
     ) -> None:
-        """:meth:`VersionTable.load`, then the version's stat banks (see :meth:`set_banks`)."""
+        """:meth:`VersionTable.load`; the version gets its stat banks before it is
+        registered (:meth:`_prepare`), and again after, for banks pushed while it loaded
+        (see :meth:`set_banks`; nothing to do when they did not change)."""
         await super().load(name, version, onnx_path, generation=generation)
         entry = self._versions.get((name, version))
         if entry is not None:
             await self._banks.sync(entry)
+
+    async def _prepare(self, entry: LoadedVersion) -> None:
+        await self._banks.sync(entry)
 
     # -- serving pointer ---------------------------------------------------------------
 

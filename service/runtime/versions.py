@@ -101,6 +101,7 @@ class LoadedVersion:
         self.batchable = all(s.batched for s in (*self.inputs, *self.outputs))
         self.batcher: Batcher | None = None
         self.banks: VersionBanks | None = None  # set by ModelBanks.sync on the event loop
+        self.closed = False  # set when it is dropped: nothing may be added to it after
         self.stats = ModelStats()  # the runtime's, set when the version is registered
         self.rows_counted = self.batchable  # inference_count: rows, or 1 per request
         self.active = 0
@@ -325,6 +326,7 @@ class VersionTable:
             name=entry.label,
         )
         entry.batcher.start()
+        await self._prepare(entry)  # before it is registered: ready means ready
         self._versions[key] = entry
         metrics.set_provider(name, version, entry.session.requested, entry.provider())
         for session in (entry.plain, entry.tapped):
@@ -342,6 +344,10 @@ class VersionTable:
             "on" if entry.batcher.gathers else "off",
         )
         return entry
+
+    async def _prepare(self, entry: LoadedVersion) -> None:
+        """What a loaded version needs before it is registered as ready (the subclass
+        gives it its stat banks); nothing here."""
 
     def _publish_drift(self, entry: LoadedVersion, report: dict[str, Any]) -> None:
         layers = None
@@ -451,6 +457,7 @@ class VersionTable:
 
     async def _drop(self, entry: LoadedVersion) -> None:
         """Let a version taken out of ``_versions`` finish its in-flight requests, drop it."""
+        entry.closed = True
         await entry.idle.wait()
         if entry.batcher is not None:
             await entry.batcher.close()

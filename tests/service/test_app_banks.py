@@ -18,7 +18,15 @@ from runtime_helpers import export, make_model, shifted_images
 from safetensors.numpy import load, save_file
 from service_helpers import Api, FakeRuntime, bank_bytes, shifted_stats
 
-from recalib.onnx.bank_files import WEIGHTS_DIGEST_KEY, weights_digest
+from recalib.onnx.bank_files import (
+    ROUTE_LIMIT_KEY,
+    ROUTE_LIMIT_QUANTILE_KEY,
+    WEIGHTS_DIGEST_KEY,
+    read_bank_file,
+    save_onnx_bank,
+    weights_digest,
+)
+from recalib.onnx.bank_routing import DEFAULT_QUANTILE, bank_route_limit
 from recalib.onnx.names import bn_node_stats, read_bn_map, set_bn_node_stats
 from recalib.statbank import save_stat_bank
 from service.settings import Settings
@@ -125,6 +133,19 @@ def test_bad_bank_files_are_refused_with_one_line(api: Api, bn_onnx: bytes, tmp_
     assert api.files() == before and api.client.get("/v1/models/m/banks").json()["banks"] == []
 
 
+def test_an_uploaded_bank_may_carry_a_route_limit(api: Api, bn_onnx: bytes, tmp_path: Path) -> None:
+    assert api.register("m", bn_onnx).status_code == 201
+    model = onnx.load_from_string(bn_onnx)
+    path = tmp_path / "r.safetensors"
+    save_onnx_bank(model, shifted_stats(model, 0.5), path, metadata={ROUTE_LIMIT_KEY: 0.3})
+    r = _put(api, "limited", path.read_bytes())
+    assert r.status_code == 201, r.text
+    assert r.json()["source"]["metadata"][ROUTE_LIMIT_KEY] == 0.3
+    save_onnx_bank(model, shifted_stats(model, 0.5), path, metadata={ROUTE_LIMIT_KEY: "far"})
+    refused = _put(api, "bad", path.read_bytes())
+    assert refused.status_code == 400 and "'route_limit' to be a number >= 0" in refused.text
+
+
 def test_a_bank_of_other_weights_is_incompatible(
     api: Api, bn_onnx: bytes, other_weights: bytes, tmp_path: Path
 ) -> None:
@@ -148,13 +169,13 @@ def test_valid_versions_follow_the_weights(
     bank = bank_bytes(onnx.load_from_string(_recalibrated(bn_onnx, 0.3)), tmp_path)
     assert _put(api, "site_b", bank).json()["valid_versions"] == [1, 2, 4]
     other = bank_bytes(onnx.load_from_string(other_weights), tmp_path)
-    assert _put(api, "other", other).json()["valid_versions"] == [3]
+    assert _put(api, "alien", other).json()["valid_versions"] == [3]
     # versions from before schema 3 get their digest on first use
     db = api.app.state.db
     db.execute("UPDATE versions SET weights_digest = NULL, bn_layers = NULL")
     listed = api.client.get("/v1/models/m/banks").json()["banks"]
     assert [(b["name"], b["valid_versions"]) for b in listed] == [
-        ("other", [3]),
+        ("alien", [3]),
         ("site_b", [1, 2, 4]),
     ]
     assert db.query_one("SELECT COUNT(*) AS n FROM versions WHERE weights_digest IS NULL")["n"] == 0
@@ -273,6 +294,7 @@ def test_recalibration_jobs_make_versions_and_banks(
     runtime: FakeRuntime,
     bn_onnx: bytes,
     npz: Callable[..., bytes],
+    tmp_path: Path,
 ) -> None:
     api = make_api(settings)
     assert api.register("m", bn_onnx).status_code == 201
@@ -302,6 +324,15 @@ def test_recalibration_jobs_make_versions_and_banks(
         layer = infos[key].layer
         np.testing.assert_allclose(tensors[f"{layer}.running_mean"], mean, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(tensors[f"{layer}.running_var"], var, rtol=1e-4, atol=1e-5)
+    # ... and its route limit: the 99th percentile of the job's rows' distance to it
+    (tmp_path / "b.safetensors").write_bytes(
+        api.client.get("/v1/models/m/banks/site_b/file").content
+    )
+    stored = read_bank_file(tmp_path / "b.safetensors")
+    assert stored.metadata[ROUTE_LIMIT_QUANTILE_KEY] == DEFAULT_QUANTILE
+    expected = bank_route_limit(v2, stored.stats, shifted_images(128, seed=1))
+    assert stored.route_limit == pytest.approx(expected, rel=1e-5)
+    assert 0 < stored.route_limit < float("inf")
     # a flagged plan or failed validation stores nothing
     labels = api.upload(npz(x=shifted_images(16, seed=2), y=np.zeros(16, dtype=np.int64))).json()
     strict = {

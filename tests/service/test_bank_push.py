@@ -173,6 +173,9 @@ def test_reserved_words_are_not_bank_names(
         "/v1/models/m/recalibrations", json={"dataset": dataset, "output": {"bank": "auto"}}
     )
     assert job.status_code == 400 and "'auto' and 'none'" in job.json()["error"]
+    for label in ("other", "Other"):  # the metrics' overflow label
+        r = _put(api, label, bank)
+        assert r.status_code == 400 and "RECALIB_BANK_METRIC_LIMIT" in r.json()["error"]
     assert api.client.get("/v1/models/m/banks").json()["banks"] == []
 
 

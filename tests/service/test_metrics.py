@@ -77,6 +77,21 @@ def _exercise(m: ServiceMetrics) -> None:
     m.bank_load_failed("demo")
 
 
+def test_banks_past_the_limit_count_once_per_request_as_other() -> None:
+    registry = CollectorRegistry()
+    metrics = ServiceMetrics(registry)
+    metrics.observe_bank_request("m", ["a"], limit=1)
+    metrics.observe_bank_request("m", ["a", "b", "c"], limit=1)  # b and c: one "other"
+    metrics.observe_bank_request("m", ["d"], limit=1)
+
+    def count(bank: str) -> float | None:
+        return registry.get_sample_value(
+            "recalib_bank_requests_total", {"model": "m", "bank": bank}
+        )
+
+    assert (count("a"), count("other"), count("b")) == (2.0, 2.0, None)
+
+
 def test_names_types_and_labels() -> None:
     registry = CollectorRegistry()
     _exercise(ServiceMetrics(registry))
