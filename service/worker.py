@@ -17,7 +17,9 @@ Steps (progress is written to the job's row as it goes, at most a few times a se
    CPU) on a labeled data set (arrays ``x`` and ``y``);
 4. write ``out/`` (the new version's files and ``report.json``; for a job whose output is
    a stat bank also ``bank.safetensors``: the new statistics stamped with the *base*
-   version's weights digest, :func:`recalib.onnx.bank_files.save_onnx_bank`) and then
+   version's weights digest, :func:`recalib.onnx.bank_files.save_onnx_bank`, with its
+   route limit in the metadata: :func:`recalib.onnx.bank_routing.bank_route_limit` of the
+   job's calibration rows, ``route_limit`` / ``route_limit_quantile``) and then
    ``result.json`` (``{"ok": true, "validation": ...}`` or ``{"ok": false, "error": "..."}``).
 
 The server adds the version (or the bank) to the registry from ``out/`` once the process
@@ -339,24 +341,47 @@ def _run(spec: JobSpec, progress: _Progress) -> dict[str, Any]:
     }
     (out / "report.json").write_text(json.dumps(payload, indent=2))
     if spec.bank is not None:
-        _write_bank(spec, out)
+        max_samples = spec.params.get("max_samples")
+        rows = x if max_samples is None else x[:max_samples]
+        _write_bank(spec, out, rows)
     progress.stage("registering")
     return {"ok": True, "error": None, "validation": validation, "plan": report.plan}
 
 
-def _write_bank(spec: JobSpec, out: Path) -> None:
+def _write_bank(spec: JobSpec, out: Path, rows: np.ndarray) -> None:
     """``out/bank.safetensors``: the new model's statistics (torch layer names), stamped
-    with the base version's weights (recalibration changes no weight)."""
+    with the base version's weights (recalibration changes no weight), and its route limit
+    (the :data:`~recalib.onnx.bank_routing.DEFAULT_QUANTILE` of the distance of the job's
+    calibration ``rows`` to the bank, in the base version's bank graph). A base model the
+    bank graph cannot route (no BN layer fed by the input alone, ...) gets no limit: the
+    bank is stored all the same (the runtime serves it with the global threshold only)."""
     import onnx
 
-    from recalib.onnx.bank_files import save_onnx_bank
+    from recalib.errors import RecalibError
+    from recalib.onnx.bank_files import ROUTE_LIMIT_KEY, ROUTE_LIMIT_QUANTILE_KEY, save_onnx_bank
+    from recalib.onnx.bank_routing import DEFAULT_QUANTILE, bank_route_limit
     from recalib.onnx.names import bn_node_stats, read_bn_map
 
     new = onnx.load(str(out / "model.onnx"))
     infos = read_bn_map(new)
     stats = {infos[key].layer: pair for key, pair in bn_node_stats(new).items()}
     base = onnx.load(spec.base_onnx)
-    save_onnx_bank(base, stats, out / BANK_FILE, name=spec.bank, metadata={"job": spec.job_id})
+    metadata: dict[str, Any] = {"job": spec.job_id}
+    try:
+        limit = bank_route_limit(
+            base,
+            stats,
+            rows,
+            quantile=DEFAULT_QUANTILE,
+            batch_size=int(spec.params.get("batch_size") or 64),
+            threads=spec.threads,
+        )
+    except RecalibError as exc:
+        log.warning("stat bank %s: no route limit (%s)", spec.bank, exc)
+    else:
+        metadata |= {ROUTE_LIMIT_KEY: limit, ROUTE_LIMIT_QUANTILE_KEY: DEFAULT_QUANTILE}
+        log.info("stat bank %s: route limit %.6g (q=%g)", spec.bank, limit, DEFAULT_QUANTILE)
+    save_onnx_bank(base, stats, out / BANK_FILE, name=spec.bank, metadata=metadata)
 
 
 def _write_result(work: Path, result: dict[str, Any]) -> None:

@@ -6,7 +6,8 @@
   model from any framework, in-graph, with ONNX Runtime.
 * :func:`add_drift_taps` (:mod:`.taps`) - per-channel BN-input moments as extra outputs.
 * :func:`add_bank_inputs`, :class:`BankTables` (:mod:`.banks`) - many stat banks in one
-  graph, chosen per row or routed in-graph to the nearest bank.
+  graph, chosen per row or routed in-graph to the nearest bank; :func:`bank_route_limit`
+  (:mod:`.bank_routing`) - a bank's own fallback limit from its calibration data.
 * :func:`weights_digest`, :func:`save_onnx_bank`, :func:`read_bank_file`
   (:mod:`.bank_files`) - bank files stamped with the weights they were computed with.
 * :class:`GraphIndex` (:mod:`.graph`) - the one look-up structure over a graph.
@@ -21,6 +22,7 @@ from .._lazy import LazyPackage
 
 if TYPE_CHECKING:
     from .bank_files import read_bank_file, save_onnx_bank, weights_digest
+    from .bank_routing import bank_route_limit
     from .banks import BankTables, add_bank_inputs, read_bank_spec
     from .export import ExportReport, export_onnx
     from .graph import GraphIndex
@@ -34,6 +36,7 @@ _LAZY: dict[str, str] = {
     "OnnxModelError": ".recalibrate",
     "add_bank_inputs": ".banks",
     "add_drift_taps": ".taps",
+    "bank_route_limit": ".bank_routing",
     "export_onnx": ".export",
     "read_bank_file": ".bank_files",
     "read_bank_spec": ".banks",
@@ -51,6 +54,7 @@ __all__ = [
     "OnnxModelError",
     "add_bank_inputs",
     "add_drift_taps",
+    "bank_route_limit",
     "export_onnx",
     "read_bank_file",
     "read_bank_spec",

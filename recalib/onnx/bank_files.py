@@ -24,6 +24,14 @@ torch (``safetensors.numpy``); :func:`read_bank_file` reads one; :func:`check_ba
 whether a bank fits a model: equal digests and the same BN layers (names and channel
 counts), finite statistics, variances >= 0. A torch user stamps a bank with
 ``save_stat_bank(model, path, metadata={"weights_digest": weights_digest(onnx_model)})``.
+
+A bank's ``metadata`` may also carry its route limit (:data:`ROUTE_LIMIT_KEY`, a number
+>= 0: routed rows farther from the bank fall back to the version's statistics,
+:meth:`recalib.onnx.banks.BankTables.add`) and the quantile it was computed at
+(:data:`ROUTE_LIMIT_QUANTILE_KEY`, informative); a bank job stores both
+(:func:`recalib.onnx.bank_routing.bank_route_limit` of its calibration data).
+:attr:`BankFile.route_limit` reads it (``inf`` when absent), :meth:`BankFile.check_values`
+checks it.
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BANK_FORMAT",
+    "ROUTE_LIMIT_KEY",
+    "ROUTE_LIMIT_QUANTILE_KEY",
     "WEIGHTS_DIGEST_KEY",
     "BankFile",
     "bn_layers",
@@ -66,6 +76,13 @@ BANK_FORMAT = "recalib.statbank/1"
 
 WEIGHTS_DIGEST_KEY = "weights_digest"
 """The key of the weights digest in a bank's ``metadata``."""
+
+ROUTE_LIMIT_KEY = "route_limit"
+"""The key of a bank's route limit in its ``metadata``: a number >= 0 (JSON), e.g.
+:func:`recalib.onnx.bank_routing.bank_route_limit`; absent: none (``inf``)."""
+
+ROUTE_LIMIT_QUANTILE_KEY = "route_limit_quantile"
+"""The key of the quantile the route limit was computed at (informative only)."""
 
 _DIGEST_TAG = b"recalib.weights/1\0"
 _MEAN, _VAR = 3, 4
@@ -142,13 +159,33 @@ class BankFile:
         return value if isinstance(value, str) and value else None
 
     @property
+    def route_limit(self) -> float:
+        """The route limit in its metadata (:data:`ROUTE_LIMIT_KEY`), ``inf`` without one.
+
+        Raises:
+            StatBankMismatchError: the value is not a number >= 0 (a string, a bool,
+                ``null``, NaN, negative).
+        """
+        if ROUTE_LIMIT_KEY not in self.metadata:
+            return float("inf")
+        value = self.metadata[ROUTE_LIMIT_KEY]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or not float(value) >= 0:  # NaN fails too
+            raise StatBankMismatchError(
+                f"expected metadata {ROUTE_LIMIT_KEY!r} to be a number >= 0 (got "
+                f"{type(value).__name__} {repr(value)[:40]})"
+            )
+        return float(value)
+
+    @property
     def layers(self) -> dict[str, int]:
         """``{layer: channels}``, from the tensors."""
         return {name: int(mean.shape[0]) for name, (mean, _) in self.stats.items()}
 
     def check_values(self) -> None:
         """Raises: StatBankMismatchError: a non-1-D, mismatched, non-finite or negative
-        statistic."""
+        statistic, or a route limit that is not a number >= 0 (:attr:`route_limit`)."""
+        _ = self.route_limit  # read for its check
         for name, (mean, var) in self.stats.items():
             if mean.ndim != 1 or mean.shape != var.shape:
                 raise StatBankMismatchError(

@@ -37,24 +37,36 @@ domain; this direction penalises that less, and it routed better (``docs/design.
 It is also cheap: expanded, ``d_k`` is a row feature ``[v + mu'^2, mu']`` (``mu' = mu - c``,
 ``c`` the version's mean, to keep float32 sums short) times a bank table
 ``[1 / V_k, -2 M'_k / V_k]`` plus a bank constant ``sum_c (M'_k^2 / V_k + log V_k)``: one
-``Gemm`` over ``[N, 2C] x [2C, K]`` per routing layer. ``chosen = argmin_k (d_k +
-penalty_k)``; a row whose best ``d_k + penalty_k`` exceeds ``recalib_route_threshold``
-falls back to bank 0. ``penalty`` (``[K]``, an input too) is ``+inf`` at row 0 by default
-(:class:`BankTables` ``route_source``): bank 0 is the fallback, not a candidate.
+``Gemm`` over ``[N, 2C] x [2C, K]`` per routing layer. Then::
+
+    chosen = argmin_k (d_k + penalty_k)
+    bank   = 0 if d_chosen + penalty_chosen > min(threshold, limit_chosen) else chosen
+
+``penalty`` (``[K]``, an input too) is ``+inf`` at row 0 by default (:class:`BankTables`
+``route_source``): bank 0 is the fallback, not a candidate. ``threshold``
+(``recalib_route_threshold``, a scalar) is one limit for every bank; ``limit``
+(``recalib_route_limit``, ``[K]``) is each bank's own, ``+inf`` for none (bank 0 always):
+e.g. a high quantile of its calibration rows' distance to it
+(:func:`recalib.onnx.bank_routing.bank_route_limit`), which needs no labels and follows
+each model's and bank's scale of ``d`` (``docs/benchmarks.md``: a useful global threshold
+differs ~8x between models). Only routed rows fall back; an explicitly chosen bank answers
+however far the row is.
 
 Extra inputs: ``recalib_bank_index`` int64 ``[N]``, the tables
 ``recalib_bank::<node>::scale`` / ``::shift`` (``[K, C, 1, ...]``: a Gather gives the
 broadcast shape) per rewritten layer and, with routing, ``recalib_route::<node>::weight``
-(``[K, 2C]``) / ``::bias`` (``[K]``) per routing layer, ``recalib_route_penalty`` ``[K]`` and
-``recalib_route_threshold`` (float scalar). Extra outputs: ``recalib_bank`` int64 ``[N]``,
-the bank that answered each row, and with routing ``recalib_bank_distance`` float ``[N]``,
-``d`` of that bank - for an explicitly chosen bank too (how far the row is from the bank
-it asked for), without the penalty. :class:`BankTables` holds the tables host-side and
-builds the feed.
+(``[K, 2C]``) / ``::bias`` (``[K]``) per routing layer, ``recalib_route_penalty`` ``[K]``,
+``recalib_route_limit`` ``[K]`` and ``recalib_route_threshold`` (float scalar). Extra
+outputs: ``recalib_bank`` int64 ``[N]``, the bank that answered each row, and with routing
+``recalib_bank_distance`` float ``[N]``, ``d`` of that bank - for an explicitly chosen
+bank too (how far the row is from the bank it asked for), without the penalty.
+:class:`BankTables` holds the tables host-side and builds the feed.
 
 What the rewrite records in ``metadata_props[BANK_METADATA_KEY]`` (JSON): each rewritten
 node's torch layer, channels, epsilon, ``scale``/``B`` and the version's own statistics
-(float64, base64), so the tables can be built from the rewritten file alone.
+(float64, base64), so the tables can be built from the rewritten file alone. Its
+``format`` is 2 since ``recalib_route_limit`` exists: a format-1 graph lacks that input,
+and :func:`read_bank_spec` refuses it (rebuild it with :func:`add_bank_inputs`).
 Only the main graph is rewritten; the statistics of every BN node must be stored
 (:func:`recalib.onnx.names.bn_node_stats`) and its ``scale``/``B`` constant.
 """
@@ -89,6 +101,7 @@ __all__ = [
     "BANK_METADATA_KEY",
     "BANK_OUTPUT",
     "DISTANCE_OUTPUT",
+    "ROUTE_LIMIT",
     "ROUTE_PENALTY",
     "ROUTE_THRESHOLD",
     "BankLayer",
@@ -102,12 +115,13 @@ BANK_METADATA_KEY = "recalib.stat_banks"
 BANK_INDEX = "recalib_bank_index"
 ROUTE_THRESHOLD = "recalib_route_threshold"
 ROUTE_PENALTY = "recalib_route_penalty"
+ROUTE_LIMIT = "recalib_route_limit"
 BANK_OUTPUT = "recalib_bank"
 DISTANCE_OUTPUT = "recalib_bank_distance"
 AUTO = -1
 """The bank index that asks for routing."""
 
-_FORMAT = 1
+_FORMAT = 2  # 2: the recalib_route_limit input (a format-1 graph lacks it)
 _BANK, _ROUTE = "recalib_bank", "recalib_route"
 _BANKS_DIM = "recalib_banks"
 
@@ -227,7 +241,9 @@ class BankSpec:
             payload = json.loads(raw)
             if payload.get("format") != _FORMAT:
                 raise OnnxModelError(
-                    f"expected stat-bank metadata format {_FORMAT} (got {payload.get('format')!r})"
+                    f"expected stat-bank metadata format {_FORMAT} (got "
+                    f"{payload.get('format')!r}: a graph rewritten by another recalib version; "
+                    "rebuild it from the original model with add_bank_inputs)"
                 )
             layers = tuple(_layer_from_json(entry) for entry in payload["layers"])
             return cls(layers, tuple(str(key) for key in payload["route"]))
@@ -460,7 +476,9 @@ def _emit_routing(b: _Builder, parts: list[str]) -> str:
     best = b.node("ArgMin", [penalised], p + "best", axis=1, keepdims=0)
     best_d = b.reduce("ReduceMin", penalised, 1, p + "best_distance", keepdims=0)
     zero = b.const("zero_i64", np.array(0, dtype=np.int64))
-    far = b.node("Greater", [best_d, ROUTE_THRESHOLD], p + "far")
+    limit = b.node("Gather", [ROUTE_LIMIT, best], p + "limit", axis=0)
+    bound = b.node("Min", [limit, ROUTE_THRESHOLD], p + "bound")
+    far = b.node("Greater", [best_d, bound], p + "far")
     routed = b.node("Where", [far, zero, best], p + "routed")
     auto = b.node("Less", [BANK_INDEX, zero], p + "auto")
     chosen = b.node("Where", [auto, routed, BANK_INDEX], BANK_OUTPUT)
@@ -526,9 +544,8 @@ def _declare(graph: onnx.GraphProto, spec: BankSpec, rows: str | None) -> None:
             helper.make_tensor_value_info(weight, TensorProto.FLOAT, [_BANKS_DIM, 2 * lay.channels])
         )
         graph.input.append(helper.make_tensor_value_info(bias, TensorProto.FLOAT, [_BANKS_DIM]))
-    graph.input.append(
-        helper.make_tensor_value_info(ROUTE_PENALTY, TensorProto.FLOAT, [_BANKS_DIM])
-    )
+    for name in (ROUTE_PENALTY, ROUTE_LIMIT):
+        graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [_BANKS_DIM]))
     graph.input.append(helper.make_tensor_value_info(ROUTE_THRESHOLD, TensorProto.FLOAT, []))
     graph.output.append(helper.make_tensor_value_info(DISTANCE_OUTPUT, TensorProto.FLOAT, [rows]))
 
@@ -705,7 +722,9 @@ class BankTables:
     CPU provider reads without copying. :meth:`add` may run while other threads feed and
     run: a row is written before it is counted, and a grown table is a new array (views
     already handed out keep the old one alive). :meth:`retire` takes a bank out of routing
-    and naming but keeps its rows (indices already handed out stay valid).
+    and naming but keeps its rows (indices already handed out stay valid). With routing,
+    each bank has a route limit (``recalib_route_limit``, :meth:`add`): a routed row whose
+    distance to the bank it picked exceeds it gets bank 0 (bank 0's own limit is ``+inf``).
 
     Args:
         model: the rewritten model (or its :class:`BankSpec`).
@@ -734,6 +753,7 @@ class BankTables:
         rows = _table_rows(self.spec, self.spec.source_stats())
         if self.spec.routed:
             rows[ROUTE_PENALTY] = np.array(0.0 if route_source else math.inf, dtype=np.float32)
+            rows[ROUTE_LIMIT] = np.array(math.inf, dtype=np.float32)
         cap = max(int(capacity), 1)
         self._tables = {
             name: np.zeros((cap, *row.shape), dtype=np.float32) for name, row in rows.items()
@@ -757,6 +777,13 @@ class BankTables:
         """Bytes of the tables a run is fed (``K`` rows, not the spare capacity)."""
         k = self._count
         return sum(t[:k].nbytes for t in self._tables.values())
+
+    @property
+    def route_limits(self) -> list[float]:
+        """Each bank's route limit (:meth:`add`; ``+inf`` for bank 0 and for none); empty
+        for a graph without routing."""
+        table = self._tables.get(ROUTE_LIMIT)
+        return [] if table is None else [float(v) for v in table[: self._count]]
 
     def index(self, name: str) -> int:
         """The index of the bank added under ``name``."""
@@ -783,16 +810,33 @@ class BankTables:
                 self._tables[ROUTE_PENALTY][index] = math.inf  # in place: live views see it
             self._names[index] = None
 
-    def add(self, bank: BankLike, *, name: str | None = None) -> int:
+    def add(self, bank: BankLike, *, name: str | None = None, route_limit: float = math.inf) -> int:
         """Append ``bank`` (validated against the model) and return its index.
+
+        Args:
+            bank: the bank's statistics.
+            name: what :meth:`index` finds it by (and :attr:`names` shows).
+            route_limit: a row routed to this bank whose distance to it exceeds this falls
+                back to bank 0 (as past the run's ``threshold``: the smaller of the two
+                applies); ``+inf``: only the threshold. E.g.
+                :func:`~recalib.onnx.bank_routing.bank_route_limit` of the bank's
+                calibration data, or a bank file's
+                :attr:`~recalib.onnx.bank_files.BankFile.route_limit`. Ignored (but still
+                checked) by a graph without routing. Stored as float32, rounded up.
+
+        Returns:
+            The bank's index (``len(self)`` before the call).
 
         Raises:
             StatBankMismatchError: a layer is missing or unknown, a channel count differs,
-                or a value is non-finite or a variance negative.
+                or a value is non-finite or a variance negative; ``route_limit`` is not a
+                number >= 0 (NaN, negative, not a real number).
         """
+        limit = _checked_route_limit(route_limit)
         rows = _table_rows(self.spec, _checked_stats(self.spec, bank))
         if self.spec.routed:
             rows[ROUTE_PENALTY] = np.zeros((), dtype=np.float32)
+            rows[ROUTE_LIMIT] = limit
         return self._append(rows, name)
 
     def _append(self, rows: Mapping[str, npt.NDArray[np.float32]], name: str | None) -> int:
@@ -815,7 +859,8 @@ class BankTables:
 
         Args:
             bank_index: the bank of each row, in ``[0, len(self))``, or :data:`AUTO`.
-            threshold: a routed row whose best distance exceeds it gets bank 0.
+            threshold: a routed row whose best distance exceeds it gets bank 0 (so does
+                one farther than the route limit of the bank it picked, :meth:`add`).
 
         Raises:
             BankIndexError: an index is not an integer in ``[-1, K)`` (``[0, K)`` without
@@ -845,6 +890,23 @@ class BankTables:
                 + ")"
             )
         return np.ascontiguousarray(idx, dtype=np.int64)
+
+
+def _checked_route_limit(value: Any) -> npt.NDArray[np.float32]:
+    """``value`` as a float32 scalar, rounded up (a distance at the float64 limit stays
+    within it), or :class:`StatBankMismatchError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise StatBankMismatchError(
+            f"expected a route limit that is a number >= 0 or inf (got {type(value).__name__} "
+            f"{repr(value)[:40]})"
+        )
+    limit = float(value)
+    if math.isnan(limit) or limit < 0:
+        raise StatBankMismatchError(f"expected a route limit >= 0 or inf (got {limit!r})")
+    f32 = np.float32(limit)
+    if float(f32) < limit:
+        f32 = np.nextafter(f32, np.float32(np.inf))
+    return np.array(f32, dtype=np.float32)
 
 
 def _grown(table: npt.NDArray[np.float32], rows: int) -> npt.NDArray[np.float32]:

@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from recalib.errors import StatBankMismatchError
 from recalib.layers import layer_signature as torch_layer_signature
 from recalib.onnx.bank_files import (
+    ROUTE_LIMIT_KEY,
+    ROUTE_LIMIT_QUANTILE_KEY,
     WEIGHTS_DIGEST_KEY,
     bn_layers,
     check_bank,
@@ -217,3 +219,28 @@ def test_bad_banks_are_refused(versions: dict[str, onnx.ModelProto], tmp_path: P
         "bn1": 6,
         "bn2": 8,
     }
+
+
+def test_a_bank_file_carries_its_route_limit(
+    versions: dict[str, onnx.ModelProto], tmp_path: Path
+) -> None:
+    model = versions["v1"]
+    stats = bn_node_stats(versions["recalibrated"])
+    path = tmp_path / "r.safetensors"
+    meta = {ROUTE_LIMIT_KEY: 0.25, ROUTE_LIMIT_QUANTILE_KEY: 0.99}
+    save_onnx_bank(model, stats, path, metadata=meta)
+    bank = read_bank_file(path)
+    assert bank.route_limit == 0.25 and bank.metadata[ROUTE_LIMIT_QUANTILE_KEY] == 0.99
+    bank.check_values()
+    check_bank(model, bank)
+    save_onnx_bank(model, stats, path)
+    assert read_bank_file(path).route_limit == float("inf")  # none: only the threshold
+    save_onnx_bank(model, stats, path, metadata={ROUTE_LIMIT_KEY: float("inf")})
+    assert read_bank_file(path).route_limit == float("inf")
+    for bad in ("0.5", -1.0, float("nan"), None, True):
+        save_onnx_bank(model, stats, path, metadata={ROUTE_LIMIT_KEY: bad})
+        bank = read_bank_file(path)
+        with pytest.raises(StatBankMismatchError, match="'route_limit' to be a number >= 0"):
+            bank.check_values()
+        with pytest.raises(StatBankMismatchError, match="'route_limit'"):
+            check_bank(model, bank)

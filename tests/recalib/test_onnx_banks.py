@@ -9,6 +9,8 @@ seconds and serves a random-order stream of batch-1 requests from four corrupted
 from __future__ import annotations
 
 import copy
+import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,22 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from recalib import recalibrate
-from recalib.errors import BankIndexError, OnnxModelError, StatBankMismatchError
+from recalib.errors import (
+    BankIndexError,
+    DataError,
+    OnnxModelError,
+    OptionsError,
+    StatBankMismatchError,
+)
+from recalib.onnx.bank_routing import bank_route_limit, route_distances
 from recalib.onnx.banks import (
     AUTO,
     BANK_INDEX,
+    BANK_METADATA_KEY,
     BANK_OUTPUT,
     DISTANCE_OUTPUT,
+    ROUTE_LIMIT,
+    ROUTE_PENALTY,
     BankTables,
     add_bank_inputs,
     read_bank_spec,
@@ -478,3 +490,198 @@ def test_a_retired_bank_keeps_its_rows_but_is_never_routed_to_nor_named(
         tables.retire(0)
     with pytest.raises(BankIndexError):
         tables.retire(3)
+
+
+# --------------------------------------------------------------------------- route limits
+
+
+@pytest.fixture(scope="module")
+def domain_banks(cnn: nn.Module) -> tuple[list[StatBank], list[F32]]:
+    """Three banks recalibrated on domains 0, 1, 2 (:func:`_domain`) and their data."""
+    gen = torch.Generator().manual_seed(1)
+    banks, data = [], []
+    for k in range(3):
+        model = copy.deepcopy(cnn)
+        x = _domain(torch.randn(128, 3, 8, 8, generator=gen), k)
+        recalibrate(model, x, batch_size=32)
+        banks.append(StatBank.from_model(model))
+        data.append(x.numpy())
+    return banks, data
+
+
+def _stream(seed: int, n: int = 8) -> tuple[F32, npt.NDArray[np.int64]]:
+    """``3 n`` rows from domains 0, 1, 2 in turn: the rows and their domain."""
+    gen = torch.Generator().manual_seed(seed)
+    truth = np.tile(np.arange(3), n)
+    rows = [_domain(torch.randn(1, 3, 8, 8, generator=gen), int(k)) for k in truth]
+    return torch.cat(rows).numpy(), truth
+
+
+def test_a_route_limit_sends_exactly_the_routed_rows_beyond_it_to_bank_0(
+    cnn: nn.Module, banked: onnx.ModelProto, domain_banks: tuple[list[StatBank], list[F32]]
+) -> None:
+    banks, _ = domain_banks
+    x, _ = _stream(2)
+    session = _session(banked)
+    auto = np.full(len(x), AUTO)
+    outputs = ["output", BANK_OUTPUT, DISTANCE_OUTPUT]
+    plain = BankTables(banked, banks)
+    out0, chosen0, dist0 = session.run(outputs, {"input": x, **plain.feed(auto)})
+    assert set(chosen0.tolist()) == {1, 2, 3}
+    # an infinite limit is no limit: the same outputs, bit for bit
+    inf_tables = BankTables(banked)
+    for bank in banks:
+        inf_tables.add(bank, route_limit=float("inf"))
+    for got, want in zip(
+        session.run(outputs, {"input": x, **inf_tables.feed(auto)}),
+        (out0, chosen0, dist0),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(got, want)
+    # a limit on bank 2 between two of its rows' distances: exactly the rows beyond it fall back
+    mine = np.sort(dist0[chosen0 == 2].astype(np.float64))
+    assert len(mine) >= 4
+    limit = float((mine[len(mine) // 2 - 1] + mine[len(mine) // 2]) / 2)
+    limited = BankTables(banked)
+    for k, bank in enumerate(banks, start=1):
+        limited.add(bank, route_limit=limit if k == 2 else math.inf)
+    assert limited.route_limits[0] == math.inf and limited.route_limits[2] >= limit
+    out, chosen, _ = session.run(outputs, {"input": x, **limited.feed(auto)})
+    beyond = (chosen0 == 2) & (dist0.astype(np.float64) > limit)
+    assert 0 < beyond.sum() < (chosen0 == 2).sum()
+    np.testing.assert_array_equal(chosen, np.where(beyond, 0, chosen0))
+    np.testing.assert_array_equal(out[~beyond], out0[~beyond])
+    np.testing.assert_allclose(
+        out[beyond], _torch_reference(cnn, None, x[beyond]), rtol=RTOL, atol=ATOL
+    )
+    # the threshold and the limit: the smaller of the two applies
+    low = float(np.sort(dist0.astype(np.float64))[len(x) // 2])
+    both = session.run([BANK_OUTPUT], {"input": x, **limited.feed(auto, threshold=low)})[0]
+    far = (dist0.astype(np.float64) > low) | beyond
+    np.testing.assert_array_equal(both, np.where(far, 0, chosen0))
+    high = session.run([BANK_OUTPUT], {"input": x, **limited.feed(auto, threshold=1e9)})[0]
+    np.testing.assert_array_equal(high, chosen)
+
+
+def test_explicit_rows_and_bank_0_never_fall_back(
+    banked: onnx.ModelProto, domain_banks: tuple[list[StatBank], list[F32]]
+) -> None:
+    banks, _ = domain_banks
+    x, truth = _stream(3)
+    tables = BankTables(banked, route_source=True)
+    for bank in banks:
+        tables.add(bank, route_limit=0.0)  # every routed row to banks 1..3 falls back
+    assert tables.route_limits == [math.inf, 0.0, 0.0, 0.0]
+    session = _session(banked)
+    explicit = np.arange(len(x)) % 4  # bank 0 included
+    chosen, dist = session.run(
+        [BANK_OUTPUT, DISTANCE_OUTPUT], {"input": x, **tables.feed(explicit, threshold=0.0)}
+    )
+    np.testing.assert_array_equal(chosen, explicit)
+    assert (dist > 0).all()  # they are farther than the limits, and answered all the same
+    routed = session.run([BANK_OUTPUT], {"input": x, **tables.feed(np.full(len(x), AUTO))})[0]
+    assert not routed.any()
+
+
+def test_route_limits_survive_growth_and_retire_and_bad_ones_are_refused(
+    banked: onnx.ModelProto, domain_banks: tuple[list[StatBank], list[F32]]
+) -> None:
+    banks, _ = domain_banks
+    tables = BankTables(banked, capacity=1)
+    for k, bank in enumerate(banks, start=1):  # capacity 1 -> 2 -> 4
+        tables.add(bank, name=f"d{k}", route_limit=0.5 * k)
+    assert tables.route_limits == [math.inf, 0.5, 1.0, 1.5]
+    feed = tables.feed([AUTO])
+    view = feed[ROUTE_LIMIT]
+    assert view.shape == (4,) and view.dtype == np.float32 and view.flags.c_contiguous
+    assert view.base is not None  # a view of the preallocated rows, like the other tables
+    tables.retire(2)
+    assert tables.route_limits == [math.inf, 0.5, 1.0, 1.5]  # its rows stay, the limit too
+    assert feed[ROUTE_PENALTY][2] == math.inf  # the live view sees the retirement
+    k = tables.add(banks[0], route_limit=0.1)
+    assert tables.route_limits[k] >= 0.1 and np.float32(tables.route_limits[k]) >= 0.1
+    for bad, message in [
+        (float("nan"), "route limit >= 0"),
+        (-1.0, "route limit >= 0"),
+        ("1", "number >= 0"),
+        (True, "number >= 0"),
+    ]:
+        with pytest.raises(StatBankMismatchError, match=message):
+            tables.add(banks[0], route_limit=bad)  # type: ignore[arg-type]
+    assert len(tables) == k + 1  # nothing half-added
+
+
+def test_a_graph_of_the_previous_format_is_refused(banked: onnx.ModelProto) -> None:
+    old = copy.deepcopy(banked)
+    for prop in old.metadata_props:
+        if prop.key == BANK_METADATA_KEY:
+            payload = json.loads(prop.value)
+            payload["format"] = 1
+            prop.value = json.dumps(payload)
+    with pytest.raises(OnnxModelError, match="format 2 \\(got 1: .*rebuild it"):
+        read_bank_spec(old)
+
+
+def test_bank_route_limit_is_the_quantile_of_the_calibration_rows_distance(
+    cnn: nn.Module,
+    exported: onnx.ModelProto,
+    banked: onnx.ModelProto,
+    domain_banks: tuple[list[StatBank], list[F32]],
+) -> None:
+    banks, data = domain_banks
+    bank, calib = banks[0], data[0]
+    limit = bank_route_limit(exported, bank, calib, batch_size=50)
+    # the float64 reference: KL of each calibration row's stem moments from the bank
+    layer = read_bank_spec(banked).layers[0]
+    mean, var = _stem_moments(cnn, calib)
+    bank_mean, bank_var = (t.double().numpy() for t in bank.stats["bn1"])
+    ref = _kl(mean, var, bank_mean, bank_var, layer.epsilon)
+    assert limit == pytest.approx(float(np.quantile(ref, 0.99)), rel=1e-4, abs=1e-6)
+    np.testing.assert_allclose(
+        route_distances(banked, bank, calib, batch_size=7), ref, rtol=1e-4, atol=1e-6
+    )
+    assert bank_route_limit(banked, bank, calib) == limit  # a bank graph already: the same
+    # fresh rows of the bank's domain are within it, a shifted domain's rows beyond it
+    gen = torch.Generator().manual_seed(9)
+    own = _domain(torch.randn(64, 3, 8, 8, generator=gen), 0).numpy()
+    shifted = _domain(torch.randn(64, 3, 8, 8, generator=gen), 1).numpy()
+    assert (route_distances(exported, bank, own) <= limit).mean() >= 0.9
+    assert (route_distances(exported, bank, shifted) > limit).all()
+    # served with that limit: the shifted rows fall back, the own ones mostly stay
+    tables = BankTables(banked)
+    tables.add(bank, route_limit=limit)
+    session = _session(banked)
+    x = np.concatenate([own, shifted])
+    chosen = session.run([BANK_OUTPUT], {"input": x, **tables.feed(np.full(len(x), AUTO))})[0]
+    assert (chosen[:64] == 1).mean() >= 0.9 and not chosen[64:].any()
+    # quantile 1: the largest distance, rounded up to float32: no calibration row falls back
+    top = bank_route_limit(exported, bank, calib, quantile=1.0)
+    assert top >= float(ref.max()) * (1 - 1e-4) and np.float32(top) == top
+    tables.add(bank, route_limit=top)
+    penalty = np.array([np.inf, np.inf, 0.0], dtype=np.float32)  # route to the second copy
+    feed = {"input": calib, **tables.feed(np.full(len(calib), AUTO)), ROUTE_PENALTY: penalty}
+    assert (session.run([BANK_OUTPUT], feed)[0] == 2).all()
+
+
+def test_bank_route_limit_refuses_bad_arguments(
+    exported: onnx.ModelProto, domain_banks: tuple[list[StatBank], list[F32]]
+) -> None:
+    banks, data = domain_banks
+    bank, calib = banks[0], data[0]
+    for q in (0.0, 1.5, True):
+        with pytest.raises(OptionsError, match="quantile in \\(0, 1\\]"):
+            bank_route_limit(exported, bank, calib, quantile=q)
+    with pytest.raises(OptionsError, match="batch_size >= 1"):
+        bank_route_limit(exported, bank, calib, batch_size=0)
+    with pytest.raises(DataError, match="N >= 1"):
+        bank_route_limit(exported, bank, calib[:0])
+    bad = calib[:4].copy()
+    bad[2] = np.nan
+    with pytest.raises(DataError, match="1 of 4 NaN/Inf, first at row 2"):
+        bank_route_limit(exported, bank, bad)
+    with pytest.raises(DataError, match="ONNX Runtime failed on rows 0..3"):
+        bank_route_limit(exported, bank, calib[:4, :2])
+    with pytest.raises(OnnxModelError, match="route_layers=0"):
+        bank_route_limit(add_bank_inputs(exported, route_layers=0), bank, calib)
+    with pytest.raises(StatBankMismatchError, match="missing"):
+        bank_route_limit(exported, StatBank({"bn1": bank.stats["bn1"]}, ""), calib)
