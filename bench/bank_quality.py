@@ -34,6 +34,14 @@ domains' requests; a second pass through the same session with that threshold co
 it on the held-out banked domains (should stay routed) and the bankless ones (should fall
 back). ``route_layers`` 2 and 3 are tried (the rewrite refuses when the network has fewer
 BN layers that only the input feeds).
+
+Per-bank route limits (``recalib_route_limit``): each stored bank's limit is computed from
+its own *calibration* split exactly as the bank job does (``service/worker.py``:
+``bank_route_limit`` at ``DEFAULT_QUANTILE`` 0.99, no labels), and a third pass serves the
+stream through tables built with ``BankTables.add(..., route_limit=...)`` and no threshold:
+auto, and leave-one-out on domains with a bank. Reported: fallback rate and accuracy per
+group (banked tuning / held-out, leave-one-out, flagged, bankless) with and without the
+limits.
 """
 
 from __future__ import annotations
@@ -67,6 +75,7 @@ from recalib.onnx.bank_files import (  # noqa: E402
     read_bank_file,
     save_onnx_bank,
 )
+from recalib.onnx.bank_routing import DEFAULT_QUANTILE, bank_route_limit  # noqa: E402
 from recalib.onnx.banks import (  # noqa: E402
     AUTO,
     BANK_OUTPUT,
@@ -115,6 +124,7 @@ class Bank:
     check: str = "-"  # check_bank of the stored file against the base model
     separate: I64 | None = None  # predictions of the deployed model on the domain's test set
     separate_probs: F64 | None = None
+    route_limit: float = math.inf  # bank_route_limit of its calibration split (as the job)
 
 
 @dataclass
@@ -127,6 +137,7 @@ class PlanRun:
     tables: BankTables
     index: dict[str, int]  # domain -> its bank's row (domains with a stored bank)
     penalty: F32  # the auto candidates: +inf for bank 0 and pooled
+    limited: BankTables  # the same banks, each with its route limit
     threshold: float = math.inf
     rows: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
 
@@ -210,7 +221,8 @@ def build_plan(
     pooled_data = np.concatenate([d.calib for d in banked])
     pooled, _ = bank_job(base, pooled_data, plan, workdir, "pooled")
     # Pooled flagged: the service keeps the source, so "pooled" answers with bank 0's values.
-    tables = BankTables(graph, [_source(graph) if pooled.stats is None else pooled.stats.stats])
+    pooled_stats = _source(graph) if pooled.stats is None else pooled.stats.stats
+    tables = BankTables(graph, [pooled_stats])
     banks: dict[str, Bank] = {}
     index: dict[str, int] = {}
     for d in banked:
@@ -220,9 +232,23 @@ def build_plan(
         banks[d.name] = bank
         if bank.stats is not None:
             index[d.name] = tables.add(bank.stats.stats, name=d.name)
+            bank.route_limit = bank_route_limit(  # what service/worker.py stores
+                graph,
+                bank.stats.stats,
+                d.calib,
+                quantile=DEFAULT_QUANTILE,
+                batch_size=DEFAULTS.batch_size,
+                threads=threads,
+            )
+    limited = BankTables(graph, [pooled_stats])
+    for name, k in index.items():
+        stored = banks[name].stats
+        assert stored is not None  # noqa: S101 - index lists stored banks only
+        got = limited.add(stored.stats, name=name, route_limit=banks[name].route_limit)
+        assert got == k  # noqa: S101 - same order, same rows
     penalty = np.full(len(tables), np.inf, dtype=np.float32)
     penalty[list(index.values())] = 0.0
-    return PlanRun(plan, pooled, banks, tables, index, penalty)
+    return PlanRun(plan, pooled, banks, tables, index, penalty, limited)
 
 
 def _source(graph: onnx.ModelProto) -> dict[str, tuple[F64, F64]]:
@@ -265,20 +291,32 @@ def run_stream(
     order: I64,
     source_rows: dict[str, list[tuple[int, F64]]],
     threshold_pass: bool,
+    limit_pass: bool = False,
 ) -> None:
     """One pass over the seeded request order; ``threshold_pass``: only auto at each plan's
-    threshold."""
+    threshold; ``limit_pass``: only auto and leave-one-out with the per-bank limits."""
     for k, i in order:
         d = domains[int(k)]
         x = d.test_x[i : i + 1]
         y = int(d.test_y[i])
-        if not threshold_pass:
+        if not (threshold_pass or limit_pass):
             p, _, _ = stream.run(x, runs[0].tables, 0)
             source_rows.setdefault(d.name, []).append((int(i), p))
         for run in runs:
             if threshold_pass:
                 p, b, dist = stream.run(x, run.tables, AUTO, run.penalty, run.threshold)
                 _rec(run, d.name, "auto_t", (int(p.argmax()) == y, b, dist))
+                continue
+            if limit_pass:
+                p, b, dist = stream.run(x, run.limited, AUTO, run.penalty)
+                _rec(run, d.name, "auto_l", (int(p.argmax()) == y, b, dist))
+                own = run.index.get(d.name)
+                if own is not None:
+                    loo = run.penalty.copy()
+                    loo[own] = np.inf
+                    if np.isfinite(loo).any():
+                        p, b, dist = stream.run(x, run.limited, AUTO, loo)
+                        _rec(run, d.name, "loo_l", (int(p.argmax()) == y, b, dist))
                 continue
             _rec(run, d.name, "y", y)
             _rec(run, d.name, "i", int(i))
@@ -603,6 +641,132 @@ def report_plan(
     return {"accs": accs, "total": total, "right": right, "verdicts": verdicts}
 
 
+@dataclass
+class LimitGroup:
+    """One group of requests served with and without the per-bank route limits."""
+
+    name: str
+    n: int
+    fallback: float  # share answered by bank 0 with the limits (no threshold)
+    fallback_none: float  # ... without them (no threshold: only when nothing is a candidate)
+    acc_none: float  # accuracy routed without limits
+    acc_limit: float  # ... with them
+    acc_source: float  # ... with the source statistics (what a fallback gives)
+
+
+def _limit_group(name: str, rows: list[tuple[Any, Any, bool]]) -> LimitGroup:
+    """``rows``: (row without limits, row with limits, source correct) per request; a row
+    is ``(correct, bank, ...)``."""
+    return LimitGroup(
+        name,
+        len(rows),
+        _mean([float(lim[1] == 0) for _, lim, _ in rows]),
+        _mean([float(none[1] == 0) for none, _, _ in rows]),
+        _mean([float(none[0]) for none, _, _ in rows]),
+        _mean([float(lim[0]) for _, lim, _ in rows]),
+        _mean([float(src) for _, _, src in rows]),
+    )
+
+
+def report_limits(
+    model: str, run: PlanRun, domains: Sequence[Domain], source_ok: dict[str, list[bool]]
+) -> dict[str, Any]:
+    """The per-bank route limit pass: limits, then fallback and accuracy per group."""
+    print(
+        f"\n== {model}, plan={run.plan}: per-bank route limits (bank_route_limit, q="
+        f"{DEFAULT_QUANTILE} of each bank's own calibration split, as the bank job stores; "
+        f"no threshold; the p99-tuning global T was {run.threshold:.4g})"
+    )
+    limits = {name: run.banks[name].route_limit for name in run.index}
+    print("  " + ", ".join(f"{n} {v:.4g}" for n, v in limits.items()))
+
+    def rows(kinds: Sequence[tuple[str, str]], keep: Any) -> list[tuple[Any, Any, bool]]:
+        out: list[tuple[Any, Any, bool]] = []
+        for d in domains:
+            if not keep(d):
+                continue
+            for none_key, lim_key in kinds:
+                got = run.rows[d.name].get(none_key, [])
+                lim = run.rows[d.name].get(lim_key, [])
+                if got:  # leave-one-out needs another bank
+                    out += list(zip(got, lim, source_ok[d.name], strict=True))
+        return out
+
+    auto = [("auto", "auto_l")]
+    groups = [
+        _limit_group("banked tuning", rows(auto, lambda d: d.name in run.index and not d.held_out)),
+        _limit_group("banked held-out*", rows(auto, lambda d: d.name in run.index and d.held_out)),
+        _limit_group(
+            "flagged (no bank)", rows(auto, lambda d: d.banked and d.name not in run.index)
+        ),
+        _limit_group(
+            "leave-one-out tune",
+            rows([("loo", "loo_l")], lambda d: d.name in run.index and not d.held_out),
+        ),
+        _limit_group(
+            "leave-one-out held*",
+            rows([("loo", "loo_l")], lambda d: d.name in run.index and d.held_out),
+        ),
+        _limit_group("bankless", rows(auto, lambda d: not d.banked)),
+        _limit_group("ALL banked", rows(auto, lambda d: d.banked)),
+        _limit_group("ALL requests", rows(auto, lambda _: True)),
+    ]
+    print(
+        f"  {'group':<21}{'n':>6}{'fallback':>10}{'fb no lim':>10}{'acc no lim':>11}"
+        f"{'acc limit':>10}{'source':>8}"
+    )
+    for g in groups:
+        if g.n:
+            print(
+                f"  {g.name:<21}{g.n:>6}{_f(g.fallback, 10)}{_f(g.fallback_none, 10)}"
+                f"{_f(g.acc_none, 11)}{_f(g.acc_limit, 10)}{_f(g.acc_source, 8)}"
+            )
+    return {"plan": run.plan, "limits": limits, "groups": {g.name: g for g in groups}}
+
+
+def print_limit_summary(model: str, summaries: Sequence[dict[str, Any]]) -> None:
+    """One line per plan: the docs' table."""
+    print(
+        f"\n== {model}: per-bank route limits, summary (fallback rate / accuracy with the "
+        "limits; accuracy without them in brackets)"
+    )
+    print(
+        f"  {'plan':<6}{'limits':>17}{'fb tune':>9}{'fb held*':>9}{'LOO fb':>8}"
+        f"{'LOO acc':>16}{'bankless fb':>12}{'bankless acc':>16}{'ALL acc':>16}"
+    )
+    for s in summaries:
+        g = s["groups"]
+        vals = list(s["limits"].values())
+        span = f"{min(vals):.3g}-{max(vals):.3g}" if vals else "-"
+        loo = _merge(g["leave-one-out tune"], g["leave-one-out held*"])
+        print(
+            f"  {s['plan']:<6}{span:>17}{_f(g['banked tuning'].fallback, 9)}"
+            f"{_f(g['banked held-out*'].fallback, 9)}{_f(loo.fallback, 8)}"
+            f"{_f(loo.acc_limit, 8)} ({_f(loo.acc_none, 5)})"
+            f"{_f(g['bankless'].fallback, 12)}"
+            f"{_f(g['bankless'].acc_limit, 8)} ({_f(g['bankless'].acc_none, 5)})"
+            f"{_f(g['ALL requests'].acc_limit, 8)} ({_f(g['ALL requests'].acc_none, 5)})"
+        )
+
+
+def _merge(a: LimitGroup, b: LimitGroup) -> LimitGroup:
+    n = a.n + b.n
+
+    def avg(x: float, y: float) -> float:
+        pairs = [(v, m) for v, m in ((x, a.n), (y, b.n)) if m and v == v]
+        return sum(v * m for v, m in pairs) / sum(m for _, m in pairs) if pairs else float("nan")
+
+    return LimitGroup(
+        a.name + "+" + b.name,
+        n,
+        avg(a.fallback, b.fallback),
+        avg(a.fallback_none, b.fallback_none),
+        avg(a.acc_none, b.acc_none),
+        avg(a.acc_limit, b.acc_limit),
+        avg(a.acc_source, b.acc_source),
+    )
+
+
 def try_route_layers(base: onnx.ModelProto, counts: Sequence[int]) -> dict[int, str]:
     out = {}
     for r in counts:
@@ -654,6 +818,7 @@ def run_model(alias: str, args: argparse.Namespace) -> None:
         ]
         run.threshold = float(np.float32(_q(tune, THRESHOLD_QUANTILE))) if tune else math.inf
     run_stream(stream, domains, runs, order, source_rows, threshold_pass=True)
+    run_stream(stream, domains, runs, order, source_rows, threshold_pass=False, limit_pass=True)
     secs = time.perf_counter() - t1
     print(
         f"  stream: {len(order)} requests, {stream.calls} batch-1 runs of one session in "
@@ -663,8 +828,11 @@ def run_model(alias: str, args: argparse.Namespace) -> None:
     source_ok = {
         d.name: [bool(p.argmax() == d.test_y[i]) for i, p in source_rows[d.name]] for d in domains
     }
+    summaries = []
     for run in runs:
         report_plan(model, run, domains, graph, source_ok)
+        summaries.append(report_limits(model, run, domains, source_ok))
+    print_limit_summary(model, summaries)
     print(f"\n{model}: {time.perf_counter() - t0:.0f} s in all", flush=True)
 
 

@@ -2,7 +2,8 @@
 
 The PaddleOCR text-line classifier ships in ``rapidocr-onnxruntime``, a dev dependency (its
 own dependencies bring cv2, which realsuite's preprocessing uses); the rendered data goes
-to a temporary cache. Numbers are not checked: only that every table has its rows.
+to a temporary cache. Numbers are not checked: only that every table has its rows (the
+per-bank route limit tables too).
 """
 
 from __future__ import annotations
@@ -57,3 +58,12 @@ def test_bank_quality_prints_every_table_for_both_plans(tmp_path: Path) -> None:
     assert sum("explicit vs separate model:" in li for li in lines) == 2
     assert sum(li.startswith("  wrong-routed banked rows:") for li in lines) == 2
     assert sum("threshold sweep" in li for li in lines) == 2
+    # per-bank route limits: each plan's group table, then one summary line per plan
+    for plan in ("auto", "full"):
+        start = lines.index(
+            next(li for li in lines if li.startswith(f"== textline_cls, plan={plan}: per-bank"))
+        )
+        groups = [li.split()[0] for li in lines[start + 3 : start + 12] if li.startswith("  ")]
+        assert "bankless" in groups and "ALL" in groups, lines[start : start + 12]
+    start = lines.index(next(li for li in lines if "per-bank route limits, summary" in li))
+    assert [li.split()[0] for li in lines[start + 2 : start + 4]] == ["auto", "full"]
