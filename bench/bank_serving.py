@@ -169,24 +169,7 @@ def _cell(
 ) -> dp.Cell:
     async def worker(stop: float, out: list[float], i: int) -> None:
         # each connection cycles through the requests from its own offset
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        n = i
-        try:
-            while (t0 := time.perf_counter()) <= stop:
-                writer.write(requests[n % len(requests)])
-                n += 1
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n")[1:]:
-                    key, _, value = line.partition(b":")
-                    if key.strip().lower() == b"content-length":
-                        length = int(value)
-                body = await reader.readexactly(length)
-                if head[9:12] != b"200":
-                    raise RuntimeError(f"HTTP {head[9:12].decode()}: {body[:200]!r}")
-                out.append(time.perf_counter() - t0)
-        finally:
-            writer.close()
+        await dp._http_worker(server.port, requests, stop, out, offset=i)
 
     async def loop(s: float) -> tuple[int, float, list[float]]:
         lat: list[list[float]] = [[] for _ in range(concurrency)]

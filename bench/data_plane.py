@@ -556,13 +556,19 @@ def _measure(
     return Cell(n, elapsed, latencies, server, client)
 
 
-async def _http_worker(port: int, request: bytes, stop: float, out: list[float]) -> None:
+async def _http_worker(
+    port: int, request: bytes | Sequence[bytes], stop: float, out: list[float], offset: int = 0
+) -> None:
     """One keep-alive connection, closed loop: ``serve_speed``'s, plus chunked bodies
-    (KServe streams its binary responses)."""
+    (KServe streams its binary responses). Several requests are sent in turn, from the
+    ``offset``-th."""
+    requests = [request] if isinstance(request, bytes) else list(request)
+    n = offset
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         while (t0 := time.perf_counter()) <= stop:
-            writer.write(request)
+            writer.write(requests[n % len(requests)])
+            n += 1
             head = await reader.readuntil(b"\r\n\r\n")
             length, chunked = 0, False
             for line in head.split(b"\r\n")[1:]:
