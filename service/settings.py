@@ -107,7 +107,10 @@ class Settings(BaseSettings):
     """Stat banks: a row routed with ``parameters.bank="auto"`` whose distance (KL of its
     stem BN-input moments from the nearest bank's, mean over channels) exceeds this gets
     the version's own statistics instead, and is counted (``bank_fallback`` in the
-    response, ``recalib_bank_fallbacks_total``). ``inf``: never fall back."""
+    response, ``recalib_bank_fallbacks_total``). A ceiling for every model: a bank whose
+    file carries its own route limit (``metadata.route_limit``: the banks recalibration
+    jobs make carry the 99th percentile of their calibration rows' distance) falls back
+    past the smaller of the two. ``inf``: only the banks' own limits."""
 
     bank_metric_limit: int = Field(default=32, ge=0)
     """Stat banks: most distinct bank names per model given their own ``bank`` label in

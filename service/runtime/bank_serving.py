@@ -413,7 +413,7 @@ class VersionBanks:
         names = self._names
         self._names = [*names, ref.name]  # before the row: a routed run may pick it at once
         try:
-            index = self.tables.add(stats, name=ref.name)
+            index = self.tables.add(stats, name=ref.name, route_limit=bank.route_limit)
         except RecalibError:
             self._names = names
             raise

@@ -176,3 +176,48 @@ def test_monitors_sharing_the_drift_thread_do_not_wait_in_turn(
         assert report["samples"] == 4, report
         assert time.monotonic() - started < 1.0
         assert np.isfinite(report["score"])
+
+
+def test_a_banks_own_route_limit_sends_far_rows_to_the_version_statistics(
+    parts: tuple[Path, dict[str, BankRef]], tmp_path: Path
+) -> None:
+    """A bank file's ``route_limit`` (what bank jobs store) applies under the global
+    threshold: a tiny limit makes every routed row fall back, explicit rows still get it."""
+    from recalib.onnx.bank_files import ROUTE_LIMIT_KEY, save_onnx_bank
+    from service.runtime.bank_refs import BankRef as Ref
+
+    v1, refs = parts
+    model = domain_model("a")
+    stats = {
+        name: (np.asarray(m.running_mean), np.asarray(m.running_var))
+        for name, m in model.named_modules()
+        if hasattr(m, "running_mean") and m.running_mean is not None
+    }
+    tight = tmp_path / "tight.st"
+    save_onnx_bank(onnx.load(v1), stats, tight, metadata={ROUTE_LIMIT_KEY: 1e-9})
+    tight_ref = Ref("tight", tight, frozenset({1}), "sha-tight")
+
+    async def body() -> None:
+        runtime, registry = _runtime(tmp_path)
+        await runtime.serve("m", 1, v1)
+        x = domain_images(1, 21, "a")
+
+        async def ask(bank: str) -> dict[str, Any]:
+            request = decode_request(*encode_request({"input": x}))
+            request.parameters["bank"] = bank
+            answer = await runtime.infer("m", None, request)
+            assert answer.parameters is not None
+            return answer.parameters
+
+        await runtime.set_banks("m", [refs["a"]], None)  # no limit of its own
+        assert (await ask("auto"))["bank"] == "a"
+        await runtime.set_banks("m", [tight_ref], None)  # the same statistics, tight limit
+        routed = await ask("auto")
+        assert routed["bank"] == "none" and routed["bank_fallback"] is True
+        explicit = await ask("tight")
+        assert explicit["bank"] == "tight" and explicit["bank_fallback"] is False
+        fallbacks = registry.get_sample_value("recalib_bank_fallbacks_total", {"model": "m"})
+        assert fallbacks == 1.0
+        await runtime.close()
+
+    asyncio.run(asyncio.wait_for(body(), 60))
