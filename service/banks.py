@@ -72,6 +72,7 @@ __all__ = [
     "BankStore",
     "bank_set",
     "check_bank_name",
+    "check_bank_ref",
     "check_default_bank",
 ]
 
@@ -91,6 +92,23 @@ _WORDS = " and ".join(repr(w) for w in sorted(RESERVED_BANK_WORDS))
 """The reserved words, for messages."""
 
 
+def check_bank_ref(value: str) -> str:
+    """Return ``value`` if it has the form of a stat bank name (the alias rule: a name, not
+    a number): what a route that reads or deletes a bank accepts, so that a bank stored
+    before a word was reserved stays reachable (:func:`check_bank_name` guards creation).
+
+    Raises:
+        InvalidInput: malformed, or made of digits only.
+    """
+    check_name(value, "stat bank name")
+    if is_number(value):
+        raise InvalidInput(
+            f"expected a stat bank name that is not a number (got {value!r}: banks are named "
+            "like aliases)"
+        )
+    return value
+
+
 def check_bank_name(value: str) -> str:
     """Return ``value`` if it can name a stat bank (the alias rule: a name, not a number,
     and not one of the request words ``auto`` and ``none`` or the metric label ``other``,
@@ -99,12 +117,7 @@ def check_bank_name(value: str) -> str:
     Raises:
         InvalidInput: malformed, made of digits only, or a reserved word.
     """
-    check_name(value, "stat bank name")
-    if is_number(value):
-        raise InvalidInput(
-            f"expected a stat bank name that is not a number (got {value!r}: banks are named "
-            "like aliases)"
-        )
+    check_bank_ref(value)
     if value.lower() in RESERVED_BANK_WORDS:
         raise InvalidInput(
             f"expected a stat bank name other than {_WORDS} (got {value!r}: parameters.bank "
@@ -278,7 +291,7 @@ class BankStore:
 
     def _row(self, name: str, bank: str) -> tuple[sqlite3.Row, sqlite3.Row]:
         model = self._model(name)
-        check_bank_name(bank)
+        check_bank_ref(bank)  # the form only: see check_bank_ref
         row = self.db.query_one(
             "SELECT * FROM banks WHERE model_id = ? AND name = ?", (model["id"], bank)
         )
@@ -325,7 +338,7 @@ class BankStore:
 
     def exists(self, name: str, bank: str) -> bool:
         model = self._model(name)
-        check_bank_name(bank)
+        check_bank_ref(bank)
         return (
             self.db.query_one(
                 "SELECT 1 FROM banks WHERE model_id = ? AND name = ?", (model["id"], bank)

@@ -379,7 +379,11 @@ def _write_bank(spec: JobSpec, out: Path, rows: np.ndarray) -> None:
     except RecalibError as exc:
         log.warning("stat bank %s: no route limit (%s)", spec.bank, exc)
     else:
-        metadata |= {ROUTE_LIMIT_KEY: limit, ROUTE_LIMIT_QUANTILE_KEY: DEFAULT_QUANTILE}
+        metadata |= {
+            ROUTE_LIMIT_KEY: limit,
+            ROUTE_LIMIT_QUANTILE_KEY: DEFAULT_QUANTILE,
+            "route_limit_rows": len(rows),
+        }
         log.info("stat bank %s: route limit %.6g (q=%g)", spec.bank, limit, DEFAULT_QUANTILE)
     save_onnx_bank(base, stats, out / BANK_FILE, name=spec.bank, metadata=metadata)
 

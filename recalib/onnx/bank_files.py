@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,12 +171,16 @@ class BankFile:
             return float("inf")
         value = self.metadata[ROUTE_LIMIT_KEY]
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok or not float(value) >= 0:  # NaN fails too
+        try:
+            number = float(value) if ok else math.nan
+        except OverflowError:  # an integer past float range: as large as a limit gets
+            number = math.inf
+        if not number >= 0:  # NaN fails too
             raise StatBankMismatchError(
                 f"expected metadata {ROUTE_LIMIT_KEY!r} to be a number >= 0 (got "
                 f"{type(value).__name__} {repr(value)[:40]})"
             )
-        return float(value)
+        return number
 
     @property
     def layers(self) -> dict[str, int]:

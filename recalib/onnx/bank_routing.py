@@ -172,12 +172,23 @@ def bank_route_limit(
 
     Raises:
         OptionsError: ``quantile`` not in ``(0, 1]``, or ``batch_size`` / ``threads`` < 1.
-        DataError, OnnxModelError, StatBankMismatchError: as :func:`route_distances`.
+        DataError: fewer rows than ``1 / (1 - quantile)`` (100 for 0.99); and as
+            :func:`route_distances`.
+        OnnxModelError, StatBankMismatchError: as :func:`route_distances`.
     """
     if isinstance(quantile, bool) or not (isinstance(quantile, (int, float)) and 0 < quantile <= 1):
         raise OptionsError(f"expected a quantile in (0, 1] (got {quantile!r})")
     dist = route_distances(model, bank, data, batch_size=batch_size, threads=threads)
-    limit = float(np.quantile(dist, float(quantile)))
+    needed = math.ceil(1.0 / (1.0 - float(quantile)) - 1e-9) if quantile < 1 else 1
+    if dist.size < needed:
+        raise DataError(
+            f"expected at least {needed} calibration rows for a {quantile} quantile of the "
+            f"route distance (got {dist.size}): a limit from fewer would send most of the "
+            "bank's own domain to bank 0"
+        )
+    # the graph's distance is a difference of float32 sums: a row equal to the bank comes
+    # out a few ulps below 0, and the limit of a KL is never negative
+    limit = max(float(np.quantile(dist, float(quantile))), 0.0)
     f32 = np.float32(limit)
     if float(f32) < limit:
         f32 = np.nextafter(f32, np.float32(math.inf))

@@ -23,7 +23,7 @@ from typing import Annotated, Any
 from fastapi import Path
 from pydantic import BeforeValidator, WithJsonSchema
 
-from ..banks import check_bank_name
+from ..banks import check_bank_ref
 from ..names import NAME_PATTERN, check_alias, check_name, is_number
 from ..registry_models import MAX_VERSION
 
@@ -93,7 +93,7 @@ BankNamePath = Annotated[
         max_length=_NAME_LENGTH,
         description="stat bank name (named like an alias: a name that is not a number)",
     ),
-    _checked(check_bank_name),
+    _checked(check_bank_ref),  # reserved words are refused where banks are created
 ]
 VersionPath = Annotated[
     str,

@@ -389,7 +389,9 @@ class VersionBanks:
                 continue
             try:
                 index = self._add(ref)
-            except (RecalibError, OSError) as exc:
+            # whatever a file makes the reader or the tables raise: this bank is skipped,
+            # the others are served (RecalibError, OSError, safetensors' own errors, ...)
+            except Exception as exc:
                 # a file missing or unreadable for now (a store being pruned, a delete
                 # racing the load) is read again at the next push; only what the file
                 # holds (format, digest, layers, values) makes it skipped for good

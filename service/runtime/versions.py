@@ -173,6 +173,13 @@ class LoadedVersion:
         }
 
 
+def _discard(entry: LoadedVersion) -> None:
+    """A version built but never registered: close what it holds that outlives it."""
+    entry.closed = True
+    if entry.banks is not None:
+        entry.banks.close()
+
+
 class VersionTable:
     """Loaded model versions: build, warm up, register, retire and drop them.
 
@@ -301,13 +308,19 @@ class VersionTable:
             self.metrics.model_load_failed(key[0], exc)
             raise
         self._load_errors.pop(key, None)
-        if self._closed:
-            raise NotReady("the serving runtime is shut down")
+        try:  # before its batcher and before it is registered: ready means ready
+            await self._prepare(entry)
+        except BaseException:  # cancelled (an unload): nothing of it may stay
+            _discard(entry)
+            raise
+        if self._closed or self._executor is None:
+            _discard(entry)
+            raise NotReady(
+                f"the serving runtime is {'shut down' if self._closed else 'not started'}"
+            )
         settings = self.settings
         metrics = self.metrics
         name, version = key
-        if self._executor is None:
-            raise NotReady("the serving runtime is not started")
 
         def observe(rows: int, waits: Any) -> None:
             metrics.observe_batch(name, version, rows, waits)
@@ -326,7 +339,6 @@ class VersionTable:
             name=entry.label,
         )
         entry.batcher.start()
-        await self._prepare(entry)  # before it is registered: ready means ready
         self._versions[key] = entry
         metrics.set_provider(name, version, entry.session.requested, entry.provider())
         for session in (entry.plain, entry.tapped):

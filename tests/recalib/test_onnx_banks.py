@@ -685,3 +685,17 @@ def test_bank_route_limit_refuses_bad_arguments(
         bank_route_limit(add_bank_inputs(exported, route_layers=0), bank, calib)
     with pytest.raises(StatBankMismatchError, match="missing"):
         bank_route_limit(exported, StatBank({"bn1": bank.stats["bn1"]}, ""), calib)
+    # a 0.99 quantile needs 100 rows: from fewer it would keep out most of the own domain
+    with pytest.raises(DataError, match=r"expected at least 100 calibration rows .*\(got 99\)"):
+        bank_route_limit(exported, bank, calib[:99])
+    assert bank_route_limit(exported, bank, calib[:10], quantile=0.9) >= 0.0
+
+
+def test_bank_route_limit_is_never_negative(cnn: nn.Module, exported: onnx.ModelProto) -> None:
+    """Rows equal to the bank's statistics: float32 rounding puts their distance a few ulps
+    below 0; the limit (of a KL) is 0, not negative (a negative one is refused on upload)."""
+    x = np.full((128, 3, 8, 8), 0.5, dtype=np.float32)
+    model = copy.deepcopy(cnn)
+    recalibrate(model, torch.from_numpy(x), batch_size=32)
+    limit = bank_route_limit(exported, StatBank.from_model(model), x)
+    assert limit >= 0.0 and limit < 1e-3

@@ -368,3 +368,31 @@ def test_a_store_fed_replica_has_no_banks(
         response = replica.client.request(method, path)
         assert response.status_code == 403, (method, path, response.text)
     assert _put(replica, "b", data).status_code == 403
+
+
+def test_a_bank_stored_before_its_name_was_reserved_stays_readable_and_deletable(
+    api: Api, bn_onnx: bytes, tmp_path: Path
+) -> None:
+    assert api.register("m", bn_onnx).status_code == 201
+    assert _put_own(api, "legacy", bn_onnx, tmp_path) == 201
+    model_id = api.app.state.db.query_one("SELECT id FROM models WHERE name = 'm'")["id"]
+    folder = api.app.state.settings.home / "artifacts" / model_id / "banks"
+    (folder / "legacy.safetensors").rename(folder / "other.safetensors")
+    api.app.state.db.execute("UPDATE banks SET name = 'other' WHERE name = 'legacy'")
+    assert api.client.get("/v1/models/m/banks/other").status_code == 200
+    assert api.client.get("/v1/models/m/banks/other/file").status_code == 200
+    assert api.client.delete("/v1/models/m/banks/other").status_code == 204
+    assert _put_own(api, "other", bn_onnx, tmp_path) == 400  # but not created anew
+
+
+def test_a_route_limit_past_float_range_is_read_as_no_limit(
+    api: Api, bn_onnx: bytes, tmp_path: Path
+) -> None:
+    from recalib.onnx.bank_files import ROUTE_LIMIT_KEY, read_bank_file, save_onnx_bank
+
+    assert api.register("m", bn_onnx).status_code == 201
+    model = onnx.load_from_string(bn_onnx)
+    path = tmp_path / "huge.safetensors"
+    save_onnx_bank(model, shifted_stats(model, 0.5), path, metadata={ROUTE_LIMIT_KEY: 10**400})
+    assert _put(api, "huge", path.read_bytes()).status_code == 201
+    assert read_bank_file(path).route_limit == float("inf")

@@ -221,3 +221,53 @@ def test_a_banks_own_route_limit_sends_far_rows_to_the_version_statistics(
         await runtime.close()
 
     asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def test_an_unload_during_a_loads_bank_build_leaves_no_task_running(
+    parts: tuple[Path, dict[str, BankRef]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    v1, refs = parts
+
+    async def body() -> None:
+        runtime, _ = _runtime(tmp_path)
+        await runtime.set_banks("m", [refs["a"]], None)
+        entered, release = _blocked_build(monkeypatch)
+        load = asyncio.create_task(runtime.load("m", 1, v1))
+        await asyncio.wait_for(entered.wait(), 30)
+        await runtime.unload_model("m")  # cancels the load while its banks are built
+        release.set()
+        with pytest.raises(NotFound):  # GenerationMoved: the model was unloaded meanwhile
+            await load
+        assert not runtime.is_ready("m", 1) and runtime.loaded_versions("m") == []
+        await runtime.close()
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert not [t for t in others if not t.done()], others  # no batcher left behind
+
+    asyncio.run(body())  # not under wait_for: its own task would be the one left
+
+
+def test_a_bank_file_that_makes_the_reader_fail_oddly_is_skipped_not_the_version(
+    parts: tuple[Path, dict[str, BankRef]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any error reading one bank skips that bank; the version and its other banks serve."""
+    from recalib.onnx.bank_files import read_bank_file as original
+    from service.runtime import bank_serving
+
+    v1, refs = parts
+
+    def read(path: Any) -> Any:
+        if Path(path) == refs["b"].path:
+            raise OverflowError("int too large to convert to float")
+        return original(path)
+
+    monkeypatch.setattr(bank_serving, "read_bank_file", read)
+
+    async def body() -> None:
+        runtime, _ = _runtime(tmp_path)
+        await runtime.set_banks("m", [refs["a"], refs["b"]], None)
+        await runtime.serve("m", 1, v1)
+        entry = runtime._versions[("m", 1)]  # noqa: SLF001 - the version under test
+        assert entry.banks is not None and entry.banks.names == ["a"]
+        await runtime.close()
+
+    asyncio.run(asyncio.wait_for(body(), 60))
