@@ -68,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import realsuite as rs  # noqa: E402
 
 from recalib.adapt import adapt_onnx  # noqa: E402
-from recalib.errors import RecalibError, StatBankMismatchError  # noqa: E402
+from recalib.errors import DataError, RecalibError, StatBankMismatchError  # noqa: E402
 from recalib.onnx.bank_files import (  # noqa: E402
     BankFile,
     check_bank,
@@ -232,14 +232,17 @@ def build_plan(
         banks[d.name] = bank
         if bank.stats is not None:
             index[d.name] = tables.add(bank.stats.stats, name=d.name)
-            bank.route_limit = bank_route_limit(  # what service/worker.py stores
-                graph,
-                bank.stats.stats,
-                d.calib,
-                quantile=DEFAULT_QUANTILE,
-                batch_size=DEFAULTS.batch_size,
-                threads=threads,
-            )
+            try:  # what service/worker.py stores (none from too few rows, as there)
+                bank.route_limit = bank_route_limit(
+                    graph,
+                    bank.stats.stats,
+                    d.calib,
+                    quantile=DEFAULT_QUANTILE,
+                    batch_size=DEFAULTS.batch_size,
+                    threads=threads,
+                )
+            except DataError as exc:
+                print(f"  {d.name}: no route limit ({exc})")
     limited = BankTables(graph, [pooled_stats])
     for name, k in index.items():
         stored = banks[name].stats
