@@ -65,7 +65,7 @@ from ..metrics import ServiceMetrics
 from ..settings import Settings
 from .bank_drift import BankDrift, BankDriftPublisher
 from .bank_refs import AUTO_BANK, NO_BANK, BankRef
-from .sessions import ModelSession, TensorSpec, create_session, warmup_sizes
+from .sessions import ModelSession, TensorSpec, create_session, warmup_sizes, zero_inputs
 
 if TYPE_CHECKING:
     from .versions import LoadedVersion
@@ -262,18 +262,12 @@ class VersionBanks:
         if any(-1 in s.shape[1:] or s.dtype is None for s in inputs):
             return
         for size in sorted(set(sizes)) or [1]:
-            feed = {
-                s.name: np.zeros(
-                    tuple(size if i == 0 and d == -1 else d for i, d in enumerate(s.shape)),
-                    dtype=s.dtype,
-                )
-                for s in inputs
-            }
+            feed = zero_inputs(inputs, size)
             feed[BANK_INDEX] = BankRequest(NO_BANK, 0).feed(feed)
-            self.run(feed, [], sample=False)
-            if self.tapped is not None:
-                full = {**feed, **self.tables.feed(feed[BANK_INDEX])}
-                self.tapped.run(full, list(EXTRA_OUTPUTS))
+            host = self.tables.feed(feed[BANK_INDEX], threshold=self.threshold)
+            for session in (self.session, self.tapped):
+                if session is not None:
+                    self._run(session, feed, host, EXTRA_OUTPUTS)
 
     # -- what it serves ------------------------------------------------------------------
 
@@ -367,8 +361,9 @@ class VersionBanks:
         banks no longer among them (or pushed again with another digest), add the new ones.
 
         Returns:
-            Why each bank that could not be added was skipped (it is not read again until
-            it is pushed with another digest).
+            Why each bank that could not be added was skipped (a file whose content is
+            wrong is not read again until it is pushed with another digest; one that could
+            not be read is tried again at the next sync).
         """
         wanted = {ref.name: ref for ref in refs}
         active, sha = dict(self._active), dict(self._sha)

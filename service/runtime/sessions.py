@@ -56,6 +56,7 @@ __all__ = [
     "create_session",
     "cuda_usable",
     "warmup_sizes",
+    "zero_inputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -278,10 +279,7 @@ class ModelSession:
             sizes = [0]
         runs = 0
         for size in sizes:
-            feed: dict[str, npt.NDArray[Any]] = {}
-            for spec in self.inputs:
-                shape = tuple(size if (i == 0 and d == -1) else d for i, d in enumerate(spec.shape))
-                feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
+            feed = zero_inputs(self.inputs, size)
             try:
                 self.run(feed, output_names)
             except Exception as exc:  # ORT raises its own exception types
@@ -292,6 +290,18 @@ class ModelSession:
                 ) from exc
             runs += 1
         return runs
+
+
+def zero_inputs(specs: Sequence[TensorSpec], size: int) -> dict[str, npt.NDArray[Any]]:
+    """Zeros for each input of ``specs``, ``size`` rows on a variable axis 0 (a warm-up
+    feed; every other dimension must be known and every dtype numeric)."""
+    return {
+        spec.name: np.zeros(
+            tuple(size if (i == 0 and d == -1) else d for i, d in enumerate(spec.shape)),
+            dtype=spec.dtype,
+        )
+        for spec in specs
+    }
 
 
 _PROBE_INPUT = "x"
