@@ -42,6 +42,7 @@ from .api import datasets as datasets_api
 from .api import metrics_route, v2
 from .api import models as models_api
 from .api import recalibrations as recalibrations_api
+from .api.v2_infer import InferenceEndpoint
 from .auth import bearer_token, check_bearer
 from .banks import BankRuntime, BankStore
 from .catalog import Catalog
@@ -342,5 +343,7 @@ def create_app(
         upload_bytes=settings.max_upload_bytes,
         request_bytes=settings.max_request_bytes,
     )
+    # inference answered before FastAPI's stack (it reads and limits its own body)
+    app.add_middleware(InferenceEndpoint, dataplane=dataplane)
     app.add_middleware(AuthGate, settings=settings)  # outermost: authentication first
     return app

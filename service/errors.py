@@ -31,8 +31,10 @@ __all__ = [
     "ServiceError",
     "StorageError",
     "Unauthorized",
+    "error_response",
     "grpc_error",
     "install_error_handlers",
+    "is_answered_error",
     "without_path",
 ]
 
@@ -151,6 +153,29 @@ def grpc_error(exc: ServiceError) -> tuple[grpc.StatusCode, str]:
     return _GRPC_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message
 
 
+def is_answered_error(exc: BaseException) -> bool:
+    """Whether :func:`error_response` answers ``exc`` (a :class:`ServiceError` or the
+    core's ``RecalibError``); anything else is a bug, answered 500 and logged."""
+    if isinstance(exc, ServiceError):
+        return True
+    # Here, not at the top: the service's domain modules (which import this one) must
+    # not import the core package eagerly.
+    from recalib.errors import RecalibError
+
+    return isinstance(exc, RecalibError)
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """The HTTP answer to an error :func:`is_answered_error` accepts: its status (the
+    core's errors are invalid input, 400), ``{"error": message}``, and
+    ``WWW-Authenticate: Bearer`` with 401. The app's handlers and the inference endpoint
+    (:mod:`service.api.v2_infer`) both answer with it."""
+    if isinstance(exc, ServiceError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(_body(exc.message), status_code=exc.status, headers=headers)
+    return JSONResponse(_body(str(exc)), status_code=400)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the exception -> HTTP table on ``app`` (the only place it lives)."""
     # Here, not at the top: the recalib package imports torch, and importing the
@@ -166,12 +191,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(_body(exc.message), status_code=exc.status, headers=headers)
+        return error_response(exc)
 
     @app.exception_handler(RecalibError)
     async def _core(_: Request, exc: RecalibError) -> JSONResponse:
-        return JSONResponse(_body(str(exc)), status_code=400)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -31,16 +31,13 @@ bearer token when one is configured (the
 document); health and server metadata only with ``protect_health``, so the document gives
 them no security requirement.
 
-Inference is answered by plain Starlette routes registered ahead of the documented
-FastAPI operations (see the end of this module): same behaviour, without FastAPI's
-per-request dependency solving, which costs as much CPU as the rest of a small model's
-request.
+Inference is answered by :class:`service.api.v2_infer.InferenceEndpoint`, the app's
+middleware for the hot path, with the same :func:`~service.api.v2_infer.answer` as the
+documented operations here (which serve in an app without that middleware).
 """
 
 from __future__ import annotations
 
-import re
-import zlib
 from typing import Annotated, Any, TypeVar
 
 import orjson
@@ -52,12 +49,12 @@ from starlette.routing import Route
 
 from ..auth import bearer_token
 from ..dataplane import DataPlane
-from ..errors import InvalidInput, PayloadTooLarge
+from ..errors import InvalidInput
 from ..names import NAME_PATTERN
 from ..triton_config import config_json
 from .deps import AuthDep
 from .params import VERSION_PATTERN as REF_PATTERN
-from .v2_codec import HEADER_LENGTH, decode_request, encode_response
+from .v2_codec import HEADER_LENGTH
 from .v2_ext_schemas import (
     ModelConfiguration,
     ModelLoaded,
@@ -67,6 +64,7 @@ from .v2_ext_schemas import (
     RepositoryModelRequest,
     StatisticsResponse,
 )
+from .v2_infer import VERSION_PATTERN, answer
 from .v2_schemas import (
     ERRORS,
     INFER_OPENAPI,
@@ -79,10 +77,8 @@ from .v2_schemas import (
     ServerReady,
 )
 
-__all__ = ["VERSION_PATTERN", "get_dataplane", "read_body", "router"]
+__all__ = ["VERSION_PATTERN", "get_dataplane", "router"]
 
-VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-"""What ``{model_version}`` may look like (a version number or an alias)."""
 
 _NAME_LENGTH = 64  # names.NAME_PATTERN's bound
 
@@ -391,65 +387,10 @@ async def repository_unload(request: Request, model_name: ModelName, _: AuthDep)
 # -- inference -------------------------------------------------------------------------
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused above ``limit`` bytes (before and while reading), and
-    decompressed for ``Content-Encoding: gzip`` / ``deflate`` (the limit applies to the
-    decompressed size too).
-
-    Args:
-        request: the HTTP request.
-        limit: the most bytes the body may have, compressed or not.
-
-    Returns:
-        The (decompressed) body.
-
-    Raises:
-        PayloadTooLarge: more than ``limit`` bytes.
-        InvalidInput: a bad ``Content-Length`` or ``Content-Encoding``, or corrupt data.
-    """
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise InvalidInput(f"Content-Length: expected an integer (got {declared!r})") from None
-        if size > limit:
-            raise PayloadTooLarge(
-                f"request body: expected at most {limit} bytes (got Content-Length {size})"
-            )
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise PayloadTooLarge(f"request body: expected at most {limit} bytes (got more)")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise InvalidInput(
-            f"Content-Encoding: expected gzip, deflate or identity (got {encoding!r})"
-        )
-    inflater = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
-    try:
-        plain = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise InvalidInput(f"request body: expected {encoding} data ({exc})") from None
-    if len(plain) > limit or inflater.unconsumed_tail:
-        raise PayloadTooLarge(
-            f"request body: expected at most {limit} bytes once decompressed (got more)"
-        )
-    return plain
-
-
 async def _infer(request: Request, name: str, ref: str | None) -> Response:
-    plane = get_dataplane(request)
-    async with plane.inference(name, ref) as call:  # the body is read inside the window
-        body = await read_body(request, plane.settings.max_request_bytes)
-        result = await call.infer(decode_request(body, request.headers.get(HEADER_LENGTH)))
-        payload, json_size = encode_response(result)
+    payload, json_size = await answer(
+        get_dataplane(request), name, ref, request.headers, request.stream()
+    )
     if json_size is None:
         return Response(payload, media_type="application/json")
     return Response(
@@ -481,35 +422,6 @@ async def model_version_infer(
 ) -> Response:
     """Inference on one version (number or alias)."""
     return await _infer(request, model_name, model_version)
-
-
-# -- the inference fast path -----------------------------------------------------------
-#
-# The two infer operations above document the endpoint (OpenAPI) and would serve it, but
-# FastAPI's per-request dependency solving and parameter validation cost about as much
-# CPU as the rest of a small model's request. Plain Starlette routes for the same paths,
-# placed first, answer instead with identical behaviour: the same bearer check, the same
-# version-reference pattern, the same errors (raised, so the app's handlers format them).
-
-_VERSION_RE = re.compile(VERSION_PATTERN)
-
-
-async def _fast_infer(request: Request) -> Response:
-    params = request.path_params
-    get_dataplane(request).check_token(_presented(request))  # first
-    ref: str | None = params.get("model_version")
-    if ref is not None and not _VERSION_RE.match(ref):
-        raise InvalidInput(
-            f"model_version: expected a version number or alias matching "
-            f"{VERSION_PATTERN} (got {ref[:64]!r})"
-        )
-    return await _infer(request, params["model_name"], ref)
-
-
-for _path in ("/models/{model_name}/infer", "/models/{model_name}/versions/{model_version}/infer"):
-    router.routes.insert(
-        0, Route(router.prefix + _path, _fast_infer, methods=["POST"], include_in_schema=False)
-    )
 
 
 # -- extensions this server does not implement ----------------------------------------

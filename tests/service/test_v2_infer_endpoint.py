@@ -1,0 +1,205 @@
+"""The REST inference endpoint answered as plain ASGI (service.api.v2_infer) against the
+documented FastAPI operations it stands in front of: the same answers, the paths it
+leaves to the app, root_path, a client gone mid-body, and unexpected errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+from runtime_helpers import FakeRegistry, build_app, export_versions, runtime_settings
+
+from service.api.v2_codec import HEADER_LENGTH, decode_response, encode_request
+from service.api.v2_infer import InferenceEndpoint
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Any]:
+    return export_versions(tmp_path_factory.mktemp("v2_infer"))
+
+
+def _app(models: dict[int, Any], tmp_path: Path, *, endpoint: bool, **settings: Any) -> FastAPI:
+    app = build_app(
+        runtime_settings(tmp_path, **settings),
+        FakeRegistry({v: p for v, (_, p) in models.items()}),
+    )
+    if not endpoint:  # the documented FastAPI operations answer alone
+        app.user_middleware = [
+            m for m in app.user_middleware if getattr(m, "cls", None) is not InferenceEndpoint
+        ]
+    return app
+
+
+@pytest.fixture
+def pair(models: dict[int, Any], tmp_path: Path) -> Iterator[tuple[TestClient, TestClient]]:
+    fast = _app(models, tmp_path / "fast", endpoint=True, api_token=SecretStr(TOKEN))
+    slow = _app(models, tmp_path / "slow", endpoint=False, api_token=SecretStr(TOKEN))
+    with TestClient(fast) as a, TestClient(slow) as b:
+        yield a, b
+
+
+def _request(x: np.ndarray, *, binary: bool) -> tuple[bytes, dict[str, str]]:
+    body, header = encode_request({"input": x}, binary=binary, binary_output=binary)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    if header is not None:
+        headers[HEADER_LENGTH] = str(header)
+    return body, headers
+
+
+def test_same_answers_as_the_documented_operations(
+    pair: tuple[TestClient, TestClient],
+) -> None:
+    fast, slow = pair
+    x = np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    for binary in (False, True):
+        body, headers = _request(x, binary=binary)
+        for url in ("/v2/models/m/infer", "/v2/models/m/versions/1/infer"):
+            a, b = (
+                fast.post(url, content=body, headers=headers),
+                slow.post(url, content=body, headers=headers),
+            )
+            assert a.status_code == b.status_code == 200
+            assert a.headers["content-type"] == b.headers["content-type"]
+            assert a.headers.get(HEADER_LENGTH) == b.headers.get(HEADER_LENGTH)
+            assert a.headers["content-length"] == str(len(a.content))
+            got = decode_response(a.content, a.headers.get(HEADER_LENGTH))
+            want = decode_response(b.content, b.headers.get(HEADER_LENGTH))
+            assert got.keys() == want.keys()
+            for key in got:
+                np.testing.assert_array_equal(got[key], want[key])
+    body, headers = _request(x, binary=True)
+    cases = [
+        ("/v2/models/nope/infer", headers),  # unknown model: 404
+        ("/v2/models/m/versions/9/infer", headers),  # unknown version: 404
+        ("/v2/models/m/infer", {HEADER_LENGTH: headers[HEADER_LENGTH]}),  # no token: 401
+        ("/v2/models/m/infer", {**headers, HEADER_LENGTH: "x"}),  # bad header: 400
+    ]
+    for url, sent in cases:
+        a, b = (
+            fast.post(url, content=body, headers=sent),
+            slow.post(url, content=body, headers=sent),
+        )
+        assert a.status_code == b.status_code != 200, url
+        assert a.json() == b.json(), url
+        assert a.headers.get("www-authenticate") == b.headers.get("www-authenticate")
+    bad = fast.post("/v2/models/m/versions/-1/infer", content=body, headers=headers)
+    assert bad.status_code == 400 and "model_version" in bad.json()["error"]
+
+
+def test_leaves_other_requests_to_the_app(pair: tuple[TestClient, TestClient]) -> None:
+    fast, slow = pair
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    wrong_method = slow.get("/v2/models/m/infer", headers=auth)
+    assert wrong_method.status_code == 405 and "POST" in wrong_method.headers["allow"]
+    assert fast.get("/v2/models/m/infer", headers=auth).status_code == 405  # left to the app
+    assert fast.post("/v2/models/m/infer/extra", headers=auth).status_code == 404
+    assert fast.get("/v2/models/m", headers=auth).json()["name"] == "m"
+
+
+@pytest.fixture
+def documented_unused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The documented operations fail if they are asked: the endpoint must answer."""
+
+    async def refuse(*args: Any) -> Any:
+        raise AssertionError("a documented FastAPI operation answered")
+
+    monkeypatch.setattr("service.api.v2.answer", refuse)
+
+
+@pytest.mark.usefixtures("documented_unused")
+def test_the_endpoint_answers(models: dict[int, Any], tmp_path: Path) -> None:
+    app = _app(models, tmp_path, endpoint=True)
+    body, headers = _request(np.zeros((1, 3, 8, 8), np.float32), binary=False)
+    with TestClient(app) as c:
+        assert c.post("/v2/models/m/infer", content=body, headers=headers).status_code == 200
+        assert (
+            c.post("/v2/models/m/versions/2/infer", content=body, headers=headers).json()[
+                "model_version"
+            ]
+            == "2"
+        )
+
+
+@pytest.mark.usefixtures("documented_unused")
+def test_root_path(models: dict[int, Any], tmp_path: Path) -> None:
+    app = _app(models, tmp_path, endpoint=True)
+    x = np.zeros((1, 3, 8, 8), np.float32)
+    body, headers = _request(x, binary=True)
+    with TestClient(app, root_path="/api") as c:
+        mounted = c.post("/api/v2/models/m/infer", content=body, headers=headers)
+    assert mounted.status_code == 200
+    assert decode_response(mounted.content, mounted.headers.get(HEADER_LENGTH))
+
+
+def test_unexpected_error_is_the_apps_500(models: dict[int, Any], tmp_path: Path) -> None:
+    app = _app(models, tmp_path, endpoint=True)
+
+    def broken(name: str, ref: str | None) -> Any:
+        raise RuntimeError("registry bug with /secret/path")
+
+    body, headers = _request(np.zeros((1, 3, 8, 8), np.float32), binary=True)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        app.state.dataplane.registry.resolve = broken
+        response = c.post("/v2/models/other/infer", content=body, headers=headers)
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal server error (logged by the server)"}
+
+
+def test_client_gone_mid_body_is_not_answered() -> None:
+    """A disconnect while the body streams: nothing is sent, and the metrics window (the
+    data plane's ``inference`` block) is left."""
+    left: list[BaseException | None] = []
+
+    @asynccontextmanager
+    async def window(name: str, ref: str | None) -> Any:
+        try:
+            yield SimpleNamespace()
+        except BaseException as exc:
+            left.append(exc)
+            raise
+
+    plane = SimpleNamespace(
+        check_token=lambda presented: None,
+        settings=SimpleNamespace(max_request_bytes=1 << 20),
+        inference=window,
+    )
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("the app was called")
+
+    messages = iter(
+        [
+            {"type": "http.request", "body": b"{", "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return next(messages)
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v2/models/m/infer",
+        "root_path": "",
+        "headers": [],
+    }
+    endpoint = InferenceEndpoint(inner, dataplane=plane)  # type: ignore[arg-type]
+    asyncio.run(endpoint(scope, receive, send))
+    assert sent == []
+    assert len(left) == 1 and type(left[0]).__name__ == "ClientDisconnect"
