@@ -4,8 +4,16 @@ A :class:`Batcher` holds one queue and one consumer task per model version. The 
 takes the oldest request, adds queued requests that can share its run (the same input
 dtypes and non-batch shapes) up to ``max_batch_size`` rows, waiting at most ``max_delay``
 seconds after the first request arrived, concatenates the inputs along axis 0, runs the
-session in a worker thread (never on the event loop) and splits the outputs back by row
-ranges. Requests that cannot join a batch keep their place in line for the next one.
+session in a worker thread and splits the outputs back by row ranges. Requests that cannot
+join a batch keep their place in line for the next one.
+
+Short runs run on the event loop instead (``inline_seconds``): handing a batch to a worker
+thread and back costs about as much CPU as a small model's whole run (measured on 2 cores,
+batch-1 requests: 0.1-0.4 ms per run, most of a request's server CPU at concurrency 1).
+The consumer keeps a moving average of the session's seconds per row over the runs it
+timed, and a batch whose estimate (rows x that) is at most ``inline_seconds`` runs on the
+loop, which it blocks for about that long; every other batch, and every batch before the
+first timed run, goes to the worker threads.
 
 Waiting only pays when other requests are coming: the consumer keeps a moving average of
 requests per run and skips the wait while it is about one (a lone client then gets no
@@ -65,6 +73,7 @@ BatchObserver = Callable[[int, Sequence[float]], None]
 """``observe(rows, queue_waits)`` after each run (metrics), called on the event loop."""
 
 _LOAD_DECAY = 0.8
+_ROW_DECAY = 0.9  # the moving average of seconds per row
 _WAIT_ABOVE = 1.5
 
 
@@ -95,6 +104,8 @@ class Batcher:
         stats: the version's statistics, updated after each run (see the module).
         max_concurrent: session runs in flight at once (1 on a GPU; on a CPU, cores
             divided by the intra-op threads per run).
+        inline_seconds: a batch expected to run at most this long runs on the event loop
+            (0: every run in ``executor``; see the module).
         name: for log lines.
     """
 
@@ -110,6 +121,7 @@ class Batcher:
         observe: BatchObserver | None = None,
         stats: ModelStats | None = None,
         max_concurrent: int = 1,
+        inline_seconds: float = 0.0,
         name: str = "model",
     ) -> None:
         if max_batch_size < 1:
@@ -118,6 +130,8 @@ class Batcher:
             raise ValueError(f"expected max_delay >= 0 (got {max_delay})")
         if max_concurrent < 1:
             raise ValueError(f"expected max_concurrent >= 1 (got {max_concurrent})")
+        if inline_seconds < 0.0:
+            raise ValueError(f"expected inline_seconds >= 0 (got {inline_seconds})")
         self._run = run
         self._executor = executor
         self.max_batch_size = max_batch_size
@@ -133,6 +147,9 @@ class Batcher:
         self._load = 1.0
         self.max_concurrent = max_concurrent
         self._slots = asyncio.Semaphore(max_concurrent)
+        self.inline_seconds = inline_seconds
+        self.row_seconds: float | None = None
+        """Moving average of the session's seconds per row (``None`` before a timed run)."""
 
     def start(self) -> None:
         """Start the consumer task (on the running event loop)."""
@@ -278,12 +295,16 @@ class Batcher:
         if not live:
             return
         start = time.perf_counter()
-        loop = asyncio.get_running_loop()
+        parts = [(i.feed, i.rows) for i in live]
         timings: list[RunTiming | None]
         try:
-            results, timings = await loop.run_in_executor(
-                self._executor, self._run_batch, [(i.feed, i.rows) for i in live]
-            )
+            if self._inline(sum(i.rows for i in live)):
+                results, timings = self._run_batch(parts)
+            else:
+                loop = asyncio.get_running_loop()
+                results, timings = await loop.run_in_executor(
+                    self._executor, self._run_batch, parts
+                )
         except Exception as exc:  # executor shut down, or a bug: every caller learns it
             log.exception("%s: batch of %d requests failed", self.name, len(live))
             results, timings = [exc] * len(live), [None] * len(live)
@@ -294,12 +315,13 @@ class Batcher:
             # the queue wait ends when a worker thread took the batch: one measurement
             # for the statistics and the histogram
             waits.append((start if timing is None else timing.started) - item.enqueued)
-            if timing is not None and stats is not None:
-                if timing is not counted:  # the parts of one run share its timing
+            if timing is not None and timing is not counted:  # parts of a run share it
+                counted = timing
+                self._timed(timing)
+                if stats is not None:
                     stats.add_run(timing)
-                    counted = timing
-                if not item.future.done():
-                    stats.add_request_run(item.enqueued, timing)
+            if timing is not None and stats is not None and not item.future.done():
+                stats.add_request_run(item.enqueued, timing)
             if item.future.done():
                 continue
             if isinstance(result, BaseException):
@@ -309,11 +331,24 @@ class Batcher:
         if self._observe is not None:
             self._observe(sum(i.rows for i in live), waits)
 
+    def _inline(self, rows: int) -> bool:
+        """Whether a batch of ``rows`` runs on the event loop (see the module)."""
+        estimate = self.row_seconds
+        return estimate is not None and estimate * rows <= self.inline_seconds
+
+    def _timed(self, timing: RunTiming) -> None:
+        per_row = timing.infer / max(1, timing.rows)
+        average = self.row_seconds
+        self.row_seconds = (
+            per_row if average is None else _ROW_DECAY * average + (1.0 - _ROW_DECAY) * per_row
+        )
+
     def _run_batch(
         self, parts: list[tuple[Feed, int]]
     ) -> tuple[list[list[Array] | Exception], list[RunTiming | None]]:
-        """Worker thread: one run for all parts, or one per part if that fails; each
-        part's result and the timing of the run that answered it (``None``: failed)."""
+        """A worker thread (or the event loop, for a short run): one run for all parts, or
+        one per part if that fails; each part's result and the timing of the run that
+        answered it (``None``: failed)."""
         started = time.perf_counter()
         if len(parts) == 1:
             result, timing = self._run_one(*parts[0], started)

@@ -336,6 +336,7 @@ class VersionTable:
             observe=observe,
             stats=entry.stats,
             max_concurrent=concurrent_runs(settings, entry.provider()),
+            inline_seconds=settings.inline_run_ms / 1000.0,
             name=entry.label,
         )
         entry.batcher.start()

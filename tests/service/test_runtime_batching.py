@@ -289,3 +289,63 @@ def test_a_failed_batching_consumer_fails_its_requests_and_restarts() -> None:
             await asyncio.wait_for(batcher.close(), 10.0)
 
     asyncio.run(main())
+
+
+def _threads_of_runs(
+    inline_seconds: float, delay: float, requests: int
+) -> tuple[list[bool], Batcher]:
+    """Sequential requests; for each run, whether it ran on the event loop's thread."""
+    on_loop: list[bool] = []
+    loop_thread: list[int] = []
+
+    def run(feed: dict[str, np.ndarray], rows: int) -> list[np.ndarray]:
+        on_loop.append(threading.get_ident() == loop_thread[0])
+        time.sleep(delay)
+        return [feed["x"] * 2.0]
+
+    async def body(pool: ThreadPoolExecutor) -> Batcher:
+        loop_thread.append(threading.get_ident())
+        batcher = Batcher(
+            run, executor=pool, max_batch_size=8, max_delay=0.0, inline_seconds=inline_seconds
+        )
+        for i in range(requests):
+            x = np.full((1, 2), float(i), np.float32)
+            (out,) = await batcher.submit({"x": x}, 1)
+            np.testing.assert_array_equal(out, x * 2.0)
+        await batcher.close()
+        return batcher
+
+    return on_loop, _run(body)
+
+
+def test_short_runs_run_on_the_event_loop_after_the_first_timed_run() -> None:
+    on_loop, batcher = _threads_of_runs(inline_seconds=0.5, delay=0.0, requests=4)
+    assert on_loop == [False, True, True, True]  # the first run has no estimate yet
+    assert batcher.row_seconds is not None and 0.0 <= batcher.row_seconds < 0.5
+
+
+def test_long_runs_and_inline_off_stay_in_the_workers() -> None:
+    slow, batcher = _threads_of_runs(inline_seconds=0.001, delay=0.005, requests=3)
+    assert slow == [False, False, False]
+    assert batcher.row_seconds is not None and batcher.row_seconds >= 0.004
+    off, _ = _threads_of_runs(inline_seconds=0.0, delay=0.0, requests=3)
+    assert off == [False, False, False]
+
+
+def test_inline_estimate_scales_with_the_batch_rows() -> None:
+    async def body(pool: ThreadPoolExecutor) -> tuple[bool, bool]:
+        batcher = Batcher(
+            lambda feed, rows: [feed["x"]],
+            executor=pool,
+            max_batch_size=8,
+            max_delay=0.0,
+            inline_seconds=0.004,
+        )
+        batcher.row_seconds = 0.001
+        small, large = batcher._inline(4), batcher._inline(5)
+        await batcher.close()
+        return small, large
+
+    assert _run(body) == (True, False)
+    with ThreadPoolExecutor(1) as pool, pytest.raises(ValueError, match="inline_seconds"):
+        Batcher(lambda f, r: [], executor=pool, max_batch_size=1, max_delay=0.0, inline_seconds=-1)
