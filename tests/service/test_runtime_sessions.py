@@ -292,3 +292,18 @@ def test_cuda_session_with_iobinding_matches_cpu(onnx_path: Path) -> None:
     (want,) = cpu.run({"input": x})
     (got,) = gpu.run({"input": x})  # through IOBinding
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_sessions_share_one_cpu_arena_and_answer_as_a_private_one(onnx_path: Path) -> None:
+    settings = Settings(execution_provider="cpu", intra_op_threads=1)
+    opts = sessions.session_options(settings, spinning=False)
+    assert opts.get_session_config_entry("session.use_env_allocators") == "1"
+    private = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(5).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    (want,) = private.run(None, {"input": x})
+    first, second = (create_session(onnx_path, settings) for _ in range(2))
+    for n in (1, 4, 2):  # runs of several sizes from two sessions on the one arena
+        for session in (first, second):
+            (got,) = session.run({"input": x[:n]})
+            np.testing.assert_array_equal(got, want[:n])
+    sessions.share_cpu_arena()  # registered once per process: a second call is a no-op
