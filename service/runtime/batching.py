@@ -12,8 +12,9 @@ thread and back costs about as much CPU as a small model's whole run (measured o
 batch-1 requests: 0.1-0.4 ms per run, most of a request's server CPU at concurrency 1).
 The consumer keeps a moving average of the session's seconds per row over the runs it
 timed, and a batch whose estimate (rows x that) is at most ``inline_seconds`` runs on the
-loop, which it blocks for about that long; every other batch, and every batch before the
-first timed run, goes to the worker threads.
+loop, which it blocks for about that long; every other batch, every batch before the
+first timed run, and every batch of a batcher with several runs in flight at once
+(``max_concurrent`` > 1, where the loop would serialise them) goes to the worker threads.
 
 Waiting only pays when other requests are coming: the consumer keeps a moving average of
 requests per run and skips the wait while it is about one (a lone client then gets no
@@ -332,9 +333,14 @@ class Batcher:
             self._observe(sum(i.rows for i in live), waits)
 
     def _inline(self, rows: int) -> bool:
-        """Whether a batch of ``rows`` runs on the event loop (see the module)."""
+        """Whether a batch of ``rows`` runs on the event loop (see the module): never
+        with several runs in flight at once, which a run on the loop would serialise."""
         estimate = self.row_seconds
-        return estimate is not None and estimate * rows <= self.inline_seconds
+        return (
+            self.max_concurrent == 1
+            and estimate is not None
+            and estimate * rows <= self.inline_seconds
+        )
 
     def _timed(self, timing: RunTiming) -> None:
         per_row = timing.infer / max(1, timing.rows)

@@ -344,6 +344,17 @@ def test_inline_estimate_scales_with_the_batch_rows() -> None:
         batcher.row_seconds = 0.001
         small, large = batcher._inline(4), batcher._inline(5)
         await batcher.close()
+        parallel = Batcher(
+            lambda feed, rows: [feed["x"]],
+            executor=pool,
+            max_batch_size=8,
+            max_delay=0.0,
+            inline_seconds=0.004,
+            max_concurrent=2,
+        )
+        parallel.row_seconds = 0.001
+        assert not parallel._inline(1)  # the loop would serialise parallel runs
+        await parallel.close()
         return small, large
 
     assert _run(body) == (True, False)
