@@ -124,3 +124,18 @@ def test_the_control_writes_the_model_store_and_inference_reads_it() -> None:
     assert "model-store" in _load("compose.yaml")["volumes"]
     ports = [str(p) for p in inference["ports"]]
     assert ports == ["8010-8011:8000"] and inference["deploy"]["replicas"] == 2
+
+
+def test_prometheus_scrapes_the_control_and_every_inference_replica() -> None:
+    services = _load("compose.yaml")["services"]
+    config = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "recalib"]
+    static = [t for c in job["static_configs"] for t in c["targets"]]
+    assert static == ["recalib:8000"] and "recalib" in services
+    (dns,) = job["dns_sd_configs"]  # Docker's DNS: one A record per replica
+    assert dns["names"] == ["recalib-inference"] and dns["type"] == "A"
+    assert "recalib-inference" in services
+    assert dns["port"] == 8000  # the port inside the network, not the host's 8010-8011
+    (relabel,) = job["relabel_configs"]
+    assert relabel["source_labels"] == ["__meta_dns_name"]
+    assert relabel["target_label"] == "service"
