@@ -205,7 +205,10 @@ def _model_store(
         max_queue_delay_ms=settings.max_queue_delay_ms,
         gpu={"cpu": False, "cuda": True}.get(settings.execution_provider),
     )
-    return ModelStore(settings.model_store, triton=triton), StoreMetrics(metrics_registry)
+    store = ModelStore(
+        settings.model_store, triton=triton, keep_versions=settings.store_keep_versions
+    )
+    return store, StoreMetrics(metrics_registry)
 
 
 def create_app(

@@ -21,7 +21,12 @@ everything it names is in place:
   ``<store>/<model>/<version>`` (never overwritten: versions are immutable); then
   ``recalib.json`` and ``config.pbtxt`` are replaced, in that order;
 * removing a model renames its directory to ``<store>/.trash-<random>`` (readers see it
-  go at once), then deletes it.
+  go at once), then deletes it;
+* with ``keep_versions`` (``RECALIB_STORE_KEEP_VERSIONS``), a publication keeps the
+  production version and the ``keep_versions - 1`` highest other version numbers: the
+  rest leave ``recalib.json`` at its commit point and their directories are deleted after
+  it (renamed to ``<store>/.trash-<random>`` first). The store is derived from the control's
+  registry, which keeps every version: promoting a pruned version again copies it back in.
 
 *Stat banks* (:mod:`service.banks`) are published beside the versions: ``recalib.json``
 lists each bank (``{"sha256", "versions"}``: its file's digest and the versions it is
@@ -301,11 +306,18 @@ class ModelStore:
     Args:
         root: the store's directory (created on first publication).
         triton: what ``config.pbtxt`` says about batching and placement.
+        keep_versions: versions a model keeps in the store, the production one included
+            (0: every version ever published; see the module).
     """
 
-    def __init__(self, root: Path, *, triton: TritonOptions | None = None) -> None:
+    def __init__(
+        self, root: Path, *, triton: TritonOptions | None = None, keep_versions: int = 0
+    ) -> None:
+        if keep_versions < 0:
+            raise ValueError(f"expected keep_versions >= 0 (got {keep_versions})")
         self.root = Path(root)
         self.triton = triton if triton is not None else TritonOptions()
+        self.keep_versions = keep_versions
 
     def _model_dir(self, name: str) -> Path:
         check_name(name, "model name")  # never a path component like "..", never "."-led
@@ -441,6 +453,9 @@ class ModelStore:
             current = None
         versions = dict(current.versions) if current is not None else {}
         versions[version] = dict(metadata or {})
+        dropped = _beyond(versions, version, self.keep_versions)
+        for old in dropped:
+            del versions[old]
         document = {
             "format": _FORMAT,
             "name": name,
@@ -480,6 +495,7 @@ class ModelStore:
             _write_atomic(directory / METADATA_FILE, metadata_text)  # the commit point
             _write_atomic(directory / CONFIG_FILE, pbtxt)
             _prune_banks(directory, {_bank_file(b.name, b.sha256) for b in banks})
+            self._prune_versions(directory, set(versions))
         stored = tuple(
             BankRef(
                 b.name, directory / BANKS_DIR / _bank_file(b.name, b.sha256), b.versions, b.sha256
@@ -531,6 +547,14 @@ class ModelStore:
             raise
         _fsync_dir(directory)
 
+    def _prune_versions(self, directory: Path, keep: set[int]) -> None:
+        """Delete the version directories of ``directory`` not in ``keep`` (after the
+        commit point no longer lists them)."""
+        for entry in _listing(directory):
+            if entry.is_dir() and entry.name.isdigit() and int(entry.name) not in keep:
+                log.info("model store: removing version %s (past keep_versions)", entry)
+                self._discard(entry)
+
     def _discard(self, path: Path) -> None:
         trash = self.root / f"{_TRASH}{uuid.uuid4().hex}"
         os.rename(path, trash)
@@ -568,18 +592,28 @@ class ModelStore:
                             shutil.rmtree(inner, ignore_errors=True)
                         else:
                             inner.unlink(missing_ok=True)
-                self._sweep_banks(entry.name)
+                self._sweep_model(entry.name)
 
-    def _sweep_banks(self, name: str) -> None:
-        """Delete the bank files of ``name`` its ``recalib.json`` does not list (copied in
-        by a publication that crashed before its commit point, or after it, before the
-        old files were deleted)."""
+    def _sweep_model(self, name: str) -> None:
+        """Delete the bank files and version directories of ``name`` its ``recalib.json``
+        does not list (copied in by a publication that crashed before its commit point,
+        or after it, before the old ones were deleted)."""
         try:
             model = self.read(name)
         except (StoreUnreadable, InvalidInput):
             return  # not ours to judge: the next publication replaces it
         if model is not None:
             _prune_banks(model.directory, {b.path.name for b in model.banks})
+            self._prune_versions(model.directory, set(model.versions))
+
+
+def _beyond(versions: Mapping[int, Any], production: int, keep: int) -> list[int]:
+    """The versions a store keeping ``keep`` (0: all) drops: all but ``production`` and
+    the ``keep - 1`` highest others."""
+    if keep == 0:
+        return []
+    others = sorted((v for v in versions if v != production), reverse=True)
+    return others[keep - 1 :]
 
 
 def _listing(folder: Path) -> list[Path]:

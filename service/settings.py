@@ -140,6 +140,13 @@ class Settings(BaseSettings):
     with ``role=inference`` the replica serves what it holds, read-only, with no database
     of its own, and answers the /v1 routes with 403."""
 
+    store_keep_versions: int = Field(default=3, ge=0)
+    """Versions each model keeps in the model store, its production version included: a
+    publication deletes the others, lowest version numbers first (0: keep every version
+    ever published). Only the store: the control's registry keeps every version, and
+    promoting a pruned one publishes it again. Store-fed replicas serve only what the
+    store holds (an explicit request for a pruned version answers 404 there)."""
+
     store_poll_seconds: float = Field(default=2.0, gt=0)
     """How often a store-fed replica looks for new production versions (and the control
     replica repairs publications that failed)."""

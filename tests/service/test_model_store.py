@@ -119,6 +119,46 @@ def test_production_moves_and_versions_stay_immutable(tmp_path: Path) -> None:
     assert model.onnx_path(3).read_bytes() == _onnx(tmp_path, 3).read_bytes()
 
 
+def test_a_store_keeps_production_and_the_newest_versions(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store", keep_versions=2)
+    for version in (1, 2, 3):
+        _publish(store, tmp_path, version)
+    model = store.read("m")
+    assert model is not None and (model.production, sorted(model.versions)) == (3, [2, 3])
+    assert sorted(p.name for p in (store.root / "m").iterdir()) == [
+        "2",
+        "3",
+        CONFIG_FILE,
+        METADATA_FILE,
+    ]
+    assert sorted(p.name for p in store.root.iterdir()) == ["m"]  # no trash left behind
+    _publish(store, tmp_path, 1)  # promoting a pruned version copies it back in
+    model = store.read("m")
+    assert model is not None and (model.production, sorted(model.versions)) == (1, [1, 3])
+    assert model.onnx_path(1).read_bytes() == _onnx(tmp_path, 1).read_bytes()
+    assert not (store.root / "m" / "2").exists()
+    assert list(_config(store).version_policy.specific.versions) == [1]
+    assert json.loads((store.root / "m" / METADATA_FILE).read_text())["versions"].keys() == {
+        "1",
+        "3",
+    }
+    every = ModelStore(tmp_path / "all")  # 0: every version ever published
+    for version in (1, 2, 3, 4):
+        _publish(every, tmp_path, version)
+    kept = every.read("m")
+    assert kept is not None and sorted(kept.versions) == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="keep_versions"):
+        ModelStore(tmp_path / "bad", keep_versions=-1)
+
+
+def test_the_app_store_keeps_the_configured_versions(tmp_path: Path) -> None:
+    from service.app import create_app
+
+    settings = Settings(home=tmp_path / "home", model_store=tmp_path / "s", store_keep_versions=5)
+    assert create_app(settings).state.model_store.keep_versions == 5
+    assert Settings().store_keep_versions == 3
+
+
 def test_a_reader_never_sees_a_half_published_version(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "store")
     size = 1 << 20  # big enough that a copy takes a while
@@ -203,6 +243,7 @@ def test_sweep_removes_what_a_crash_left(tmp_path: Path) -> None:
     (store.root / ".trash-def").mkdir()
     (store.root / "m" / ".staging-123").mkdir()
     (store.root / "m" / f".{METADATA_FILE}.456").write_text("{")
+    (store.root / "m" / "7").mkdir()  # renamed in, never committed (a crash before it)
     store.sweep()
     assert sorted(p.name for p in store.root.iterdir()) == ["m"]
     assert sorted(p.name for p in (store.root / "m").iterdir()) == ["1", CONFIG_FILE, METADATA_FILE]
