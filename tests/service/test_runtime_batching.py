@@ -333,30 +333,23 @@ def test_long_runs_and_inline_off_stay_in_the_workers() -> None:
 
 
 def test_inline_estimate_scales_with_the_batch_rows() -> None:
-    async def body(pool: ThreadPoolExecutor) -> tuple[bool, bool]:
-        batcher = Batcher(
-            lambda feed, rows: [feed["x"]],
-            executor=pool,
-            max_batch_size=8,
-            max_delay=0.0,
-            inline_seconds=0.004,
-        )
-        batcher.row_seconds = 0.001
-        small, large = batcher._inline(4), batcher._inline(5)
-        await batcher.close()
-        parallel = Batcher(
-            lambda feed, rows: [feed["x"]],
-            executor=pool,
-            max_batch_size=8,
-            max_delay=0.0,
-            inline_seconds=0.004,
-            max_concurrent=2,
-        )
-        parallel.row_seconds = 0.001
-        assert not parallel._inline(1)  # the loop would serialise parallel runs
-        await parallel.close()
-        return small, large
+    async def body(pool: ThreadPoolExecutor) -> list[bool]:
+        answers = []
+        for concurrent, rows in ((1, 4), (1, 5), (2, 1)):
+            batcher = Batcher(
+                lambda feed, rows: [feed["x"]],
+                executor=pool,
+                max_batch_size=8,
+                max_delay=0.0,
+                inline_seconds=0.004,
+                max_concurrent=concurrent,
+            )
+            batcher.row_seconds = 0.001
+            answers.append(batcher._inline(rows))
+            await batcher.close()
+        return answers
 
-    assert _run(body) == (True, False)
+    # 4 x 1 ms fits 4 ms, 5 rows do not; with two runs in flight the loop would serialise
+    assert _run(body) == [True, False, False]
     with ThreadPoolExecutor(1) as pool, pytest.raises(ValueError, match="inline_seconds"):
         Batcher(lambda f, r: [], executor=pool, max_batch_size=1, max_delay=0.0, inline_seconds=-1)
