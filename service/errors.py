@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 __all__ = [
+    "ClientGone",
     "Conflict",
     "Forbidden",
     "GenerationMoved",
@@ -111,6 +112,13 @@ class NotReady(ServiceError):
     """The model version exists but cannot serve yet (503)."""
 
     status = 503
+
+
+class ClientGone(ServiceError):
+    """The caller went away before its request was read (nginx's 499): nothing is
+    answered, and the request counts as the client's (``cancelled``), never paging."""
+
+    status = 499
 
 
 def without_path(message: str, path: Path) -> str:

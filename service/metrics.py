@@ -115,6 +115,7 @@ _REASONS = {
     "PayloadTooLarge": "payload_too_large",
     "NotReady": "not_ready",
     "CancelledError": "cancelled",
+    "ClientGone": "cancelled",
 }
 
 REQUEST_REASONS = ("none", *dict.fromkeys(_REASONS.values()), "internal")

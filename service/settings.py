@@ -86,8 +86,8 @@ class Settings(BaseSettings):
     """A session run expected to take at most this long (the version's moving average of
     milliseconds per row, times the batch's rows) runs on the event loop instead of a
     worker thread, which it blocks for about that long: the hand-off to a thread costs
-    ~0.1-0.4 ms of CPU per run, most of a small model's request (0: never inline). Only
-    where runs go one at a time (GPU, or ``intra_op_threads`` 0 on CPU)."""
+    ~0.1-0.4 ms of CPU per run, most of a small model's request (0: never inline). CPU
+    sessions only, and only where their runs go one at a time (``intra_op_threads`` 0)."""
 
     warmup_batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32])
     """Batch sizes run once before a version reports ready (clipped to max_batch_size)."""

@@ -38,6 +38,7 @@ documented operations here (which serve in an app without that middleware).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, TypeVar
 
 import orjson
@@ -45,11 +46,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
 from ..auth import bearer_token
 from ..dataplane import DataPlane
-from ..errors import InvalidInput
+from ..errors import ClientGone, InvalidInput
 from ..names import NAME_PATTERN
 from ..triton_config import config_json
 from .deps import AuthDep
@@ -387,9 +389,17 @@ async def repository_unload(request: Request, model_name: ModelName, _: AuthDep)
 # -- inference -------------------------------------------------------------------------
 
 
+async def _body(request: Request) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except ClientDisconnect:
+        raise ClientGone("request: the client disconnected before its body was read") from None
+
+
 async def _infer(request: Request, name: str, ref: str | None) -> Response:
     payload, json_size = await answer(
-        get_dataplane(request), name, ref, request.headers, request.stream()
+        get_dataplane(request), name, ref, request.headers, _body(request)
     )
     if json_size is None:
         return Response(payload, media_type="application/json")

@@ -9,7 +9,10 @@ path does not start with) goes on to the app. The documented FastAPI operations 
 :mod:`service.api.v2` run the same :func:`answer` and serve the same paths in an app
 without this middleware (the OpenAPI document describes them).
 
-What a request goes through, in order, both ways:
+What a request goes through, in order (the endpoint first refuses a declared
+``Content-Length`` above ``max_request_bytes`` with 413 before anything is looked up, as
+``BodyLimit`` does for the documented operations, and closes the connection on every 413:
+the rest of the body is never read):
 
 1. the bearer token (:meth:`DataPlane.check_token`; 401 first);
 2. the ``{model_version}`` pattern (400);
@@ -29,12 +32,11 @@ import re
 import zlib
 from collections.abc import AsyncIterator, Mapping
 
-from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..auth import bearer_token
 from ..dataplane import DataPlane
-from ..errors import InvalidInput, PayloadTooLarge, error_response, is_answered_error
+from ..errors import ClientGone, InvalidInput, PayloadTooLarge, error_response, is_answered_error
 from .v2_codec import HEADER_LENGTH, decode_request, encode_response
 
 __all__ = ["VERSION_PATTERN", "InferenceEndpoint", "answer", "read_body"]
@@ -159,10 +161,18 @@ async def _chunks(receive: Receive) -> AsyncIterator[bytes]:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
+            raise ClientGone("request: the client disconnected before its body was read")
         yield message.get("body", b"")
         if not message.get("more_body", False):
             return
+
+
+async def _too_large(scope: Scope, receive: Receive, send: Send, exc: PayloadTooLarge) -> None:
+    """413, closing the connection: the rest of the body is never read (as ``BodyLimit``
+    answers every other route)."""
+    response = error_response(exc)
+    response.headers["connection"] = "close"
+    await response(scope, receive, send)
 
 
 class InferenceEndpoint:
@@ -185,26 +195,43 @@ class InferenceEndpoint:
         if match is None:
             await self.app(scope, receive, send)
             return
+        headers = _headers(scope)
+        limit = self.dataplane.settings.max_request_bytes
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:  # before anything is looked up
+            await _too_large(
+                scope,
+                receive,
+                send,
+                PayloadTooLarge(
+                    f"request body: expected at most {limit} bytes (got Content-Length "
+                    f"{int(declared)})"
+                ),
+            )
+            return
         try:
             payload, json_size = await answer(
                 self.dataplane,
                 match["name"],
                 match["version"],
-                _headers(scope),
+                headers,
                 _chunks(receive),
             )
-        except ClientDisconnect:
+        except ClientGone:
             return  # nobody to answer
+        except PayloadTooLarge as exc:
+            await _too_large(scope, receive, send, exc)
+            return
         except Exception as exc:
             if not is_answered_error(exc):
                 raise  # the app's handler of unexpected errors: 500, logged
             await error_response(exc)(scope, receive, send)
             return
-        headers = [(b"content-length", str(len(payload)).encode())]
+        sent = [(b"content-length", str(len(payload)).encode())]
         if json_size is None:
-            headers.append((b"content-type", b"application/json"))
+            sent.append((b"content-type", b"application/json"))
         else:
-            headers.append((b"content-type", b"application/octet-stream"))
-            headers.append((_HEADER_LENGTH.encode(), str(json_size).encode()))
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+            sent.append((b"content-type", b"application/octet-stream"))
+            sent.append((_HEADER_LENGTH.encode(), str(json_size).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": sent})
         await send({"type": "http.response.body", "body": payload})

@@ -10,11 +10,14 @@ join a batch keep their place in line for the next one.
 Short runs run on the event loop instead (``inline_seconds``): handing a batch to a worker
 thread and back costs about as much CPU as a small model's whole run (measured on 2 cores,
 batch-1 requests: 0.1-0.4 ms per run, most of a request's server CPU at concurrency 1).
-The consumer keeps a moving average of the session's seconds per row over the runs it
-timed, and a batch whose estimate (rows x that) is at most ``inline_seconds`` runs on the
-loop, which it blocks for about that long; every other batch, every batch before the
-first timed run, and every batch of a batcher with several runs in flight at once
+The consumer keeps a moving average of the session's seconds per row for each batch key
+(the inputs' dtypes and non-batch shapes: an image size, a sequence length, bank requests
+apart from plain ones) over the runs it timed, and a batch whose estimate (rows x its
+key's average) is at most ``inline_seconds`` runs on the loop, which it blocks for about
+that long; every other batch, every batch of a key not timed yet (a new shape always runs
+in a worker first), and every batch of a batcher with several runs in flight at once
 (``max_concurrent`` > 1, where the loop would serialise them) goes to the worker threads.
+At most ``_ROW_KEYS`` keys are timed; batches of further keys always go to the workers.
 
 Waiting only pays when other requests are coming: the consumer keeps a moving average of
 requests per run and skips the wait while it is about one (a lone client then gets no
@@ -75,6 +78,7 @@ BatchObserver = Callable[[int, Sequence[float]], None]
 
 _LOAD_DECAY = 0.8
 _ROW_DECAY = 0.9  # the moving average of seconds per row
+_ROW_KEYS = 64  # batch keys with a moving average of their own (then: worker threads)
 _WAIT_ABOVE = 1.5
 
 
@@ -149,8 +153,8 @@ class Batcher:
         self.max_concurrent = max_concurrent
         self._slots = asyncio.Semaphore(max_concurrent)
         self.inline_seconds = inline_seconds
-        self.row_seconds: float | None = None
-        """Moving average of the session's seconds per row (``None`` before a timed run)."""
+        self.row_seconds: dict[tuple[Any, ...], float] = {}
+        """Moving average of the session's seconds per row, by batch key (see the module)."""
 
     def start(self) -> None:
         """Start the consumer task (on the running event loop)."""
@@ -299,7 +303,7 @@ class Batcher:
         parts = [(i.feed, i.rows) for i in live]
         timings: list[RunTiming | None]
         try:
-            if self._inline(sum(i.rows for i in live)):
+            if self._inline(live[0].key, sum(i.rows for i in live)):
                 results, timings = self._run_batch(parts)
             else:
                 loop = asyncio.get_running_loop()
@@ -318,7 +322,7 @@ class Batcher:
             waits.append((start if timing is None else timing.started) - item.enqueued)
             if timing is not None and timing is not counted:  # parts of a run share it
                 counted = timing
-                self._timed(timing)
+                self._timed(item.key, timing)
                 if stats is not None:
                     stats.add_run(timing)
             if timing is not None and stats is not None and not item.future.done():
@@ -332,22 +336,27 @@ class Batcher:
         if self._observe is not None:
             self._observe(sum(i.rows for i in live), waits)
 
-    def _inline(self, rows: int) -> bool:
-        """Whether a batch of ``rows`` runs on the event loop (see the module): never
-        with several runs in flight at once, which a run on the loop would serialise."""
-        estimate = self.row_seconds
+    def _inline(self, key: tuple[Any, ...], rows: int) -> bool:
+        """Whether a batch of ``rows`` of ``key`` runs on the event loop (see the module):
+        never with several runs in flight at once, which a run on the loop would
+        serialise, nor for a key not timed yet."""
+        estimate = self.row_seconds.get(key)
         return (
             self.max_concurrent == 1
             and estimate is not None
             and estimate * rows <= self.inline_seconds
         )
 
-    def _timed(self, timing: RunTiming) -> None:
+    def _timed(self, key: tuple[Any, ...], timing: RunTiming) -> None:
+        if self.inline_seconds <= 0.0:
+            return
         per_row = timing.infer / max(1, timing.rows)
-        average = self.row_seconds
-        self.row_seconds = (
-            per_row if average is None else _ROW_DECAY * average + (1.0 - _ROW_DECAY) * per_row
-        )
+        average = self.row_seconds.get(key)
+        if average is None:
+            if len(self.row_seconds) < _ROW_KEYS:
+                self.row_seconds[key] = per_row
+            return
+        self.row_seconds[key] = _ROW_DECAY * average + (1.0 - _ROW_DECAY) * per_row
 
     def _run_batch(
         self, parts: list[tuple[Feed, int]]

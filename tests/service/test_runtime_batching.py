@@ -321,15 +321,46 @@ def _threads_of_runs(
 def test_short_runs_run_on_the_event_loop_after_the_first_timed_run() -> None:
     on_loop, batcher = _threads_of_runs(inline_seconds=0.5, delay=0.0, requests=4)
     assert on_loop == [False, True, True, True]  # the first run has no estimate yet
-    assert batcher.row_seconds is not None and 0.0 <= batcher.row_seconds < 0.5
+    (average,) = batcher.row_seconds.values()
+    assert 0.0 <= average < 0.5
 
 
 def test_long_runs_and_inline_off_stay_in_the_workers() -> None:
     slow, batcher = _threads_of_runs(inline_seconds=0.001, delay=0.005, requests=3)
     assert slow == [False, False, False]
-    assert batcher.row_seconds is not None and batcher.row_seconds >= 0.004
-    off, _ = _threads_of_runs(inline_seconds=0.0, delay=0.0, requests=3)
-    assert off == [False, False, False]
+    (average,) = batcher.row_seconds.values()
+    assert average >= 0.004
+    off, batcher = _threads_of_runs(inline_seconds=0.0, delay=0.0, requests=3)
+    assert off == [False, False, False] and not batcher.row_seconds
+
+
+KEY = (("x", "<f4", (2,)),)
+
+
+def test_a_new_input_shape_runs_in_a_worker_first() -> None:
+    """The estimate is per batch key: after small inputs are timed (and run inline), the
+    first request of a larger shape still goes to a worker thread."""
+    on_loop: list[bool] = []
+    loop_thread: list[int] = []
+
+    def run(feed: dict[str, np.ndarray], rows: int) -> list[np.ndarray]:
+        on_loop.append(threading.get_ident() == loop_thread[0])
+        return [feed["x"] * 2.0]
+
+    async def body(pool: ThreadPoolExecutor) -> int:
+        loop_thread.append(threading.get_ident())
+        batcher = Batcher(run, executor=pool, max_batch_size=8, max_delay=0.0, inline_seconds=0.5)
+        for width in (2, 2, 2, 64, 64, *range(100, 170), 100, 169):
+            await batcher.submit({"x": np.ones((1, width), np.float32)}, 1)
+        await batcher.close()
+        return len(batcher.row_seconds)
+
+    keys = _run(body)
+    assert on_loop[:5] == [False, True, True, False, True]
+    assert not any(on_loop[5:-2])  # each new width: a worker first
+    # width 100 was timed (the 3rd key); 169 came after _ROW_KEYS keys: never timed
+    assert on_loop[-2:] == [True, False]
+    assert keys == 64
 
 
 def test_inline_estimate_scales_with_the_batch_rows() -> None:
@@ -344,12 +375,13 @@ def test_inline_estimate_scales_with_the_batch_rows() -> None:
                 inline_seconds=0.004,
                 max_concurrent=concurrent,
             )
-            batcher.row_seconds = 0.001
-            answers.append(batcher._inline(rows))
+            batcher.row_seconds[KEY] = 0.001
+            answers.append(batcher._inline(KEY, rows))
+            answers.append(batcher._inline(("other",), 1))  # a key not timed yet
             await batcher.close()
         return answers
 
     # 4 x 1 ms fits 4 ms, 5 rows do not; with two runs in flight the loop would serialise
-    assert _run(body) == [True, False, False]
+    assert _run(body) == [True, False, False, False, False, False]
     with ThreadPoolExecutor(1) as pool, pytest.raises(ValueError, match="inline_seconds"):
         Batcher(lambda f, r: [], executor=pool, max_batch_size=1, max_delay=0.0, inline_seconds=-1)

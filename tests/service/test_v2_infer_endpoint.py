@@ -20,6 +20,9 @@ from runtime_helpers import FakeRegistry, build_app, export_versions, runtime_se
 
 from service.api.v2_codec import HEADER_LENGTH, decode_response, encode_request
 from service.api.v2_infer import InferenceEndpoint
+from service.dataplane import _outcome
+from service.errors import ClientGone
+from service.metrics import error_reason
 
 TOKEN = "s3cret-token"
 
@@ -202,4 +205,29 @@ def test_client_gone_mid_body_is_not_answered() -> None:
     endpoint = InferenceEndpoint(inner, dataplane=plane)  # type: ignore[arg-type]
     asyncio.run(endpoint(scope, receive, send))
     assert sent == []
-    assert len(left) == 1 and type(left[0]).__name__ == "ClientDisconnect"
+    assert len(left) == 1 and isinstance(left[0], ClientGone)
+    # counted as the client's, never paging: outcome client_error, reason cancelled
+    assert _outcome(left[0]) == "client_error" and error_reason(left[0]) == "cancelled"
+
+
+def test_an_oversize_body_is_refused_before_anything_is_looked_up(
+    models: dict[int, Any], tmp_path: Path
+) -> None:
+    app = _app(models, tmp_path, endpoint=True, max_request_bytes=1024)
+    body, headers = _request(np.zeros((2, 3, 8, 8), np.float32), binary=True)  # > 1 KiB
+    with TestClient(app) as c:
+        for url in (
+            "/v2/models/nope/infer",  # unknown model: still 413, not 404
+            "/v2/models/m/versions/-1/infer",  # malformed version: still 413, not 400
+            "/v2/models/m/infer",
+        ):
+            declared = c.post(url, content=body, headers=headers)
+            assert declared.status_code == 413, url
+            assert "at most 1024 bytes" in declared.json()["error"]
+            assert declared.headers["connection"] == "close"
+        streamed = c.post(
+            "/v2/models/m/infer", content=iter([body[:600], body[600:]]), headers=headers
+        )
+        assert streamed.status_code == 413 and streamed.headers["connection"] == "close"
+        text = c.get("/metrics").text
+    assert 'model="nope"' not in text  # refused before resolution: never a metric label
