@@ -23,10 +23,17 @@ everything it names is in place:
 * removing a model renames its directory to ``<store>/.trash-<random>`` (readers see it
   go at once), then deletes it;
 * with ``keep_versions`` (``RECALIB_STORE_KEEP_VERSIONS``), a publication keeps the
-  production version and the ``keep_versions - 1`` highest other version numbers: the
-  rest leave ``recalib.json`` at its commit point and their directories are deleted after
-  it (renamed to ``<store>/.trash-<random>`` first). The store is derived from the control's
-  registry, which keeps every version: promoting a pruned version again copies it back in.
+  production version and the ``keep_versions - 1`` most recently promoted others
+  (``recalib.json``'s ``promoted``: versions in the order they last became production, so
+  the previous production, the version replicas serve until they switch and the natural
+  rollback target, goes last; without it, the highest numbers). The rest leave
+  ``recalib.json`` at its commit point, and their directories are deleted once
+  ``config.pbtxt`` names the new production too (renamed to ``<store>/.trash-<random>``
+  first). A publication that fails after its commit point leaves them in place (the next
+  one deletes them), so Triton's ``config.pbtxt`` never names a deleted version. The store
+  is derived from the control's registry, which keeps every version: promoting a pruned
+  version again copies it back in. Lowering the setting takes effect at each model's next
+  publication.
 
 *Stat banks* (:mod:`service.banks`) are published beside the versions: ``recalib.json``
 lists each bank (``{"sha256", "versions"}``: its file's digest and the versions it is
@@ -164,6 +171,8 @@ class StoredModel:
         directory: ``<store>/<model>``.
         banks: the model's stat banks, by name, their files inside ``directory``.
         default_bank: ``None``, ``"auto"``, ``"none"`` or the name of one of ``banks``.
+        promoted: published versions in the order they last became production (the
+            production one last; empty in a ``recalib.json`` written before retention).
     """
 
     name: str
@@ -173,6 +182,7 @@ class StoredModel:
     directory: Path = Path()
     banks: tuple[BankRef, ...] = ()
     default_bank: str | None = None
+    promoted: tuple[int, ...] = ()
 
     def onnx_path(self, version: int) -> Path:
         """Where version ``version``'s ONNX file is."""
@@ -350,6 +360,7 @@ class ModelStore:
         try:
             versions = {int(k): dict(v) for k, v in raw["versions"].items()}
             banks, default = _read_banks(raw, directory)
+            promoted = tuple(int(v) for v in raw.get("promoted", ()) if int(v) in versions)
             model = StoredModel(
                 str(raw["name"]),
                 str(raw["uid"]),
@@ -358,6 +369,7 @@ class ModelStore:
                 directory,
                 banks=banks,
                 default_bank=default,
+                promoted=promoted,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StoreUnreadable(
@@ -453,9 +465,11 @@ class ModelStore:
             current = None
         versions = dict(current.versions) if current is not None else {}
         versions[version] = dict(metadata or {})
-        dropped = _beyond(versions, version, self.keep_versions)
+        earlier = current.promoted if current is not None else ()
+        dropped = _beyond(versions, version, self.keep_versions, earlier)
         for old in dropped:
             del versions[old]
+        promoted = [v for v in earlier if v != version and v in versions] + [version]
         document = {
             "format": _FORMAT,
             "name": name,
@@ -467,6 +481,7 @@ class ModelStore:
                 for b in sorted(banks, key=lambda b: b.name)
             },
             "default_bank": default_bank,
+            "promoted": promoted,
         }
         metadata_text = json.dumps(document, indent=1, sort_keys=True)
         from .triton_config import config_text, model_config
@@ -502,7 +517,9 @@ class ModelStore:
             )
             for b in sorted(banks, key=lambda b: b.name)
         )
-        return StoredModel(name, uid, version, versions, directory, stored, default_bank)
+        return StoredModel(
+            name, uid, version, versions, directory, stored, default_bank, tuple(promoted)
+        )
 
     def _create(
         self,
@@ -551,11 +568,14 @@ class ModelStore:
         """Delete the version directories of ``directory`` not in ``keep`` (after the
         commit point no longer lists them)."""
         for entry in _listing(directory):
-            if entry.is_dir() and entry.name.isdigit() and int(entry.name) not in keep:
+            if _VERSION_DIR.fullmatch(entry.name) and int(entry.name) not in keep:
                 log.info("model store: removing version %s (past keep_versions)", entry)
                 self._discard(entry)
 
     def _discard(self, path: Path) -> None:
+        if path.is_symlink():  # rmtree refuses links: the link would stay in the root
+            path.unlink()
+            return
         trash = self.root / f"{_TRASH}{uuid.uuid4().hex}"
         os.rename(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
@@ -592,27 +612,38 @@ class ModelStore:
                             shutil.rmtree(inner, ignore_errors=True)
                         else:
                             inner.unlink(missing_ok=True)
-                self._sweep_model(entry.name)
+                self._sweep_banks(entry.name)
 
-    def _sweep_model(self, name: str) -> None:
-        """Delete the bank files and version directories of ``name`` its ``recalib.json``
-        does not list (copied in by a publication that crashed before its commit point,
-        or after it, before the old ones were deleted)."""
+    def _sweep_banks(self, name: str) -> None:
+        """Delete the bank files of ``name`` its ``recalib.json`` does not list (copied in
+        by a publication that crashed before its commit point, or after it, before the
+        old files were deleted). Version directories are left to the next publication:
+        a crash between the commit point and ``config.pbtxt`` leaves Triton's config
+        naming one that ``recalib.json`` no longer lists."""
         try:
             model = self.read(name)
         except (StoreUnreadable, InvalidInput):
             return  # not ours to judge: the next publication replaces it
         if model is not None:
             _prune_banks(model.directory, {b.path.name for b in model.banks})
-            self._prune_versions(model.directory, set(model.versions))
 
 
-def _beyond(versions: Mapping[int, Any], production: int, keep: int) -> list[int]:
+_VERSION_DIR = re.compile(r"[1-9][0-9]*", re.ASCII)
+"""A version directory's name, as Triton reads one (anything else is left alone)."""
+
+
+def _beyond(
+    versions: Mapping[int, Any], production: int, keep: int, promoted: Sequence[int]
+) -> list[int]:
     """The versions a store keeping ``keep`` (0: all) drops: all but ``production`` and
-    the ``keep - 1`` highest others."""
+    the ``keep - 1`` most recently promoted others (``promoted``: oldest first; versions
+    it does not list rank below it, the higher number first)."""
     if keep == 0:
         return []
-    others = sorted((v for v in versions if v != production), reverse=True)
+    rank = {v: i for i, v in enumerate(promoted)}
+    others = sorted(
+        (v for v in versions if v != production), key=lambda v: (rank.get(v, -1), v), reverse=True
+    )
     return others[keep - 1 :]
 
 

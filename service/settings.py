@@ -142,8 +142,9 @@ class Settings(BaseSettings):
 
     store_keep_versions: int = Field(default=3, ge=0)
     """Versions each model keeps in the model store, its production version included: a
-    publication deletes the others, lowest version numbers first (0: keep every version
-    ever published). Only the store: the control's registry keeps every version, and
+    publication deletes the others, least recently promoted first (the previous production
+    stays longest: replicas serve it until they switch, and it is the rollback target);
+    0 keeps every version ever published. Only the store: the control's registry keeps every version, and
     promoting a pruned one publishes it again. Store-fed replicas serve only what the
     store holds (an explicit request for a pruned version answers 404 there)."""
 

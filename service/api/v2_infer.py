@@ -198,14 +198,17 @@ class InferenceEndpoint:
         headers = _headers(scope)
         limit = self.dataplane.settings.max_request_bytes
         declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:  # before anything is looked up
+        # before anything is looked up (ASCII digits only: int() reads other digits too)
+        if declared.isascii() and declared.isdigit() and int(declared[:24]) > limit:
+            shown = (
+                declared if len(declared) <= 24 else f"{declared[:24]}... ({len(declared)} digits)"
+            )
             await _too_large(
                 scope,
                 receive,
                 send,
                 PayloadTooLarge(
-                    f"request body: expected at most {limit} bytes (got Content-Length "
-                    f"{int(declared)})"
+                    f"request body: expected at most {limit} bytes (got Content-Length {shown})"
                 ),
             )
             return

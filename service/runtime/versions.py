@@ -406,7 +406,12 @@ class VersionTable:
                 log.warning("%s: drift monitoring off, the graph cannot be tapped: %s", label, exc)
         plain = None
         if tapped_proto is None or fraction < 1.0:
-            plain = create_session(path, settings, label=label)
+            try:
+                plain = create_session(path, settings, label=label)
+            except InvalidInput:
+                if not path.exists():  # deleted since it was read (a store pruned it)
+                    raise NotFound(f"{label} was deleted while it was being loaded") from None
+                raise
         tapped = None
         if tapped_proto is not None:
             tapped = create_session(

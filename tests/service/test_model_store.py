@@ -84,6 +84,7 @@ def test_publish_writes_the_triton_layout_and_recalib_metadata(tmp_path: Path) -
         "versions": {"1": {"sha256": "sha-1"}},
         "banks": {},
         "default_bank": None,
+        "promoted": [1],
     }
 
     config = _config(store)  # Triton's own ModelConfig message parses it
@@ -142,6 +143,14 @@ def test_a_store_keeps_production_and_the_newest_versions(tmp_path: Path) -> Non
         "1",
         "3",
     }
+    # a rollback, then a new version: the rolled-back-to version is the previous
+    # production (what the replicas serve until they switch): kept, older ones go
+    ranked = ModelStore(tmp_path / "ranked", keep_versions=3)
+    for version in (3, 8, 9, 10, 3, 11):
+        _publish(ranked, tmp_path, version)
+    after = ranked.read("m")
+    assert after is not None and sorted(after.versions) == [3, 10, 11]
+    assert after.promoted == (10, 3, 11)
     every = ModelStore(tmp_path / "all")  # 0: every version ever published
     for version in (1, 2, 3, 4):
         _publish(every, tmp_path, version)
@@ -149,6 +158,40 @@ def test_a_store_keeps_production_and_the_newest_versions(tmp_path: Path) -> Non
     assert kept is not None and sorted(kept.versions) == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="keep_versions"):
         ModelStore(tmp_path / "bad", keep_versions=-1)
+
+
+def test_pruning_waits_for_the_config_and_leaves_odd_names_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ModelStore(tmp_path / "store", keep_versions=1)
+    _publish(store, tmp_path, 1)
+    model_dir = store.root / "m"
+    for odd in ("007", "\u00b2", "x1"):
+        (model_dir / odd).mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (model_dir / "5").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    import service.model_store as model_store
+
+    write = model_store._write_atomic
+
+    def no_config(path: Path, text: str) -> None:
+        if path.name == CONFIG_FILE:
+            raise OSError(28, "No space left on device")
+        write(path, text)
+
+    monkeypatch.setattr(model_store, "_write_atomic", no_config)
+    with pytest.raises(OSError):
+        _publish(store, tmp_path, 2)  # committed, but config.pbtxt still names 1
+    assert (model_dir / "1" / "model.onnx").is_file()  # not deleted under Triton's config
+    assert list(_config(store).version_policy.specific.versions) == [1]
+    store.sweep()  # leaves version directories to the next publication
+    assert (model_dir / "1").is_dir()
+    monkeypatch.setattr(model_store, "_write_atomic", write)
+    _publish(store, tmp_path, 3)
+    names = sorted(p.name for p in model_dir.iterdir())
+    assert names == sorted(["3", "007", "\u00b2", "x1", CONFIG_FILE, METADATA_FILE])
+    assert not any(p.name.startswith(".trash") for p in store.root.iterdir())
+    assert (tmp_path / "elsewhere").is_dir()  # a link's target is never touched
 
 
 def test_the_app_store_keeps_the_configured_versions(tmp_path: Path) -> None:
@@ -243,7 +286,6 @@ def test_sweep_removes_what_a_crash_left(tmp_path: Path) -> None:
     (store.root / ".trash-def").mkdir()
     (store.root / "m" / ".staging-123").mkdir()
     (store.root / "m" / f".{METADATA_FILE}.456").write_text("{")
-    (store.root / "m" / "7").mkdir()  # renamed in, never committed (a crash before it)
     store.sweep()
     assert sorted(p.name for p in store.root.iterdir()) == ["m"]
     assert sorted(p.name for p in (store.root / "m").iterdir()) == ["1", CONFIG_FILE, METADATA_FILE]

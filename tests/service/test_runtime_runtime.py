@@ -158,6 +158,32 @@ def test_failed_load_leaves_the_old_version_serving(models: dict[int, Any], tmp_
     assert _run(body()) == "1"
 
 
+def test_a_file_deleted_under_its_load_is_not_found_not_invalid(
+    models: dict[int, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model store pruning a version while a replica loads it: the file goes between
+    reading the graph and building the session; that is a 404, not a broken model."""
+    doomed = tmp_path / "doomed.onnx"
+    doomed.write_bytes(models[1][1].read_bytes())
+    build = create_session
+
+    def vanishing(model: Any, *args: Any, **kwargs: Any) -> Any:
+        if model == doomed:
+            doomed.unlink()
+        return build(model, *args, **kwargs)
+
+    monkeypatch.setattr(versions_module, "create_session", vanishing)
+
+    async def body() -> None:
+        settings = runtime_settings(tmp_path, drift_sample_fraction=0.1)  # a plain session
+        runtime = ServingRuntime(settings, ServiceMetrics(CollectorRegistry()))
+        with pytest.raises(NotFound, match="deleted while it was being loaded"):
+            await runtime.load("m", 1, doomed)
+        await runtime.close()
+
+    _run(body())
+
+
 def test_recently_pinned_version_stays_loaded(models: dict[int, Any], tmp_path: Path) -> None:
     x = source_images(1, seed=5)
 

@@ -231,3 +231,42 @@ def test_an_oversize_body_is_refused_before_anything_is_looked_up(
         assert streamed.status_code == 413 and streamed.headers["connection"] == "close"
         text = c.get("/metrics").text
     assert 'model="nope"' not in text  # refused before resolution: never a metric label
+
+
+def test_a_content_length_of_other_digits_is_a_400() -> None:
+    """``int()`` reads digits of other scripts ("²" is a digit to ``str.isdigit``): the
+    early size check takes ASCII digits only, and the body reader answers 400."""
+
+    @asynccontextmanager
+    async def window(name: str, ref: str | None) -> Any:
+        yield SimpleNamespace()
+
+    plane = SimpleNamespace(
+        check_token=lambda presented: None,
+        settings=SimpleNamespace(max_request_bytes=1 << 20),
+        inference=window,
+    )
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("the app was called")
+
+    for value in ("\u00b2".encode("latin-1"), b"9" * 5000):
+        sent.clear()
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/v2/models/m/infer",
+            "root_path": "",
+            "headers": [(b"content-length", value)],
+        }
+        endpoint = InferenceEndpoint(inner, dataplane=plane)  # type: ignore[arg-type]
+        asyncio.run(endpoint(scope, receive, send))
+        status = sent[0]["status"]
+        assert status == (400 if value.startswith(b"\xb2") else 413), value[:8]
