@@ -144,9 +144,9 @@ class Settings(BaseSettings):
     """Versions each model keeps in the model store, its production version included: a
     publication deletes the others, least recently promoted first (the previous production
     stays longest: replicas serve it until they switch, and it is the rollback target);
-    0 keeps every version ever published. Only the store: the control's registry keeps every version, and
-    promoting a pruned one publishes it again. Store-fed replicas serve only what the
-    store holds (an explicit request for a pruned version answers 404 there)."""
+    0 keeps every version ever published. Only the store: the control's registry keeps
+    every version, and promoting a pruned one publishes it again. Store-fed replicas serve
+    only what the store holds (an explicit request for a pruned version answers 404)."""
 
     store_poll_seconds: float = Field(default=2.0, gt=0)
     """How often a store-fed replica looks for new production versions (and the control
