@@ -9,14 +9,10 @@ per-bank route limit tables too).
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from bench_helpers import run_script
 
 pytestmark = pytest.mark.slow
 
@@ -24,25 +20,13 @@ pytestmark = pytest.mark.slow
 def test_bank_quality_prints_every_table_for_both_plans(tmp_path: Path) -> None:
     if importlib.util.find_spec("rapidocr_onnxruntime") is None:
         pytest.fail("rapidocr-onnxruntime (a dev dependency) is not installed")
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "PYTHONWARNINGS": "ignore",
-        "RECALIB_REALSUITE_CACHE": str(tmp_path),
-    }
-    done = subprocess.run(
-        [sys.executable, "bank_quality.py", "--model", "textline"]
-        + ["--n-calib", "8", "--n-test", "4", "--domains", "clean,dark"]
-        + ["--bankless", "texture", "--plans", "auto,full", "--route-layers", "1,2"],
-        cwd=ROOT / "bench",
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    out = run_script(
+        "bank_quality.py",
+        *("--model", "textline", "--n-calib", "8", "--n-test", "4", "--domains", "clean,dark"),
+        *("--bankless", "texture", "--plans", "auto,full", "--route-layers", "1,2"),
+        env={"RECALIB_REALSUITE_CACHE": str(tmp_path)},
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
+    lines = out.splitlines()
     assert any(li.startswith("  route_layers=1: ok") for li in lines)
     assert any(li.startswith("  route_layers=2: refused") for li in lines)  # one stem BN
     for plan in ("auto", "full"):

@@ -4,31 +4,12 @@ them. Numbers are not checked here: benchmarks print ratios, tests never time an
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from bench_helpers import run_script as _run
 
 pytestmark = pytest.mark.slow
-
-
-def _run(*args: str) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(
-        [sys.executable, *args],
-        cwd=ROOT / "bench",
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
 
 
 def test_recalib_speed_prints_its_table_and_the_cpu_comparison() -> None:
