@@ -18,7 +18,16 @@ from service.errors import InvalidInput, NotFound
 from service.runtime.bank_refs import BankRef
 from service.settings import Settings
 
-__all__ = ["AUTH", "TOKEN", "Api", "FakeRuntime", "bank_bytes", "real_api", "shifted_stats"]
+__all__ = [
+    "AUTH",
+    "TOKEN",
+    "Api",
+    "FakeRuntime",
+    "bank_bytes",
+    "real_api",
+    "replica_settings",
+    "shifted_stats",
+]
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -136,6 +145,14 @@ class Api:
             for p in self.home.rglob("*")
             if p.is_file() and not p.name.startswith("recalib.db")
         )
+
+
+def replica_settings(settings: Settings, store: Path, home: Path, **update: Any) -> Settings:
+    """``settings`` for a store-fed inference replica of ``store`` with its own ``home``
+    (``update`` wins)."""
+    return settings.model_copy(
+        update={"model_store": store, "role": "inference", "home": home, **update}
+    )
 
 
 def real_api(make_api: Callable[..., Api], settings: Settings, bn_onnx: bytes) -> Api:

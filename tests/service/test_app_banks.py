@@ -16,7 +16,7 @@ import onnx
 import pytest
 from runtime_helpers import export, make_model, shifted_images
 from safetensors.numpy import load, save_file
-from service_helpers import Api, FakeRuntime, bank_bytes, shifted_stats
+from service_helpers import Api, FakeRuntime, bank_bytes, replica_settings, shifted_stats
 
 from recalib.onnx.bank_files import (
     ROUTE_LIMIT_KEY,
@@ -353,11 +353,7 @@ def test_a_store_fed_replica_has_no_banks(
     store = tmp_path / "store"
     control = make_api(settings.model_copy(update={"model_store": store}))
     assert control.register("m", bn_onnx).status_code == 201
-    replica = make_api(
-        settings.model_copy(
-            update={"model_store": store, "role": "inference", "home": tmp_path / "replica"}
-        )
-    )
+    replica = make_api(replica_settings(settings, store, tmp_path / "replica"))
     data = bank_bytes(onnx.load_from_string(bn_onnx), tmp_path)
     for method, path in [
         ("GET", "/v1/models/m/banks"),

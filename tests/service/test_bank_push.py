@@ -16,7 +16,7 @@ import onnx
 import pytest
 from fastapi.testclient import TestClient
 from runtime_helpers import shifted_images
-from service_helpers import Api, FakeRuntime, bank_bytes, shifted_stats
+from service_helpers import Api, FakeRuntime, bank_bytes, replica_settings, shifted_stats
 
 from recalib.onnx.names import set_bn_node_stats
 from service.model_store import ModelStore
@@ -203,14 +203,7 @@ def test_the_control_publishes_banks_and_a_replica_pushes_them(
 
     replica_runtime = FakeRuntime()
     make_api(
-        settings.model_copy(
-            update={
-                "model_store": store,
-                "role": "inference",
-                "home": tmp_path / "replica",
-                "store_poll_seconds": 0.05,
-            }
-        ),
+        replica_settings(settings, store, tmp_path / "replica", store_poll_seconds=0.05),
         runtime=replica_runtime,
     )
     # the first pass, before the replica reports ready: the store's copies
@@ -257,16 +250,14 @@ def test_a_bank_put_on_the_control_serves_requests_on_a_store_fed_replica(
     control = make_api(settings.model_copy(update={"model_store": store}))
     assert control.register("m", bn_onnx).status_code == 201
     replica = make_api(
-        settings.model_copy(
-            update={
-                "model_store": store,
-                "role": "inference",
-                "home": tmp_path / "replica",
-                "store_poll_seconds": 0.05,
-                "execution_provider": "cpu",
-                "intra_op_threads": 1,
-                "warmup_batch_sizes": [1],
-            }
+        replica_settings(
+            settings,
+            store,
+            tmp_path / "replica",
+            store_poll_seconds=0.05,
+            execution_provider="cpu",
+            intra_op_threads=1,
+            warmup_batch_sizes=[1],
         ),
         runtime=None,  # the real serving runtime
     )

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from google.protobuf import text_format
 from prometheus_client import CollectorRegistry
-from service_helpers import Api, FakeRuntime
+from service_helpers import Api, FakeRuntime, replica_settings
 from tritonclient.grpc import model_config_pb2
 
 from service.errors import InvalidInput, NotFound
@@ -551,14 +551,7 @@ def test_a_store_fed_replica_serves_the_store_without_a_database(
     home = tmp_path / "replica-home"
     replica_runtime = FakeRuntime()
     replica = make_api(
-        settings.model_copy(
-            update={
-                "model_store": store_dir,
-                "role": "inference",
-                "home": home,
-                "store_poll_seconds": 0.05,
-            }
-        ),
+        replica_settings(settings, store_dir, home, store_poll_seconds=0.05),
         runtime=replica_runtime,
     )
     assert replica_runtime.served == {"m": 1}  # before the app answered anything
