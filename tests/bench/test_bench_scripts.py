@@ -103,6 +103,10 @@ def test_data_plane_measures_in_process_and_recalib_and_names_missing_peers(
     targets = [li.strip() for li in lines if li.strip().startswith("[")]
     assert len(targets) == 8
     assert targets[0].startswith("[PASS] inference role imports no torch")
+    # the RSS line also gives the libraries' own share: a session after the server's imports
+    floor = targets[1].split("third-party packages (")[1]
+    assert {"fastapi", "grpc", "onnxruntime"} <= set(floor.split(")")[0].split(", "))
+    assert float(floor.split("): ")[1].split(" MB")[0]) > 0
     assert "[not measured] REST JSON >= 3x KServe" in targets[-2]
 
 
