@@ -42,7 +42,7 @@ from .api import datasets as datasets_api
 from .api import metrics_route, v2
 from .api import models as models_api
 from .api import recalibrations as recalibrations_api
-from .api.v2_infer import InferenceEndpoint
+from .api.v2_infer import InferenceEndpoint, body_too_large, declared_too_large
 from .auth import bearer_token, check_bearer
 from .banks import BankRuntime, BankStore
 from .catalog import Catalog
@@ -92,10 +92,11 @@ class BodyLimit:
             return
         limit = self._limit(scope)
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _reject(
-                send, f"expected a request body of at most {limit} bytes (got {int(declared)})"
-            )
+        too_large = declared_too_large(
+            None if declared is None else declared.decode("latin-1"), limit
+        )
+        if too_large is not None:
+            await _reject(send, too_large.message)
             return
         seen = 0
 
@@ -107,9 +108,7 @@ class BodyLimit:
                 if seen > limit:
                     # FastAPI passes HTTPException through body parsing (anything else
                     # becomes a 400); the error handlers give it the {"error": ...} body.
-                    raise HTTPException(
-                        413, f"expected a request body of at most {limit} bytes (got more)"
-                    )
+                    raise HTTPException(413, body_too_large(limit).message)
             return message
 
         await self.app(scope, counted, send)

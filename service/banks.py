@@ -281,7 +281,7 @@ class BankStore:
         self.home = catalog.home
         self.runtime = runtime
         self.publisher = publisher
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # name -> (lock, users)
 
     def _model(self, name: str) -> sqlite3.Row:
         return self.catalog._model_row(name)  # the catalog's look-up (NotFound, 400)
@@ -527,14 +527,24 @@ class BankStore:
             name: the model (one that was deleted gets ``([], None)``).
             store: also publish (``False`` at start-up: the publisher reconciles then).
         """
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        async with lock:  # one push of a model at a time, each reading the latest state
-            try:
-                state = await asyncio.to_thread(self.bank_set, name)
-                await self.runtime.set_banks(name, state.banks, state.default)
-            # Whatever the runtime raised (it reads the files): the change stays committed.
-            except Exception:
-                log.exception("model %s: could not push its stat banks to the runtime", name)
+        lock, users = self._locks.get(name, (asyncio.Lock(), 0))
+        self._locks[name] = (lock, users + 1)
+        try:
+            async with lock:  # one push of a model at a time, each reading the latest state
+                try:
+                    state = await asyncio.to_thread(self.bank_set, name)
+                    await self.runtime.set_banks(name, state.banks, state.default)
+                # Whatever the runtime raised (it reads the files): the change stays
+                # committed.
+                except Exception:
+                    log.exception("model %s: could not push its stat banks to the runtime", name)
+        finally:  # the last user removes the lock: one entry per model being pushed, not ever
+            held, users = self._locks.get(name, (None, 0))
+            if held is lock:  # (push_all may have cleared the table meanwhile)
+                if users <= 1:
+                    del self._locks[name]
+                else:
+                    self._locks[name] = (lock, users - 1)
         if store and self.publisher is not None:
             await self.publisher.sync(name)  # never raises (logged and counted)
 

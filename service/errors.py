@@ -120,6 +120,11 @@ class ClientGone(ServiceError):
 
     status = 499
 
+    def __init__(
+        self, message: str = "request: the client disconnected before its body was read"
+    ) -> None:
+        super().__init__(message)
+
 
 def without_path(message: str, path: Path) -> str:
     """``message`` with ``path`` (as given, absolute and resolved, and its folder) replaced

@@ -394,7 +394,7 @@ async def _body(request: Request) -> AsyncIterator[bytes]:
         async for chunk in request.stream():
             yield chunk
     except ClientDisconnect:
-        raise ClientGone("request: the client disconnected before its body was read") from None
+        raise ClientGone() from None
 
 
 async def _infer(request: Request, name: str, ref: str | None) -> Response:

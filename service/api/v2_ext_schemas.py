@@ -29,7 +29,9 @@ __all__ = [
 
 
 class RepositoryIndexRequest(BaseModel):
-    """``POST /v2/repository/index`` (the body may be empty)."""
+    """``POST /v2/repository/index`` (the body may be empty; other keys are refused)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     ready: bool = Field(default=False, description="only the versions that are READY")
 
@@ -48,7 +50,9 @@ class RepositoryIndexEntry(BaseModel):
 
 class RepositoryModelRequest(BaseModel):
     """``POST /v2/repository/models/{name}/load`` and ``.../unload`` (the body may be
-    empty)."""
+    empty; other keys are refused)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     parameters: dict[str, Any] | None = Field(
         default=None,

@@ -39,7 +39,14 @@ from ..dataplane import DataPlane
 from ..errors import ClientGone, InvalidInput, PayloadTooLarge, error_response, is_answered_error
 from .v2_codec import HEADER_LENGTH, decode_request, encode_response
 
-__all__ = ["VERSION_PATTERN", "InferenceEndpoint", "answer", "read_body"]
+__all__ = [
+    "VERSION_PATTERN",
+    "InferenceEndpoint",
+    "answer",
+    "body_too_large",
+    "declared_too_large",
+    "read_body",
+]
 
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 """What ``{model_version}`` may look like (a version number or an alias)."""
@@ -48,6 +55,27 @@ _VERSION_RE = re.compile(VERSION_PATTERN)
 # Starlette's ``{param}`` is ``[^/]+``: the same paths the documented operations match.
 _INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
 _HEADER_LENGTH = HEADER_LENGTH.lower()
+
+
+def body_too_large(limit: int) -> PayloadTooLarge:
+    """The 413 for a body found, while it is read, to be longer than ``limit`` bytes."""
+    return PayloadTooLarge(f"request body: expected at most {limit} bytes (got more)")
+
+
+def declared_too_large(declared: str | None, limit: int) -> PayloadTooLarge | None:
+    """The 413 for a declared ``Content-Length`` above ``limit`` (``None``: no header, not
+    ASCII digits, or within the limit). ``int()`` reads other digits too and refuses more
+    than 4,300, so only ASCII digits count, and a value is compared by its length first.
+    """
+    if declared is None or not (declared.isascii() and declared.isdigit()):
+        return None
+    digits = declared.lstrip("0")
+    if len(digits) <= 24 and int(digits or "0") <= limit:
+        return None
+    shown = declared if len(declared) <= 24 else f"{declared[:24]}... ({len(declared)} digits)"
+    return PayloadTooLarge(
+        f"request body: expected at most {limit} bytes (got Content-Length {shown})"
+    )
 
 
 async def read_body(chunks: AsyncIterator[bytes], headers: Mapping[str, str], limit: int) -> bytes:
@@ -69,20 +97,17 @@ async def read_body(chunks: AsyncIterator[bytes], headers: Mapping[str, str], li
     """
     declared = headers.get("content-length")
     if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise InvalidInput(f"Content-Length: expected an integer (got {declared!r})") from None
-        if size > limit:
-            raise PayloadTooLarge(
-                f"request body: expected at most {limit} bytes (got Content-Length {size})"
-            )
+        too_large = declared_too_large(declared.strip(), limit)
+        if too_large is not None:
+            raise too_large
+        if not (declared.strip().isascii() and declared.strip().isdigit()):
+            raise InvalidInput(f"Content-Length: expected an integer (got {declared[:64]!r})")
     parts: list[bytes] = []
     total = 0
     async for chunk in chunks:
         total += len(chunk)
         if total > limit:
-            raise PayloadTooLarge(f"request body: expected at most {limit} bytes (got more)")
+            raise body_too_large(limit)
         parts.append(chunk)
     body = parts[0] if len(parts) == 1 else b"".join(parts)
     encoding = headers.get("content-encoding", "identity").strip().lower()
@@ -161,7 +186,7 @@ async def _chunks(receive: Receive) -> AsyncIterator[bytes]:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise ClientGone("request: the client disconnected before its body was read")
+            raise ClientGone()
         yield message.get("body", b"")
         if not message.get("more_body", False):
             return
@@ -197,20 +222,9 @@ class InferenceEndpoint:
             return
         headers = _headers(scope)
         limit = self.dataplane.settings.max_request_bytes
-        declared = headers.get("content-length", "")
-        # before anything is looked up (ASCII digits only: int() reads other digits too)
-        if declared.isascii() and declared.isdigit() and int(declared[:24]) > limit:
-            shown = (
-                declared if len(declared) <= 24 else f"{declared[:24]}... ({len(declared)} digits)"
-            )
-            await _too_large(
-                scope,
-                receive,
-                send,
-                PayloadTooLarge(
-                    f"request body: expected at most {limit} bytes (got Content-Length {shown})"
-                ),
-            )
+        too_large = declared_too_large(headers.get("content-length"), limit)
+        if too_large is not None:  # before anything is looked up
+            await _too_large(scope, receive, send, too_large)
             return
         try:
             payload, json_size = await answer(

@@ -72,6 +72,7 @@ def test_every_change_pushes_the_whole_bank_set(
     calls = len(runtime.bank_calls)
     assert api.client.delete("/v1/models/m").status_code == 204
     assert runtime.bank_calls[calls:] == [("m", (), None)]  # deleted: its banks are gone
+    assert api.app.state.banks._locks == {}  # no lock kept per model ever pushed
 
 
 def test_start_up_pushes_every_model_once(

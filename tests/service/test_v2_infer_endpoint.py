@@ -19,7 +19,8 @@ from pydantic import SecretStr
 from runtime_helpers import FakeRegistry, build_app, export_versions, runtime_settings
 
 from service.api.v2_codec import HEADER_LENGTH, decode_response, encode_request
-from service.api.v2_infer import InferenceEndpoint
+from service.api.v2_infer import InferenceEndpoint, declared_too_large
+from service.app import BodyLimit
 from service.dataplane import _outcome
 from service.errors import ClientGone
 from service.metrics import error_reason
@@ -270,3 +271,51 @@ def test_a_content_length_of_other_digits_is_a_400() -> None:
         asyncio.run(endpoint(scope, receive, send))
         status = sent[0]["status"]
         assert status == (400 if value.startswith(b"\xb2") else 413), value[:8]
+
+
+@pytest.mark.parametrize(
+    ("declared", "refused"),
+    [
+        (None, False),
+        ("1024", False),
+        ("1025", True),
+        ("0" * 40 + "1024", False),  # leading zeros: compared by value, not by length
+        ("0" * 40 + "1025", True),
+        ("9" * 5000, True),  # more digits than int() reads
+        ("\u00b2", False),  # not ASCII digits: the body reader's 400, not a 413
+        ("-1", False),
+    ],
+)
+def test_declared_too_large_reads_ascii_digits_of_any_length(
+    declared: str | None, refused: bool
+) -> None:
+    too_large = declared_too_large(declared, 1024)
+    assert (too_large is not None) is refused
+    if too_large is not None:
+        assert too_large.status == 413 and "at most 1024 bytes" in too_large.message
+        assert len(too_large.message) < 200  # thousands of digits are not echoed
+
+
+def test_body_limit_refuses_a_declared_length_of_thousands_of_digits() -> None:
+    """The same check guards every other route (``BodyLimit``): 413 with the connection
+    closed, the app never called (``int()`` of 5,000 digits raised a 500 there)."""
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("the app was called")
+
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    limit = BodyLimit(inner, upload_bytes=1 << 20, request_bytes=1024)
+    for value in (b"9" * 5000, b"1025"):
+        sent.clear()
+        scope = {"type": "http", "method": "POST", "path": "/v1/recalibrations", "headers": []}
+        scope["headers"] = [(b"content-length", value)]
+        asyncio.run(limit(scope, receive, send))
+        assert sent[0]["status"] == 413 and (b"connection", b"close") in sent[0]["headers"]
+        assert b"at most" in sent[1]["body"]

@@ -393,6 +393,11 @@ def test_repository_errors(
     assert named.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     bad_body = server.http.post("/v2/repository/index", json={"ready": "maybe"})
     assert bad_body.status_code == 400 and "ready" in bad_body.json()["error"]
+    # a misspelt key is refused, not ignored (it would have listed every version)
+    typo = server.http.post("/v2/repository/index", json={"ready_only": True})
+    assert typo.status_code == 400 and "ready_only" in typo.json()["error"]
+    extra = server.http.post("/v2/repository/models/strict/unload", json={"params": {}})
+    assert extra.status_code == 400 and "params" in extra.json()["error"]
     not_json = server.http.post("/v2/repository/models/strict/load", content=b"{")
     assert not_json.status_code == 400 and "JSON" in not_json.json()["error"]
 
