@@ -93,6 +93,7 @@ def test_data_plane_measures_in_process_and_recalib_and_names_missing_peers(
         "recalib REST binary, batching off",
         "recalib REST binary, batching on",
         "recalib gRPC, batching on",
+        "recalib gRPC stream, batching on",
     } <= setups
     for li in measured:  # conc, req/s, p50, p99, x ORT, server ms/req, client ms/req, RSS
         fields = li[34:].split()
@@ -108,6 +109,7 @@ def test_data_plane_measures_in_process_and_recalib_and_names_missing_peers(
     assert {"fastapi", "grpc", "onnxruntime"} <= set(floor.split(")")[0].split(", "))
     assert float(floor.split("): ")[1].split(" MB")[0]) > 0
     assert "[not measured] REST JSON >= 3x KServe" in targets[-2]
+    assert "one stream with 16 in flight: " in targets[-1]  # the stream's ratio, measured
 
 
 def test_stat_banks_prints_every_case_and_the_memory_line() -> None:
