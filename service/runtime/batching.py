@@ -18,6 +18,11 @@ that long; every other batch, every batch of a key not timed yet (a new shape al
 in a worker first), and every batch of a batcher with several runs in flight at once
 (``max_concurrent`` > 1, where the loop would serialise them) goes to the worker threads.
 At most ``_ROW_KEYS`` keys are timed; batches of further keys always go to the workers.
+Without batching (``enabled=False``), a request that finds nothing queued and no run in
+flight, and whose run is short by that estimate, runs inside :meth:`Batcher.submit` itself
+(the caller's task), skipping the hand-off to the consumer task and its run task: 9 vs 24
+µs of batcher CPU per request (a trivial run, sequential requests, uvloop). With
+batching on every request goes through the consumer, which forms the batches.
 
 Waiting only pays when other requests are coming: the consumer keeps a moving average of
 requests per run and skips the wait while it is about one (a lone client then gets no
@@ -153,6 +158,7 @@ class Batcher:
         self.max_concurrent = max_concurrent
         self._slots = asyncio.Semaphore(max_concurrent)
         self.inline_seconds = inline_seconds
+        self._running = 0  # run tasks that have not finished their session run
         self.row_seconds: dict[tuple[Any, ...], float] = {}
         """Moving average of the session's seconds per row, by batch key (see the module)."""
 
@@ -185,6 +191,11 @@ class Batcher:
         self.start()
         loop = asyncio.get_running_loop()
         item = _Item(feed, rows, _key(feed), loop.create_future(), time.perf_counter())
+        if not self.gathers and not self._queue and not self._running:
+            if self._inline(item.key, rows):  # nothing to wait for: run it here and now
+                results, timings = self._run_batch([(feed, rows)])
+                self._settle([item], item.enqueued, results, timings)
+                return item.future.result()
         self._queue.append(item)
         self._wakeup.set()
         return await item.future
@@ -253,6 +264,7 @@ class Batcher:
                     batch = await self._grow(batch, held)
                 self._load = _LOAD_DECAY * self._load + (1.0 - _LOAD_DECAY) * len(batch)
                 run = asyncio.get_running_loop().create_task(self._execute(batch))
+                self._running += 1
                 runs.add(run)
                 run.add_done_callback(self._finished(runs))
                 slot, batch = False, []
@@ -297,12 +309,12 @@ class Batcher:
 
     async def _execute(self, batch: list[_Item]) -> None:
         live = [item for item in batch if not item.future.done()]
-        if not live:
-            return
         start = time.perf_counter()
         parts = [(i.feed, i.rows) for i in live]
         timings: list[RunTiming | None]
         try:
+            if not live:
+                return
             if self._inline(live[0].key, sum(i.rows for i in live)):
                 results, timings = self._run_batch(parts)
             else:
@@ -313,6 +325,18 @@ class Batcher:
         except Exception as exc:  # executor shut down, or a bug: every caller learns it
             log.exception("%s: batch of %d requests failed", self.name, len(live))
             results, timings = [exc] * len(live), [None] * len(live)
+        finally:  # before the callers wake: the next request may run in submit
+            self._running -= 1
+        self._settle(live, start, results, timings)
+
+    def _settle(
+        self,
+        live: list[_Item],
+        start: float,
+        results: Sequence[list[Array] | BaseException],
+        timings: Sequence[RunTiming | None],
+    ) -> None:
+        """Statistics, metrics and the callers' futures after one run of ``live``."""
         stats = self._stats
         counted: RunTiming | None = None
         waits: list[float] = []

@@ -385,3 +385,50 @@ def test_inline_estimate_scales_with_the_batch_rows() -> None:
     assert _run(body) == [True, False, False, False, False, False]
     with ThreadPoolExecutor(1) as pool, pytest.raises(ValueError, match="inline_seconds"):
         Batcher(lambda f, r: [], executor=pool, max_batch_size=1, max_delay=0.0, inline_seconds=-1)
+
+
+def test_without_batching_a_short_run_runs_in_the_callers_task() -> None:
+    """Batching off, nothing queued, nothing in flight: a short run runs inside ``submit``
+    (no hand-off to the consumer task), with its statistics and metrics as before; a
+    batching batcher still hands every request to the consumer, which forms batches."""
+    tasks: list[asyncio.Task[Any] | None] = []
+    observed: list[tuple[int, int]] = []
+
+    def run(feed: dict[str, np.ndarray], rows: int) -> list[np.ndarray]:
+        try:
+            tasks.append(asyncio.current_task())
+        except RuntimeError:  # a worker thread: no event loop there
+            tasks.append(None)
+        if feed["x"].shape[1] == 3:
+            raise ValueError("bad width")
+        return [feed["x"] * 2.0]
+
+    async def body(pool: ThreadPoolExecutor) -> list[bool]:
+        ran_in_caller = []
+        for gathers in (False, True):
+            tasks.clear()
+            batcher = Batcher(
+                run,
+                executor=pool,
+                max_batch_size=8,
+                max_delay=0.0,
+                enabled=gathers,
+                inline_seconds=0.5,
+                observe=lambda rows, waits: observed.append((rows, len(waits))),
+            )
+            for i in range(3):
+                x = np.full((1, 2), float(i), np.float32)
+                (out,) = await batcher.submit({"x": x}, 1)
+                np.testing.assert_array_equal(out, x * 2.0)
+            caller = asyncio.current_task()
+            ran_in_caller.extend(task is caller for task in tasks)
+            if not gathers:  # a failing run: this caller's error, raised from submit
+                with pytest.raises(ValueError, match="bad width"):
+                    await batcher.submit({"x": np.ones((1, 3), np.float32)}, 1)
+            await batcher.close()
+        return ran_in_caller
+
+    ran_in_caller = _run(body)
+    # the first run (no estimate yet) goes through the consumer; then in the caller's task
+    assert ran_in_caller == [False, True, True, False, False, False]
+    assert observed[:3] == [(1, 1)] * 3  # every run observed, the direct ones too
