@@ -680,7 +680,7 @@ def _over_grpc_stream(server: Server, x: np.ndarray, concurrency: int, seconds: 
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             await stub.ModelInfer(requests[0], timeout=30)  # connected before the clock
-            call = stub.ModelStreamInfer()
+            call = stub.ModelStreamInfer(timeout=duration + 30)  # a lost answer fails, late
             start = time.perf_counter()
             stop = start + duration
             sent: dict[str, float] = {}
@@ -802,25 +802,37 @@ def _export(kind: str, path: Path) -> tuple[int, ...]:
         "import json, sys; from pathlib import Path; import serve_speed; "
         "print(json.dumps(serve_speed._export(sys.argv[1], Path(sys.argv[2]))))"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)])}
+    return tuple(_child(["-c", code, kind, str(path)], f"export of {kind}", 600))
+
+
+def _child(argv: list[str], what: str, timeout: float) -> Any:
+    """Run this interpreter with ``argv`` (from ``bench/``, the repository and ``bench/``
+    importable) and return the JSON of its last line of output."""
     done = subprocess.run(
-        [sys.executable, "-c", code, kind, str(path)],
-        env=env,
+        [sys.executable, *argv],
         cwd=HERE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)])},
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         check=False,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"export of {kind} failed: {done.stderr[-2000:]}")
-    return tuple(json.loads(done.stdout.strip().splitlines()[-1]))
+        raise RuntimeError(f"{what} failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 _SERVER_PACKAGES = """
 import json, os, sys
 os.environ["RECALIB_ROLE"] = "inference"
 import service.app, service.grpc_api.server, service.runtime.runtime
+import uvicorn, uvicorn.main  # and what `recalib serve` runs on, where installed:
+for name in ("uvloop", "httptools", "uvicorn.loops.uvloop",
+             "uvicorn.protocols.http.httptools_impl"):
+    try:
+        __import__(name)
+    except ImportError:
+        pass
 ours = {"service", "recalib", "bench", "tests"}
 def third_party(name):
     top = name.split(".")[0]
@@ -832,38 +844,17 @@ print(json.dumps([m for m in sys.modules if third_party(m)]))
 def server_packages() -> list[str]:
     """The third-party modules the inference role's modules import (every submodule, in
     import order), read from a fresh interpreter that imports them."""
-    done = subprocess.run(
-        [sys.executable, "-c", _SERVER_PACKAGES],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"listing the server's packages failed: {done.stderr[-2000:]}")
-    names: list[str] = json.loads(done.stdout.strip().splitlines()[-1])
+    names: list[str] = _child(["-c", _SERVER_PACKAGES], "listing the server's packages", 120)
     return names
 
 
 def _rss_in_process(
     model: Path, args: argparse.Namespace, shape: tuple[int, ...], imports: Sequence[str] = ()
 ) -> float:
-    done = subprocess.run(
-        [sys.executable, __file__, "--hold-session", str(model), "--shape", json.dumps(shape)]
-        + ["--threads", str(args.threads), "--seconds", str(args.seconds)]
-        + ["--imports", ",".join(imports)],
-        cwd=HERE,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)])},
-        capture_output=True,
-        text=True,
-        timeout=120 + args.seconds,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"the session-only process failed: {done.stderr[-2000:]}")
-    return float(done.stdout.strip().splitlines()[-1])
+    argv = [__file__, "--hold-session", str(model), "--shape", json.dumps(shape)]
+    argv += ["--threads", str(args.threads), "--seconds", str(args.seconds)]
+    argv += ["--imports", ",".join(imports)]
+    return float(_child(argv, "the session-only process", 120 + args.seconds))
 
 
 def bench_model(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:

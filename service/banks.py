@@ -540,7 +540,7 @@ class BankStore:
                     log.exception("model %s: could not push its stat banks to the runtime", name)
         finally:  # the last user removes the lock: one entry per model being pushed, not ever
             held, users = self._locks.get(name, (None, 0))
-            if held is lock:  # (push_all may have cleared the table meanwhile)
+            if held is lock:
                 if users <= 1:
                     del self._locks[name]
                 else:
@@ -551,6 +551,5 @@ class BankStore:
     async def push_all(self) -> None:
         """At start-up, before the app reports ready: :meth:`push` every model's banks to
         the runtime (the store is the publisher's start-up reconciliation's)."""
-        self._locks.clear()  # asyncio locks belong to the event loop that made them
         for name in await asyncio.to_thread(self.catalog.model_names):
             await self.push(name, store=False)

@@ -96,11 +96,11 @@ async def read_body(chunks: AsyncIterator[bytes], headers: Mapping[str, str], li
         InvalidInput: a bad ``Content-Length`` or ``Content-Encoding``, or corrupt data.
     """
     declared = headers.get("content-length")
-    if declared is not None:
-        too_large = declared_too_large(declared.strip(), limit)
+    if declared is not None:  # read as the endpoint and BodyLimit read it (not stripped)
+        too_large = declared_too_large(declared, limit)
         if too_large is not None:
             raise too_large
-        if not (declared.strip().isascii() and declared.strip().isdigit()):
+        if not (declared.isascii() and declared.isdigit()):
             raise InvalidInput(f"Content-Length: expected an integer (got {declared[:64]!r})")
     parts: list[bytes] = []
     total = 0

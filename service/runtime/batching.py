@@ -18,11 +18,12 @@ that long; every other batch, every batch of a key not timed yet (a new shape al
 in a worker first), and every batch of a batcher with several runs in flight at once
 (``max_concurrent`` > 1, where the loop would serialise them) goes to the worker threads.
 At most ``_ROW_KEYS`` keys are timed; batches of further keys always go to the workers.
-Without batching (``enabled=False``), a request that finds nothing queued and no run in
-flight, and whose run is short by that estimate, runs inside :meth:`Batcher.submit` itself
-(the caller's task), skipping the hand-off to the consumer task and its run task: 9 vs 24
-µs of batcher CPU per request (a trivial run, sequential requests, uvloop). With
-batching on every request goes through the consumer, which forms the batches.
+Without batching (``enabled=False``, or a model whose axis 0 is fixed), a request that
+finds nothing queued and no run in flight, and whose run is short by that estimate, runs
+inside :meth:`Batcher.submit` itself (the caller's task), skipping the hand-off to the
+consumer task and its run task: 9 vs 24 µs of batcher CPU per request (a trivial run,
+sequential requests, uvloop). With batching on every request goes through the consumer,
+which forms the batches.
 
 Waiting only pays when other requests are coming: the consumer keeps a moving average of
 requests per run and skips the wait while it is about one (a lone client then gets no
@@ -263,10 +264,11 @@ class Batcher:
                 if self.gathers:
                     batch = await self._grow(batch, held)
                 self._load = _LOAD_DECAY * self._load + (1.0 - _LOAD_DECAY) * len(batch)
-                run = asyncio.get_running_loop().create_task(self._execute(batch))
+                entered = [False]  # whether _execute began (and so counts its run down)
+                run = asyncio.get_running_loop().create_task(self._execute(batch, entered))
                 self._running += 1
                 runs.add(run)
-                run.add_done_callback(self._finished(runs))
+                run.add_done_callback(self._finished(runs, entered))
                 slot, batch = False, []
         except Exception as exc:  # a bug: fail the waiting requests, never hang them
             log.exception("%s: the batching consumer failed", self.name)
@@ -282,9 +284,13 @@ class Batcher:
             if runs:
                 await asyncio.gather(*runs, return_exceptions=True)
 
-    def _finished(self, runs: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+    def _finished(
+        self, runs: set[asyncio.Task[None]], entered: list[bool]
+    ) -> Callable[[asyncio.Task[None]], None]:
         def done(task: asyncio.Task[None]) -> None:
             runs.discard(task)
+            if not entered[0]:  # cancelled before its first step
+                self._running -= 1
             self._slots.release()
 
         return done
@@ -307,7 +313,8 @@ class Batcher:
                 break
         return batch
 
-    async def _execute(self, batch: list[_Item]) -> None:
+    async def _execute(self, batch: list[_Item], entered: list[bool]) -> None:
+        entered[0] = True
         live = [item for item in batch if not item.future.done()]
         start = time.perf_counter()
         parts = [(i.feed, i.rows) for i in live]
@@ -336,11 +343,28 @@ class Batcher:
         results: Sequence[list[Array] | BaseException],
         timings: Sequence[RunTiming | None],
     ) -> None:
-        """Statistics, metrics and the callers' futures after one run of ``live``."""
+        """Statistics, metrics and the callers' futures after one run of ``live``. The
+        futures are settled whatever the bookkeeping raises (logged): an answer that is
+        ready is never lost to a metrics error."""
+        try:
+            self._account(live, start, timings)
+        except Exception:
+            log.exception("%s: the statistics of a run failed", self.name)
+        for item, result in zip(live, results, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(result, BaseException):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
+
+    def _account(
+        self, live: list[_Item], start: float, timings: Sequence[RunTiming | None]
+    ) -> None:
         stats = self._stats
         counted: RunTiming | None = None
         waits: list[float] = []
-        for item, result, timing in zip(live, results, timings, strict=True):
+        for item, timing in zip(live, timings, strict=True):
             # the queue wait ends when a worker thread took the batch: one measurement
             # for the statistics and the histogram
             waits.append((start if timing is None else timing.started) - item.enqueued)
@@ -351,12 +375,6 @@ class Batcher:
                     stats.add_run(timing)
             if timing is not None and stats is not None and not item.future.done():
                 stats.add_request_run(item.enqueued, timing)
-            if item.future.done():
-                continue
-            if isinstance(result, BaseException):
-                item.future.set_exception(result)
-            else:
-                item.future.set_result(result)
         if self._observe is not None:
             self._observe(sum(i.rows for i in live), waits)
 

@@ -432,3 +432,34 @@ def test_without_batching_a_short_run_runs_in_the_callers_task() -> None:
     # the first run (no estimate yet) goes through the consumer; then in the caller's task
     assert ran_in_caller == [False, True, True, False, False, False]
     assert observed[:3] == [(1, 1)] * 3  # every run observed, the direct ones too
+
+
+def test_a_failing_metrics_observer_loses_no_answer(caplog: pytest.LogCaptureFixture) -> None:
+    """The bookkeeping after a run (statistics, ``observe``) raising is logged; every
+    caller still gets its answer, on the consumer's path and on the direct one alike."""
+
+    def observe(rows: int, waits: Any) -> None:
+        raise RuntimeError("metrics broke")
+
+    async def body(pool: ThreadPoolExecutor) -> int:
+        answered = 0
+        for enabled in (True, False):
+            batcher = Batcher(
+                lambda feed, rows: [feed["x"] + 1.0],
+                executor=pool,
+                max_batch_size=8,
+                max_delay=0.0,
+                enabled=enabled,
+                inline_seconds=0.5,
+                observe=observe,
+            )
+            for i in range(3):
+                x = np.full((1, 2), float(i), np.float32)
+                (out,) = await asyncio.wait_for(batcher.submit({"x": x}, 1), 10.0)
+                np.testing.assert_array_equal(out, x + 1.0)
+                answered += 1
+            await batcher.close()
+        return answered
+
+    assert _run(body) == 6
+    assert caplog.text.count("the statistics of a run failed") == 6
