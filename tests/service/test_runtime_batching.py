@@ -404,7 +404,7 @@ def test_without_batching_a_short_run_runs_in_the_callers_task() -> None:
         return [feed["x"] * 2.0]
 
     async def body(pool: ThreadPoolExecutor) -> list[bool]:
-        ran_in_caller = []
+        ran_in_caller: list[bool] = []
         for gathers in (False, True):
             tasks.clear()
             batcher = Batcher(

@@ -314,8 +314,8 @@ def test_body_limit_refuses_a_declared_length_of_thousands_of_digits() -> None:
     limit = BodyLimit(inner, upload_bytes=1 << 20, request_bytes=1024)
     for value in (b"9" * 5000, b"1025"):
         sent.clear()
-        scope = {"type": "http", "method": "POST", "path": "/v1/recalibrations", "headers": []}
-        scope["headers"] = [(b"content-length", value)]
+        headers = [(b"content-length", value)]
+        scope = {"type": "http", "method": "POST", "path": "/v1/recalibrations", "headers": headers}
         asyncio.run(limit(scope, receive, send))
         assert sent[0]["status"] == 413 and (b"connection", b"close") in sent[0]["headers"]
         assert b"at most" in sent[1]["body"]
