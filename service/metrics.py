@@ -71,7 +71,7 @@ every series (:meth:`ServiceMetrics.forget_model`). ``_created`` series are not 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -279,6 +279,31 @@ BANK_OTHER = "other"
 _JOB_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
 
 
+class _Series:
+    """Series by metric and label values: ``labels()`` takes a lock and checks its
+    arguments on every call, too slow for the request path; :meth:`remove` drops a series
+    and its entry together (a kept entry would count into a removed series)."""
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def get(self, metric: Counter | Gauge | Histogram, *labels: str) -> Any:
+        """``metric.labels(*labels)``, kept until :meth:`remove` removes that series."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def remove(self, metric: Counter | Gauge | Histogram, *labels: str) -> None:
+        """Remove one series (none there: nothing happens)."""
+        self._children.pop((id(metric), labels), None)
+        try:
+            metric.remove(*labels)
+        except KeyError:
+            pass
+
+
 class ServiceMetrics:
     """Every metric of the service, registered in ``registry``.
 
@@ -472,6 +497,7 @@ class ServiceMetrics:
         self._bank_labels: dict[str, set[str]] = {}
         self._providers: dict[tuple[str, str], tuple[str, str]] = {}
         self._layers: dict[tuple[str, str], set[str]] = {}
+        self._series = _Series()
 
     # -- inference ---------------------------------------------------------------------
 
@@ -500,22 +526,22 @@ class ServiceMetrics:
         elif reason not in REQUEST_REASONS:
             raise ValueError(f"expected reason in {REQUEST_REASONS} (got {reason!r})")
         v = str(version)
-        self.requests.labels(model, v, outcome, reason).inc()
-        self.request_duration.labels(model, v).observe(seconds)
+        self._series.get(self.requests, model, v, outcome, reason).inc()
+        self._series.get(self.request_duration, model, v).observe(seconds)
 
     def observe_batch(
         self, model: str, version: int | str, rows: int, queue_waits: Sequence[float]
     ) -> None:
         """Record one session run: its rows and the queue wait of each request in it."""
         v = str(version)
-        self.batch_size.labels(model, v).observe(rows)
-        wait = self.queue_wait.labels(model, v)
+        self._series.get(self.batch_size, model, v).observe(rows)
+        wait = self._series.get(self.queue_wait, model, v)
         for seconds in queue_waits:
             wait.observe(seconds)
 
     def inflight_add(self, model: str, delta: int) -> None:
         """Move the in-flight gauge of ``model`` by ``delta`` (+1 on entry, -1 on exit)."""
-        self.inflight.labels(model).inc(delta)
+        self._series.get(self.inflight, model).inc(delta)
 
     # -- stat banks ----------------------------------------------------------------------
 
@@ -567,7 +593,7 @@ class ServiceMetrics:
         """Publish one stat bank's drift (``score=None``: nothing scored yet)."""
         labels = (model, str(version), bank)
         if score is None:
-            self._remove(self.bank_drift_score, *labels)
+            self._series.remove(self.bank_drift_score, *labels)
         else:
             self.bank_drift_score.labels(*labels).set(score)
         self.bank_drift_exceeded.labels(*labels).set(1.0 if exceeded else 0.0)
@@ -575,7 +601,7 @@ class ServiceMetrics:
     def forget_bank_drift(self, model: str, version: int | str, bank: str) -> None:
         """Remove a retired stat bank's drift series."""
         for gauge in (self.bank_drift_score, self.bank_drift_exceeded):
-            self._remove(gauge, model, str(version), bank)
+            self._series.remove(gauge, model, str(version), bank)
 
     def bank_load_failed(self, model: str) -> None:
         """Count a bank file skipped, or a version whose graph cannot take banks."""
@@ -604,7 +630,7 @@ class ServiceMetrics:
         """
         v = str(version)
         if score is None:
-            self._remove(self.drift_score, model, v)
+            self._series.remove(self.drift_score, model, v)
         else:
             self.drift_score.labels(model, v).set(score)
         self.drift_exceeded.labels(model, v).set(1.0 if exceeded else 0.0)
@@ -613,7 +639,7 @@ class ServiceMetrics:
             return
         key = (model, v)
         for gone in self._layers.get(key, set()) - set(layers):
-            self._remove(self.layer_drift_score, model, v, gone)
+            self._series.remove(self.layer_drift_score, model, v, gone)
         for layer, value in layers.items():
             self.layer_drift_score.labels(model, v, layer).set(value)
         self._layers[key] = set(layers)
@@ -633,7 +659,7 @@ class ServiceMetrics:
         key = (model, str(version))
         old = self._providers.get(key)
         if old is not None:
-            self._remove(self.provider_info, *key, *old)
+            self._series.remove(self.provider_info, *key, *old)
         self.provider_info.labels(*key, requested, provider).set(1.0)
         self._providers[key] = (requested, provider)
 
@@ -673,7 +699,7 @@ class ServiceMetrics:
         for family in self.inflight.collect():
             for sample in family.samples:
                 if sample.labels.get("model") == model and sample.value == 0:
-                    self._remove(self.inflight, model)
+                    self._series.remove(self.inflight, model)
 
     def _forget(self, match: Callable[[dict[str, str]], bool], kinds: tuple[type, ...]) -> None:
         for metric in self._by_model:
@@ -686,7 +712,7 @@ class ServiceMetrics:
                     if match(sample.labels):
                         seen.add(tuple(sample.labels[n] for n in names))
             for values in seen:
-                self._remove(metric, *values)
+                self._series.remove(metric, *values)
 
     # -- read at scrape time -------------------------------------------------------------
 
@@ -718,10 +744,3 @@ class ServiceMetrics:
             raise ValueError(f"expected outcome in {JOB_OUTCOMES} (got {outcome!r})")
         self.jobs.labels(outcome).inc()
         self.job_duration.observe(seconds)
-
-    @staticmethod
-    def _remove(metric: Counter | Gauge | Histogram, *labels: str) -> None:
-        try:
-            metric.remove(*labels)
-        except KeyError:
-            pass

@@ -292,6 +292,25 @@ def test_forget_version_removes_counters_and_histograms_too() -> None:
     m.forget_model("demo")
     assert _names_with(m, model="demo") == set()
     assert "recalib_requests_total" in _names_with(m, model="other")
+    # a version served again starts its series over (the hot path's cached series went
+    # with them: a stale one would count into nothing)
+    m.inflight_add("demo", 1)
+    m.observe_request("demo", 1, "ok", 0.002)
+    m.observe_batch("demo", 1, 2, [0.001, 0.002])
+    assert (
+        m.registry.get_sample_value(
+            "recalib_requests_total",
+            {"model": "demo", "version": "1", "outcome": "ok", "reason": "none"},
+        )
+        == 1.0
+    )
+    assert (
+        m.registry.get_sample_value(
+            "recalib_queue_wait_seconds_count", {"model": "demo", "version": "1"}
+        )
+        == 2.0
+    )
+    assert m.registry.get_sample_value("recalib_inflight_requests", {"model": "demo"}) == 1.0
 
 
 def test_compute_split_and_readiness_are_read_at_scrape() -> None:
