@@ -734,6 +734,11 @@ def _check_grpc(server: Server, x: np.ndarray, expected: np.ndarray) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         reply = stub.ModelInfer(_grpc_request(x), timeout=30)
+    _same_reply(reply, expected)
+
+
+def _same_reply(reply: Any, expected: np.ndarray) -> None:
+    """A ``ModelInferResponse``'s one output (raw or typed contents) against ``expected``."""
     out = reply.outputs[0]
     if reply.raw_output_contents:
         y = np.frombuffer(reply.raw_output_contents[0], "<f4")
@@ -751,10 +756,7 @@ def _check_grpc_stream(server: Server, x: np.ndarray, expected: np.ndarray) -> N
         (reply,) = list(stub.ModelStreamInfer(iter(_stream_requests(x, 1)), timeout=30))
     if reply.error_message:
         raise RuntimeError(f"stream answer: {reply.error_message}")
-    answer = reply.infer_response
-    out = answer.outputs[0]
-    y = np.frombuffer(answer.raw_output_contents[0], "<f4")
-    _same({out.name: y.reshape(tuple(out.shape))}, expected)
+    _same_reply(reply.infer_response, expected)
 
 
 def _same(got: dict[str, np.ndarray], expected: np.ndarray) -> None:
