@@ -97,11 +97,11 @@ async def read_body(chunks: AsyncIterator[bytes], headers: Mapping[str, str], li
     """
     declared = headers.get("content-length")
     if declared is not None:  # read as the endpoint and BodyLimit read it (not stripped)
+        if not (declared.isascii() and declared.isdigit()):
+            raise InvalidInput(f"Content-Length: expected an integer (got {declared[:64]!r})")
         too_large = declared_too_large(declared, limit)
         if too_large is not None:
             raise too_large
-        if not (declared.isascii() and declared.isdigit()):
-            raise InvalidInput(f"Content-Length: expected an integer (got {declared[:64]!r})")
     parts: list[bytes] = []
     total = 0
     async for chunk in chunks:
