@@ -160,6 +160,25 @@ def test_unexpected_error_is_the_apps_500(models: dict[int, Any], tmp_path: Path
     assert response.json() == {"error": "internal server error (logged by the server)"}
 
 
+async def _app_not_called(scope: Any, receive: Any, send: Any) -> None:
+    raise AssertionError("the app was called")
+
+
+def _asgi_call(asgi: Any, scope: dict[str, Any], messages: list[dict[str, Any]]) -> list[Any]:
+    """One call of ``asgi`` receiving ``messages`` (the last one repeats): what it sent."""
+    sent: list[Any] = []
+    pending = list(messages)
+
+    async def receive() -> Any:
+        return pending.pop(0) if len(pending) > 1 else pending[0]
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    asyncio.run(asgi(scope, receive, send))
+    return sent
+
+
 def test_client_gone_mid_body_is_not_answered() -> None:
     """A disconnect while the body streams: nothing is sent, and the metrics window (the
     data plane's ``inference`` block) is left."""
@@ -179,23 +198,10 @@ def test_client_gone_mid_body_is_not_answered() -> None:
         inference=window,
     )
 
-    async def inner(scope: Any, receive: Any, send: Any) -> None:
-        raise AssertionError("the app was called")
-
-    messages = iter(
-        [
-            {"type": "http.request", "body": b"{", "more_body": True},
-            {"type": "http.disconnect"},
-        ]
-    )
-    sent: list[Any] = []
-
-    async def receive() -> Any:
-        return next(messages)
-
-    async def send(message: Any) -> None:
-        sent.append(message)
-
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b"{", "more_body": True},
+        {"type": "http.disconnect"},
+    ]
     scope = {
         "type": "http",
         "method": "POST",
@@ -203,9 +209,8 @@ def test_client_gone_mid_body_is_not_answered() -> None:
         "root_path": "",
         "headers": [],
     }
-    endpoint = InferenceEndpoint(inner, dataplane=plane)  # type: ignore[arg-type]
-    asyncio.run(endpoint(scope, receive, send))
-    assert sent == []
+    endpoint = InferenceEndpoint(_app_not_called, dataplane=plane)  # type: ignore[arg-type]
+    assert _asgi_call(endpoint, scope, messages) == []
     assert len(left) == 1 and isinstance(left[0], ClientGone)
     # counted as the client's, never paging: outcome client_error, reason cancelled
     assert _outcome(left[0]) == "client_error" and error_reason(left[0]) == "cancelled"
@@ -247,19 +252,8 @@ def test_a_content_length_of_other_digits_is_a_400() -> None:
         settings=SimpleNamespace(max_request_bytes=1 << 20),
         inference=window,
     )
-    sent: list[Any] = []
-
-    async def receive() -> Any:
-        return {"type": "http.request", "body": b"{}", "more_body": False}
-
-    async def send(message: Any) -> None:
-        sent.append(message)
-
-    async def inner(scope: Any, receive: Any, send: Any) -> None:
-        raise AssertionError("the app was called")
-
+    body = [{"type": "http.request", "body": b"{}", "more_body": False}]
     for value in ("\u00b2".encode("latin-1"), b"9" * 5000):
-        sent.clear()
         scope = {
             "type": "http",
             "method": "POST",
@@ -267,9 +261,8 @@ def test_a_content_length_of_other_digits_is_a_400() -> None:
             "root_path": "",
             "headers": [(b"content-length", value)],
         }
-        endpoint = InferenceEndpoint(inner, dataplane=plane)  # type: ignore[arg-type]
-        asyncio.run(endpoint(scope, receive, send))
-        status = sent[0]["status"]
+        endpoint = InferenceEndpoint(_app_not_called, dataplane=plane)  # type: ignore[arg-type]
+        status = _asgi_call(endpoint, scope, body)[0]["status"]
         assert status == (400 if value.startswith(b"\xb2") else 413), value[:8]
 
 
@@ -300,22 +293,11 @@ def test_body_limit_refuses_a_declared_length_of_thousands_of_digits() -> None:
     """The same check guards every other route (``BodyLimit``): 413 with the connection
     closed, the app never called (``int()`` of 5,000 digits raised a 500 there)."""
 
-    async def inner(scope: Any, receive: Any, send: Any) -> None:
-        raise AssertionError("the app was called")
-
-    sent: list[Any] = []
-
-    async def receive() -> Any:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Any) -> None:
-        sent.append(message)
-
-    limit = BodyLimit(inner, upload_bytes=1 << 20, request_bytes=1024)
+    limit = BodyLimit(_app_not_called, upload_bytes=1 << 20, request_bytes=1024)
+    body = [{"type": "http.request", "body": b"", "more_body": False}]
     for value in (b"9" * 5000, b"1025"):
-        sent.clear()
         headers = [(b"content-length", value)]
         scope = {"type": "http", "method": "POST", "path": "/v1/recalibrations", "headers": headers}
-        asyncio.run(limit(scope, receive, send))
+        sent = _asgi_call(limit, scope, body)
         assert sent[0]["status"] == 413 and (b"connection", b"close") in sent[0]["headers"]
         assert b"at most" in sent[1]["body"]
