@@ -94,6 +94,7 @@ def test_data_plane_measures_in_process_and_recalib_and_names_missing_peers(
         "recalib REST binary, batching on",
         "recalib gRPC, batching on",
         "recalib gRPC stream, batching on",
+        "floor: bare ASGI, uvicorn, binary",
     } <= setups
     for li in measured:  # conc, req/s, p50, p99, x ORT, server ms/req, client ms/req, RSS
         fields = li[34:].split()
@@ -109,6 +110,9 @@ def test_data_plane_measures_in_process_and_recalib_and_names_missing_peers(
     assert {"fastapi", "grpc", "onnxruntime"} <= set(floor.split(")")[0].split(", "))
     assert float(floor.split("): ")[1].split(" MB")[0]) > 0
     assert "[not measured] REST JSON >= 3x KServe" in targets[-2]
+    # the unbatched CPU lines give the bare ASGI floor's own excess beside recalib's
+    cpu = [t for t in targets if "server CPU per request" in t]
+    assert [("a bare ASGI callable on uvicorn: +" in t) for t in cpu] == [True, True, False]
     assert "one stream with 16 in flight: " in targets[-1]  # the stream's ratio, measured
 
 
