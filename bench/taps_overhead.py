@@ -3,11 +3,13 @@
 Builds a small ResNet-ish CNN (9 BatchNorm layers, 32x32 input), exports it with BN kept,
 and times ORT sessions side by side at one batch size: untapped, tapped at the BN inputs
 (``source="input"``), tapped with ``source="auto"`` (BN outputs mapped back where that
-keeps ORT's Conv+BN fusion), centred taps, taps on 3 of the 9 layers, and a lower bound
-for any tap (a GlobalAveragePool on each BN output). Rounds are interleaved (order rotated
-each round, spinning of idle ORT workers off); median and minimum are reported. The graph
-ORT optimises at level 2 (``optimized_model_filepath``) is read back to count the BN
-nodes left unfused; "ORT nodes" counts the nodes of the graph it runs at the timed level.
+keeps ORT's Conv+BN fusion; pooled form), the same with ``reduce="sum"`` (the summed form
+every layer had before the pooled one), centred taps (summed), taps on 3 of the 9 layers,
+and a lower bound for any tap (a GlobalAveragePool on each BN output). Rounds are
+interleaved (order rotated each round, spinning of idle ORT workers off); median and
+minimum are reported. The graph ORT optimises at level 2 (``optimized_model_filepath``)
+is read back to count the BN nodes left unfused; "ORT nodes" counts the nodes of the graph
+it runs at the timed level.
 
 Run: ``python bench/taps_overhead.py [--batch 32] [--threads 2] [--repeats 40]``.
 """
@@ -136,6 +138,7 @@ def main() -> None:
         "untapped": base,
         "taps: input": add_drift_taps(base, source="input"),
         "taps: auto": add_drift_taps(base, source="auto"),
+        "taps: auto, summed": add_drift_taps(base, source="auto", reduce="sum"),
         "taps: auto, centred": add_drift_taps(base, source="auto", center=True),
         "taps: auto, 3 layers": add_drift_taps(base, layers=first_bn_of_blocks(base)),
         "floor: pool BN outputs": pooled_bn_outputs(base),

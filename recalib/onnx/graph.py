@@ -59,6 +59,8 @@ class GraphIndex:
         uses: how often each name is read: node inputs (subgraphs included) plus graph
             outputs.
         elem_types: ``TensorProto`` element type per typed name.
+        shapes: per name with a known rank, its dimensions (``None`` where symbolic or
+            unknown); filled by ``infer_types`` (otherwise only initializers).
     """
 
     def __init__(self, model: onnx.ModelProto | onnx.GraphProto, *, infer_types: bool = False):
@@ -71,13 +73,23 @@ class GraphIndex:
         self.uses: Counter[str] = Counter(used_names(graph))
         self.uses.update(o.name for o in graph.output)
         self.elem_types: dict[str, int] = {t.name: t.data_type for t in graph.initializer}
+        self.shapes: dict[str, tuple[int | None, ...]] = {
+            t.name: tuple(int(d) for d in t.dims) for t in graph.initializer
+        }
         if infer_types:
             if not isinstance(model, onnx.ModelProto):
                 raise TypeError("expected a ModelProto for infer_types=True (got a GraphProto)")
             inferred = onnx.shape_inference.infer_shapes(model).graph
             for info in (*inferred.input, *inferred.output, *inferred.value_info):
-                if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
-                    self.elem_types[info.name] = info.type.tensor_type.elem_type
+                if not info.type.HasField("tensor_type"):
+                    continue
+                tensor = info.type.tensor_type
+                if tensor.elem_type:
+                    self.elem_types[info.name] = tensor.elem_type
+                if tensor.HasField("shape"):
+                    self.shapes[info.name] = tuple(
+                        d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim
+                    )
 
     @property
     def names(self) -> set[str]:

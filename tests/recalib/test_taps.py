@@ -19,6 +19,7 @@ from torch import nn
 from recalib.drift import MomentWindow, RollingWindow, score_model
 from recalib.errors import NoBatchNormError
 from recalib.onnx.taps import (
+    POOLED_OUTPUT,
     TAP_METADATA_KEY,
     add_drift_taps,
     read_taps,
@@ -195,8 +196,11 @@ def _bn_graph(
 # ---------------------------------------------------------------- structure
 
 
-def test_tapped_model_is_valid_and_keeps_original_outputs_first(net_onnx: onnx.ModelProto) -> None:
-    tapped = add_drift_taps(net_onnx)
+@pytest.mark.parametrize("reduce", ["auto", "sum"])
+def test_tapped_model_is_valid_and_keeps_original_outputs_first(
+    net_onnx: onnx.ModelProto, reduce: str
+) -> None:
+    tapped = add_drift_taps(net_onnx, reduce=reduce)  # type: ignore[arg-type]
     onnx.checker.check_model(tapped, full_check=True)
     original = [o.name for o in net_onnx.graph.output]
     names = [o.name for o in tapped.graph.output]
@@ -206,8 +210,50 @@ def test_tapped_model_is_valid_and_keeps_original_outputs_first(net_onnx: onnx.M
     layers = [n.name for n in net_onnx.graph.node if n.op_type == "BatchNormalization"]
     assert list(taps) == layers
     for layer, tap in taps.items():
-        assert tap.outputs == tuple(f"recalib_tap::{layer}::{s}" for s in ("count", "sum", "sumsq"))
+        if tap.pooled_offset is None:
+            expected = tuple(f"recalib_tap::{layer}::{s}" for s in ("count", "sum", "sumsq"))
+            assert tap.outputs == expected
+        else:
+            assert tap.outputs == (POOLED_OUTPUT,)
     assert not any(p.key == TAP_METADATA_KEY for p in net_onnx.metadata_props)  # input untouched
+
+
+def test_pooled_form_where_a_4d_float32_shape_is_fixed(net_onnx: onnx.ModelProto) -> None:
+    # the two BatchNorm2d of an (N, 3, 8, 8) input pool, with L from shape inference; the
+    # BatchNorm1d after the Linear is 2D and keeps its three summed outputs
+    taps = read_taps(add_drift_taps(net_onnx))
+    pooled = [(t.pooled_offset, t.channels, t.fixed_count) for t in taps.values()]
+    assert pooled == [(0, 4, 36), (8, 6, 16), (None, None, None)]
+    names = tap_output_names(taps)
+    assert names[-1] == POOLED_OUTPUT and len(names) == 3 + 1
+    with pytest.raises(ValueError, match=r"cannot pool the tap of '/head/.*not 4D"):
+        add_drift_taps(net_onnx, reduce="pool")
+    with pytest.raises(ValueError, match="expected reduce 'auto', 'sum' or 'pool'"):
+        add_drift_taps(net_onnx, reduce="mean")  # type: ignore[arg-type]
+    # centred or float64 taps are never pooled
+    assert all(
+        t.pooled_offset is None for t in read_taps(add_drift_taps(net_onnx, center=True)).values()
+    )
+    assert all(
+        t.pooled_offset is None
+        for t in read_taps(add_drift_taps(net_onnx, dtype="float64")).values()
+    )
+
+
+def test_open_spatial_size_is_summed_and_format_1_is_still_read() -> None:
+    model = _bn_graph(17)
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "w"  # width open
+    taps = read_taps(add_drift_taps(model))
+    assert [t.pooled_offset for t in taps.values()] == [None]
+    with pytest.raises(ValueError, match="spatial size open"):
+        add_drift_taps(model, reduce="pool")
+    old = add_drift_taps(_bn_graph(17), reduce="sum")
+    prop = next(p for p in old.metadata_props if p.key == TAP_METADATA_KEY)
+    prop.value = json.dumps({**json.loads(prop.value), "format": 1})
+    assert [t.pooled_offset for t in read_taps(old).values()] == [None]
+    prop.value = json.dumps({**json.loads(prop.value), "format": 3})
+    with pytest.raises(ValueError, match="expected drift-tap format 1 or 2 .got 3"):
+        read_taps(old)
 
 
 def test_metadata_names_the_bn_statistics(net_onnx: onnx.ModelProto) -> None:
@@ -217,7 +263,11 @@ def test_metadata_names_the_bn_statistics(net_onnx: onnx.ModelProto) -> None:
     bn = {n.name: n for n in net_onnx.graph.node if n.op_type == "BatchNormalization"}
     for layer, entry in entries.items():
         assert (entry["mean"], entry["var"]) == (bn[layer].input[3], bn[layer].input[4])
-        assert entry["outputs"]["sum"] == f"recalib_tap::{layer}::sum"
+        outputs = entry["outputs"]
+        assert outputs.get("sum", outputs.get("pooled")) in (
+            f"recalib_tap::{layer}::sum",
+            POOLED_OUTPUT,
+        )
 
 
 def test_auto_taps_outputs_only_where_it_keeps_a_fusion(net_onnx: onnx.ModelProto) -> None:
@@ -231,11 +281,13 @@ def test_auto_taps_outputs_only_where_it_keeps_a_fusion(net_onnx: onnx.ModelProt
 
 
 @pytest.mark.parametrize("source", ["auto", "input", "output"])
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    ("dtype", "reduce"), [("float32", "auto"), ("float32", "sum"), ("float64", "auto")]
+)
 def test_tap_moments_match_float64_reference(
-    net_onnx: onnx.ModelProto, source: str, dtype: str
+    net_onnx: onnx.ModelProto, source: str, dtype: str, reduce: str
 ) -> None:
-    tapped = add_drift_taps(net_onnx, source=source, dtype=dtype)  # type: ignore[arg-type]
+    tapped = add_drift_taps(net_onnx, source=source, dtype=dtype, reduce=reduce)  # type: ignore[arg-type]
     taps = read_taps(tapped)
     sess = _session(tapped)
     names = tap_output_names(taps)
@@ -403,7 +455,9 @@ def test_layer_selection(net_onnx: onnx.ModelProto) -> None:
     first = next(n.name for n in net_onnx.graph.node if n.op_type == "BatchNormalization")
     tapped = add_drift_taps(net_onnx, layers=[first])
     assert list(read_taps(tapped)) == [first]
-    assert len(tapped.graph.output) == len(net_onnx.graph.output) + 3
+    assert len(tapped.graph.output) == len(net_onnx.graph.output) + 1  # pooled
+    summed = add_drift_taps(net_onnx, layers=[first], reduce="sum")
+    assert len(summed.graph.output) == len(net_onnx.graph.output) + 3
     with pytest.raises(NoBatchNormError, match="nope"):
         add_drift_taps(net_onnx, layers=["nope"])
 

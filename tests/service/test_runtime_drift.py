@@ -21,7 +21,7 @@ from runtime_helpers import export, make_model, shifted_images, source_images
 
 import recalib
 from recalib.drift import MomentWindow, score_model
-from recalib.onnx.taps import add_drift_taps
+from recalib.onnx.taps import POOLED_OUTPUT, add_drift_taps
 from service.api.v2_codec import decode_request, encode_request
 from service.metrics import ServiceMetrics
 from service.runtime.drift_monitor import DriftMonitor
@@ -203,8 +203,11 @@ def test_first_batch_of_each_served_version_is_sampled(
 
 def test_bad_tap_output_count_refused(onnx_path: Path) -> None:
     monitor, _ = _monitor(onnx_path)
-    with pytest.raises(ValueError, match=r"expected 6 tap outputs \(got 1\)"):
-        monitor.observe([np.zeros(1)], 1)
+    assert monitor.tap_names == [POOLED_OUTPUT]  # both BatchNorm2d pooled into one output
+    with pytest.raises(ValueError, match=r"expected 1 tap outputs \(got 2\)"):
+        monitor.observe([np.zeros(1), np.zeros(1)], 1)
+    with pytest.raises(ValueError, match=r"expected pooled rows \(N, >= 12, 1, 1\) for tap"):
+        monitor.observe([np.zeros((1, 11, 1, 1))], 1)
 
 
 async def _traffic(runtime: ServingRuntime, x: np.ndarray, batch: int = 16) -> None:
@@ -287,12 +290,8 @@ def test_submitted_runs_are_coalesced_off_thread(onnx_path: Path) -> None:
 def test_queue_bound_drops_and_counts_rows(onnx_path: Path) -> None:
     with ThreadPoolExecutor(1) as pool:
         monitor, _ = _monitor(onnx_path, executor=pool, max_pending_rows=16)
-        values = [
-            np.int64(64)
-            if name.endswith("::count")
-            else np.ones((8, 8 if "bn2" in name else 6), np.float32)
-            for name in monitor.tap_names
-        ]
+        assert monitor.tap_names == [POOLED_OUTPUT]  # bn1 (6 channels) and bn2 (8), pooled
+        values = [np.ones((8, 2 * (6 + 8), 1, 1), np.float32)]
         gate = threading.Event()
         pool.submit(gate.wait, 10.0)
         for _ in range(3):
