@@ -89,6 +89,14 @@ class Settings(BaseSettings):
     ~0.1-0.4 ms of CPU per run, most of a small model's request (0: never inline). CPU
     sessions only, and only where their runs go one at a time (``intra_op_threads`` 0)."""
 
+    inline_run_alone_ms: float = Field(default=5.0, ge=0.0)
+    """The same bound for a request that has its model version to itself: nothing queued,
+    no other run in flight, a batch of one (a lone client's sequential requests). Its
+    model's next request waits for the run anyway, so a worker thread adds only the
+    hand-off; the loop, blocked meanwhile, delays only other models' and endpoints'
+    requests, by up to this long. Never below ``inline_run_ms``, and only where that
+    is > 0."""
+
     warmup_batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32])
     """Batch sizes run once before a version reports ready (clipped to max_batch_size)."""
 

@@ -339,6 +339,7 @@ class VersionTable:
             # a GPU run mostly waits for the device: other models' runs overlap it in
             # the worker threads, which a run on the loop would stop
             inline_seconds=settings.inline_run_ms / 1000.0 if entry.provider() != CUDA else 0.0,
+            alone_inline_seconds=settings.inline_run_alone_ms / 1000.0,
             name=entry.label,
         )
         entry.batcher.start()

@@ -387,6 +387,71 @@ def test_inline_estimate_scales_with_the_batch_rows() -> None:
         Batcher(lambda f, r: [], executor=pool, max_batch_size=1, max_delay=0.0, inline_seconds=-1)
 
 
+def test_a_lone_request_has_the_larger_alone_bound() -> None:
+    """A run estimated between ``inline_seconds`` and ``alone_inline_seconds`` runs on the
+    loop when its request has the batcher to itself (with and without batching), and in a
+    worker when other requests are queued behind it."""
+    on_loop: list[bool] = []
+    loop_thread: list[int] = []
+
+    def run(feed: dict[str, np.ndarray], rows: int) -> list[np.ndarray]:
+        on_loop.append(threading.get_ident() == loop_thread[0])
+        time.sleep(0.004)  # over inline_seconds (2 ms), under the alone bound (50 ms)
+        return [feed["x"] * 2.0]
+
+    async def body(pool: ThreadPoolExecutor) -> list[list[bool]]:
+        loop_thread.append(threading.get_ident())
+        seen = []
+        for enabled in (False, True):
+            batcher = Batcher(
+                run,
+                executor=pool,
+                max_batch_size=1,  # one request per run, also with batching on
+                max_delay=0.0,
+                enabled=enabled,
+                inline_seconds=0.002,
+                alone_inline_seconds=0.05,
+            )
+            on_loop.clear()
+            for i in range(3):  # sequential: alone, inline after the first timed run
+                x = np.full((1, 2), float(i), np.float32)
+                (out,) = await batcher.submit({"x": x}, 1)
+                np.testing.assert_array_equal(out, x * 2.0)
+            crowd = [batcher.submit({"x": np.ones((1, 2), np.float32)}, 1) for _ in range(4)]
+            await asyncio.gather(*crowd)  # queued behind each other: not alone
+            seen.append(list(on_loop))
+            await batcher.close()
+        return seen
+
+    unbatched, batched = _run(body)
+    for runs in (unbatched, batched):
+        assert runs[:3] == [False, True, True]  # the first run has no estimate yet
+    # without batching each request of the crowd runs inside its own submit, before the
+    # next one is submitted: each finds the batcher idle
+    assert unbatched[3:] == [True] * 4
+    # with batching they all queue first: the consumer's runs have requests behind them,
+    # except the last one
+    assert batched[3:] == [False, False, False, True]
+    with ThreadPoolExecutor(1) as pool, pytest.raises(ValueError, match="alone_inline"):
+        Batcher(
+            lambda f, r: [],
+            executor=pool,
+            max_batch_size=1,
+            max_delay=0.0,
+            alone_inline_seconds=-1,
+        )
+    with ThreadPoolExecutor(1) as pool:  # never below the plain bound
+        b = Batcher(
+            lambda f, r: [],
+            executor=pool,
+            max_batch_size=1,
+            max_delay=0.0,
+            inline_seconds=0.01,
+            alone_inline_seconds=0.001,
+        )
+        assert b.alone_inline_seconds == 0.01
+
+
 def test_without_batching_a_short_run_runs_in_the_callers_task() -> None:
     """Batching off, nothing queued, nothing in flight: a short run runs inside ``submit``
     (no hand-off to the consumer task), with its statistics and metrics as before; a
