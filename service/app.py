@@ -22,6 +22,11 @@ health and server metadata with ``protect_health``, ``/metrics`` with ``protect_
 before routing, path parameters, body size or body parsing, so a caller without the token
 gets 401 whatever else is wrong with the request. The routes' own dependencies repeat the check (and
 document it in the OpenAPI document).
+
+REST inference is answered in front of FastAPI: :class:`RecalibApp` hands the two
+inference paths to ``AuthGate(InferenceEndpoint(...))`` before FastAPI's own ``__call__``
+and its middleware stack (:mod:`service.api.v2_infer`), so FastAPI's native
+OpenTelemetry telemetry does not see them; recalib's Prometheus metrics do.
 """
 
 from __future__ import annotations
@@ -42,7 +47,12 @@ from .api import datasets as datasets_api
 from .api import metrics_route, v2
 from .api import models as models_api
 from .api import recalibrations as recalibrations_api
-from .api.v2_infer import InferenceEndpoint, body_too_large, declared_too_large
+from .api.v2_infer import (
+    InferenceEndpoint,
+    body_too_large,
+    declared_too_large,
+    is_inference_request,
+)
 from .auth import bearer_token, check_bearer
 from .banks import BankRuntime, BankStore
 from .catalog import Catalog
@@ -59,7 +69,7 @@ from .settings import Settings
 from .store_publisher import StorePublisher
 from .store_replica import Periodic, StoreResolver, StoreRuntime, StoreWatcher
 
-__all__ = ["AuthGate", "BodyLimit", "create_app"]
+__all__ = ["AuthGate", "BodyLimit", "RecalibApp", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +168,28 @@ class AuthGate:
                 )
                 return
         await self.app(scope, receive, send)
+
+
+class RecalibApp(FastAPI):
+    """FastAPI, with REST inference answered before its own ``__call__`` (see the module).
+
+    Attributes:
+        inference_front: what answers :func:`is_inference_request` requests (``None``:
+            FastAPI's stack answers everything).
+    """
+
+    inference_front: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        front = self.inference_front
+        if front is not None and is_inference_request(scope):
+            await front(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+    async def stack(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """FastAPI's own ``__call__`` (what the front passes anything else on to)."""
+        await super().__call__(scope, receive, send)
 
 
 def _bearer(scope: Scope) -> str | None:
@@ -311,7 +343,7 @@ def create_app(
             await runtime.close()
             db.close()
 
-    app = FastAPI(
+    app = RecalibApp(
         title="recalib",
         summary="Recalibrate BatchNorm statistics for new domains; serve with drift monitoring.",
         version=server_version(),
@@ -345,7 +377,9 @@ def create_app(
         upload_bytes=settings.max_upload_bytes,
         request_bytes=settings.max_request_bytes,
     )
-    # inference answered before FastAPI's stack (it reads and limits its own body)
-    app.add_middleware(InferenceEndpoint, dataplane=dataplane)
     app.add_middleware(AuthGate, settings=settings)  # outermost: authentication first
+    # inference answered in front of FastAPI's stack (it reads and limits its own body),
+    # behind the same authentication
+    front = InferenceEndpoint(app.stack, dataplane=dataplane)
+    app.inference_front = AuthGate(front, settings=settings)
     return app

@@ -35,6 +35,7 @@ __all__ = [
     "error_response",
     "grpc_error",
     "install_error_handlers",
+    "internal_error",
     "is_answered_error",
     "without_path",
 ]
@@ -189,6 +190,13 @@ def error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse(_body(str(exc)), status_code=400)
 
 
+def internal_error(method: str, path: str, exc: BaseException) -> JSONResponse:
+    """A bug's 500: logged with its traceback, answered in the protocol's error format
+    without any detail (the message might hold paths or internal ids)."""
+    log.error("%s %s failed", method, path, exc_info=exc)
+    return JSONResponse(_body("internal server error (logged by the server)"), 500)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the exception -> HTTP table on ``app`` (the only place it lives)."""
     # Here, not at the top: the recalib package imports torch, and importing the
@@ -197,10 +205,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # a bug: logged with its traceback, answered in the protocol's error format
-        # without any detail (the message might hold paths or internal ids)
-        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return JSONResponse(_body("internal server error (logged by the server)"), 500)
+        return internal_error(request.method, request.url.path, exc)
 
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
