@@ -191,6 +191,12 @@ class RecalibApp(FastAPI):
         """FastAPI's own ``__call__`` (what the front passes anything else on to)."""
         await super().__call__(scope, receive, send)
 
+    def answer_inference(self, dataplane: DataPlane, settings: Settings) -> None:
+        """Answer REST inference from ``dataplane`` in front of the stack (it reads and
+        limits its own body), behind the same authentication as every route."""
+        endpoint = InferenceEndpoint(self.stack, dataplane=dataplane)
+        self.inference_front = AuthGate(endpoint, settings=settings)
+
 
 def _bearer(scope: Scope) -> str | None:
     """The credentials of the ``Authorization: Bearer <token>`` header (as HTTPBearer)."""
@@ -378,8 +384,5 @@ def create_app(
         request_bytes=settings.max_request_bytes,
     )
     app.add_middleware(AuthGate, settings=settings)  # outermost: authentication first
-    # inference answered in front of FastAPI's stack (it reads and limits its own body),
-    # behind the same authentication
-    front = InferenceEndpoint(app.stack, dataplane=dataplane)
-    app.inference_front = AuthGate(front, settings=settings)
+    app.answer_inference(dataplane, settings)
     return app

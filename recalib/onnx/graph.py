@@ -43,6 +43,17 @@ def opset_of(model: onnx.ModelProto) -> int:
     raise ValueError("expected a default-domain (ai.onnx) opset import (got none)")
 
 
+def _without_declared_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose ``value_info`` and graph outputs keep their element types
+    but not their shapes (shape inference keeps declared shapes it cannot refine)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for info in (*copy.graph.value_info, *copy.graph.output):
+        if info.type.HasField("tensor_type"):
+            info.type.tensor_type.ClearField("shape")
+    return copy
+
+
 class GraphIndex:
     """Look-up tables over a model's main graph.
 
@@ -59,8 +70,11 @@ class GraphIndex:
         uses: how often each name is read: node inputs (subgraphs included) plus graph
             outputs.
         elem_types: ``TensorProto`` element type per typed name.
-        shapes: per name with a known rank, its dimensions (``None`` where symbolic or
-            unknown); filled by ``infer_types`` (otherwise only initializers).
+        shapes: per name with a known rank, its dimensions (``None`` where symbolic,
+            unknown or not positive, as older converters write ``-1`` for a free one);
+            filled by ``infer_types`` (otherwise only initializers) from the graph's
+            inputs and initializers alone: the shapes its ``value_info`` and outputs
+            declare are not trusted (a stale annotation would fix a free dimension).
     """
 
     def __init__(self, model: onnx.ModelProto | onnx.GraphProto, *, infer_types: bool = False):
@@ -79,7 +93,7 @@ class GraphIndex:
         if infer_types:
             if not isinstance(model, onnx.ModelProto):
                 raise TypeError("expected a ModelProto for infer_types=True (got a GraphProto)")
-            inferred = onnx.shape_inference.infer_shapes(model).graph
+            inferred = onnx.shape_inference.infer_shapes(_without_declared_shapes(model)).graph
             for info in (*inferred.input, *inferred.output, *inferred.value_info):
                 if not info.type.HasField("tensor_type"):
                     continue
@@ -88,7 +102,8 @@ class GraphIndex:
                     self.elem_types[info.name] = tensor.elem_type
                 if tensor.HasField("shape"):
                     self.shapes[info.name] = tuple(
-                        d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim
+                        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                        for d in tensor.shape.dim
                     )
 
     @property

@@ -168,15 +168,19 @@ def _bn_graph(
     mean: np.ndarray | None = None,
     var: np.ndarray | None = None,
     scale: np.ndarray | None = None,
+    channels: int = 3,
+    shape: tuple[Any, ...] | None = None,
 ) -> onnx.ModelProto:
-    """X (N, 3, 4, 5) -> BatchNormalization -> Relu, written with onnx.helper."""
+    """X (N, C, 4, 5) -> BatchNormalization -> Relu, written with onnx.helper (C = 3 unless
+    given; ``shape``: X's declared shape instead)."""
     rng = np.random.default_rng(opset)
     np_dtype = helper.tensor_dtype_to_np_dtype(elem)
+    c = channels
     params = {
-        "scale": rng.uniform(0.5, 1.5, 3) if scale is None else scale,
-        "bias": rng.uniform(-0.5, 0.5, 3),
-        "mean": rng.uniform(-1, 1, 3) if mean is None else mean,
-        "var": rng.uniform(0.5, 2, 3) if var is None else var,
+        "scale": rng.uniform(0.5, 1.5, c) if scale is None else scale,
+        "bias": rng.uniform(-0.5, 0.5, c),
+        "mean": rng.uniform(-1, 1, c) if mean is None else mean,
+        "var": rng.uniform(0.5, 2, c) if var is None else var,
     }
     inits = [numpy_helper.from_array(np.asarray(v, dtype=np_dtype), k) for k, v in params.items()]
     nodes = [
@@ -186,8 +190,8 @@ def _bn_graph(
     graph = helper.make_graph(
         nodes,
         "bn_graph",
-        [helper.make_tensor_value_info("x", elem, ["n", 3, 4, 5])],
-        [helper.make_tensor_value_info("y", elem, ["n", 3, 4, 5])],
+        [helper.make_tensor_value_info("x", elem, list(shape or ("n", c, 4, 5)))],
+        [helper.make_tensor_value_info("y", elem, list(shape or ("n", c, 4, 5)))],
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
@@ -219,13 +223,14 @@ def test_tapped_model_is_valid_and_keeps_original_outputs_first(
 
 
 def test_pooled_form_where_a_4d_float32_shape_is_fixed(net_onnx: onnx.ModelProto) -> None:
-    # the two BatchNorm2d of an (N, 3, 8, 8) input pool, with L from shape inference; the
-    # BatchNorm1d after the Linear is 2D and keeps its three summed outputs
-    taps = read_taps(add_drift_taps(net_onnx))
+    # auto pools only channels that are a multiple of 16 (ORT's NCHWc block): none here
+    assert all(t.pooled_offset is None for t in read_taps(add_drift_taps(net_onnx)).values())
+    # the two BatchNorm2d of an (N, 3, 8, 8) input pooled, with L from shape inference
+    taps = read_taps(add_drift_taps(net_onnx, reduce="pool", layers=_conv_bns(net_onnx)))
     pooled = [(t.pooled_offset, t.channels, t.fixed_count) for t in taps.values()]
-    assert pooled == [(0, 4, 36), (8, 6, 16), (None, None, None)]
-    names = tap_output_names(taps)
-    assert names[-1] == POOLED_OUTPUT and len(names) == 3 + 1
+    assert pooled == [(0, 4, 36), (8, 6, 16)]
+    assert tap_output_names(taps) == [POOLED_OUTPUT]
+    # the BatchNorm1d after the Linear is 2D: it cannot be pooled
     with pytest.raises(ValueError, match=r"cannot pool the tap of '/head/.*not 4D"):
         add_drift_taps(net_onnx, reduce="pool")
     with pytest.raises(ValueError, match="expected reduce 'auto', 'sum' or 'pool'"):
@@ -238,6 +243,88 @@ def test_pooled_form_where_a_4d_float32_shape_is_fixed(net_onnx: onnx.ModelProto
         t.pooled_offset is None
         for t in read_taps(add_drift_taps(net_onnx, dtype="float64")).values()
     )
+    (tap,) = read_taps(add_drift_taps(_bn_graph(17, channels=16))).values()
+    assert (tap.pooled_offset, tap.channels, tap.fixed_count) == (0, 16, 20)
+
+
+@pytest.mark.parametrize(
+    "shape", [("n", 16, -1, -1), ("n", 16, 4, -1), ("n", 16, 0, 5), ("n", 16, "h", 5)]
+)
+def test_a_free_or_nonpositive_spatial_dim_is_not_pooled(shape: tuple[Any, ...]) -> None:
+    # older converters write -1 for a free dimension: it must not become L = 1 (or -4)
+    model = _bn_graph(17, channels=16, shape=shape)
+    assert [t.pooled_offset for t in read_taps(add_drift_taps(model)).values()] == [None]
+    with pytest.raises(ValueError, match="spatial size open"):
+        add_drift_taps(model, reduce="pool")
+
+
+def test_declared_intermediate_shapes_are_not_trusted() -> None:
+    # a stale value_info saying 4 x 5 for a tensor whose size is free: summed, and its
+    # moments right at another size
+    model = _bn_graph(17, channels=16, shape=("n", 16, "h", "w"))
+    model.graph.value_info.append(
+        helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 16, 4, 5])
+    )
+    model.graph.node[0].output[0] = "z"
+    model.graph.node[1].input[0] = "z"
+    tapped = add_drift_taps(model, source="output")
+    taps = read_taps(tapped)
+    assert [t.pooled_offset for t in taps.values()] == [None]
+    x = np.random.default_rng(0).standard_normal((2, 16, 6, 7)).astype(np.float32)
+    names = tap_output_names(taps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = _session(tapped).run(names, {"x": x})
+    (window,) = tap_moments(dict(zip(names, out, strict=True)), taps).values()
+    assert float(window.count) == 2 * 6 * 7
+
+
+def _pooled_meta(tapped: onnx.ModelProto) -> tuple[Any, dict[str, Any]]:
+    prop = next(p for p in tapped.metadata_props if p.key == TAP_METADATA_KEY)
+    return prop, json.loads(prop.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"offset": -2}, "offset >= 0"),
+        ({"offset": 1.5}, "offset >= 0"),
+        ({"channels": True}, "channels >= 1"),
+        ({"channels": 8}, "expected 16 channels"),
+        ({"positions": 0}, "positions >= 1"),
+        ({"offset": None}, "offset >= 0"),
+        ({"pooled": "elsewhere"}, "expected the pooled output"),
+    ],
+)
+def test_malformed_pooled_metadata_is_refused(change: dict[str, Any], message: str) -> None:
+    tapped = add_drift_taps(_bn_graph(17, channels=16))
+    prop, payload = _pooled_meta(tapped)
+    (entry,) = payload["layers"].values()
+    entry["outputs"].update(change)
+    prop.value = json.dumps(payload)
+    with pytest.raises(ValueError, match=message):
+        read_taps(tapped)
+
+
+def test_pooled_columns_must_tile_the_declared_output() -> None:
+    tapped = add_drift_taps(_bn_graph(17, channels=16))
+    prop, payload = _pooled_meta(tapped)
+    (entry,) = payload["layers"].values()
+    entry["outputs"]["offset"] = 2  # a gap before the only layer
+    prop.value = json.dumps(payload)
+    with pytest.raises(ValueError, match="at column 0"):
+        read_taps(tapped)
+    entry["outputs"]["offset"] = 0
+    prop.value = json.dumps({**payload, "format": 1})  # pooled taps came with format 2
+    with pytest.raises(ValueError, match="no pooled taps in format 1"):
+        read_taps(tapped)
+    del entry["outputs"]["positions"]
+    prop.value = json.dumps(payload)
+    with pytest.raises(ValueError, match="positions >= 1"):
+        read_taps(tapped)
+    prop.value = json.dumps({**payload, "layers": {"bn": {"source": "input"}}})
+    with pytest.raises(ValueError, match="expected drift-tap metadata of format 2"):
+        read_taps(tapped)
 
 
 def test_open_spatial_size_is_summed_and_format_1_is_still_read() -> None:
@@ -282,19 +369,28 @@ def test_auto_taps_outputs_only_where_it_keeps_a_fusion(net_onnx: onnx.ModelProt
 
 @pytest.mark.parametrize("source", ["auto", "input", "output"])
 @pytest.mark.parametrize(
-    ("dtype", "reduce"), [("float32", "auto"), ("float32", "sum"), ("float64", "auto")]
+    ("dtype", "reduce"), [("float32", "auto"), ("float32", "pool"), ("float64", "auto")]
 )
 def test_tap_moments_match_float64_reference(
     net_onnx: onnx.ModelProto, source: str, dtype: str, reduce: str
 ) -> None:
-    tapped = add_drift_taps(net_onnx, source=source, dtype=dtype, reduce=reduce)  # type: ignore[arg-type]
+    # "pool": the two BatchNorm2d pooled (the BatchNorm1d is 2D: summed, as auto does here,
+    # where 4 and 6 channels are not a multiple of ORT's NCHWc block)
+    layers = _conv_bns(net_onnx) if reduce == "pool" else None
+    tapped = add_drift_taps(net_onnx, source=source, dtype=dtype, reduce=reduce, layers=layers)  # type: ignore[arg-type]
     taps = read_taps(tapped)
+    assert all((t.pooled_offset is not None) == (reduce == "pool") for t in taps.values())
     sess = _session(tapped)
     names = tap_output_names(taps)
     for n in (3, 9):  # one session, two batch sizes: the batch axis is dynamic
         x = _images(n, seed=n)
         windows = tap_moments(dict(zip(names, sess.run(names, {"x": x}), strict=True)), taps)
-        _assert_moments(windows, _bn_inputs(net_onnx, x))
+        acts = _bn_inputs(net_onnx, x)
+        _assert_moments(windows, {layer: acts[layer] for layer in taps})
+
+
+def _conv_bns(model: onnx.ModelProto) -> list[str]:
+    return [n.name for n in model.graph.node if n.op_type == "BatchNormalization"][:2]
 
 
 @pytest.mark.parametrize("source", ["auto", "input", "output"])
@@ -455,9 +551,9 @@ def test_layer_selection(net_onnx: onnx.ModelProto) -> None:
     first = next(n.name for n in net_onnx.graph.node if n.op_type == "BatchNormalization")
     tapped = add_drift_taps(net_onnx, layers=[first])
     assert list(read_taps(tapped)) == [first]
-    assert len(tapped.graph.output) == len(net_onnx.graph.output) + 1  # pooled
-    summed = add_drift_taps(net_onnx, layers=[first], reduce="sum")
-    assert len(summed.graph.output) == len(net_onnx.graph.output) + 3
+    assert len(tapped.graph.output) == len(net_onnx.graph.output) + 3
+    pooled = add_drift_taps(net_onnx, layers=[first], reduce="pool")
+    assert len(pooled.graph.output) == len(net_onnx.graph.output) + 1
     with pytest.raises(NoBatchNormError, match="nope"):
         add_drift_taps(net_onnx, layers=["nope"])
 

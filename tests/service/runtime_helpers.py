@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from recalib.onnx.export import export_onnx
 from service.api import metrics_route, v2
-from service.api.v2_infer import InferenceEndpoint
+from service.app import RecalibApp
 from service.dataplane import DataPlane
 from service.errors import NotFound, install_error_handlers
 from service.metrics import ServiceMetrics
@@ -159,7 +159,7 @@ def build_app(settings: Settings, registry: Any) -> FastAPI:
         yield
         await runtime.close()
 
-    app = FastAPI(lifespan=lifespan)
+    app = RecalibApp(lifespan=lifespan)
     app.state.settings = settings
     app.state.registry = registry
     app.state.runtime = runtime
@@ -168,7 +168,7 @@ def build_app(settings: Settings, registry: Any) -> FastAPI:
     install_error_handlers(app)
     app.include_router(v2.router)
     app.include_router(metrics_route.router)
-    app.add_middleware(InferenceEndpoint, dataplane=app.state.dataplane)  # as create_app
+    app.answer_inference(app.state.dataplane, settings)  # as create_app
     return app
 
 

@@ -23,7 +23,7 @@ from recalib import recalibrate
 from recalib.onnx.banks import BANK_INDEX, BANK_OUTPUT, BankTables, add_bank_inputs
 from recalib.onnx.export import export_onnx
 from recalib.onnx.names import read_bn_map
-from recalib.onnx.taps import add_drift_taps
+from recalib.onnx.taps import add_drift_taps, read_taps
 from recalib.statbank import StatBank
 from service.runtime.bank_drift import BankDrift
 from tests.conftest import SmallCNN, randomise_source_stats
@@ -38,16 +38,24 @@ def _domain(x: Tensor, k: int) -> Tensor:
     return x * scale[:, None, None] + shift[:, None, None]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["sum", "pool"])
 def setup(
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> tuple[onnx.ModelProto, ort.InferenceSession, BankTables, list[Reference]]:
+    """Every test twice: the bank graph's taps summed (as the service builds them for this
+    model's 6 and 8 channels) and its BatchNorm2d taps pooled (one shared output, sliced
+    by rows; the BatchNorm1d stays summed)."""
     torch.manual_seed(0)
     cnn = randomise_source_stats(SmallCNN(), 0).eval()
     path = tmp_path_factory.mktemp("bank_drift") / "cnn.onnx"
     export_onnx(cnn, torch.randn(2, 3, 8, 8), path)
     model = onnx.load(path)
-    graph = add_bank_inputs(add_drift_taps(model, source="input"))
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "pool":  # auto, with any channel count pooled: bn1, bn2 pooled
+            patch.setattr("recalib.onnx.taps._POOL_BLOCK", 1)
+        graph = add_bank_inputs(add_drift_taps(model, source="input"))
+    pooled = [t.pooled_offset is not None for t in read_taps(graph).values()]
+    assert pooled == ([True, True, False] if request.param == "pool" else [False] * 3)
     node_of = {info.layer: key for key, info in read_bn_map(model).items()}
     gen = torch.Generator().manual_seed(1)
     banks, references = [], []

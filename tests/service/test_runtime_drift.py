@@ -17,7 +17,7 @@ import onnx
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
-from runtime_helpers import export, make_model, shifted_images, source_images
+from runtime_helpers import IMAGE, export, make_model, shifted_images, source_images
 
 import recalib
 from recalib.drift import MomentWindow, score_model
@@ -59,7 +59,7 @@ def onnx_path(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) 
 
 def _monitor(path: Path, **kwargs: Any) -> tuple[DriftMonitor, Callable[[np.ndarray], None]]:
     """A monitor and a function that runs a batch through the tapped session into it."""
-    tapped = add_drift_taps(onnx.load(path))
+    tapped = add_drift_taps(onnx.load(path), reduce=kwargs.pop("reduce", "auto"))
     monitor = DriftMonitor(tapped, **{"window_seconds": 60.0, "threshold": 0.5, **kwargs})
     session = create_session(
         tapped.SerializeToString(), Settings(execution_provider="cpu", intra_op_threads=1)
@@ -203,11 +203,33 @@ def test_first_batch_of_each_served_version_is_sampled(
 
 def test_bad_tap_output_count_refused(onnx_path: Path) -> None:
     monitor, _ = _monitor(onnx_path)
-    assert monitor.tap_names == [POOLED_OUTPUT]  # both BatchNorm2d pooled into one output
+    with pytest.raises(ValueError, match=r"expected 6 tap outputs \(got 1\)"):
+        monitor.observe([np.zeros(1)], 1)
+    pooled, _ = _monitor(onnx_path, reduce="pool")
+    assert pooled.tap_names == [POOLED_OUTPUT]  # both BatchNorm2d (6, 8 channels) in one
     with pytest.raises(ValueError, match=r"expected 1 tap outputs \(got 2\)"):
-        monitor.observe([np.zeros(1), np.zeros(1)], 1)
+        pooled.observe([np.zeros(1), np.zeros(1)], 1)
     with pytest.raises(ValueError, match=r"expected pooled rows \(N, >= 12, 1, 1\) for tap"):
-        monitor.observe([np.zeros((1, 11, 1, 1))], 1)
+        pooled.observe([np.zeros((1, 11, 1, 1))], 1)
+
+
+def test_pooled_taps_give_the_summed_taps_report(onnx_path: Path) -> None:
+    """The same traffic through a pooled and a summed tapped session: the same window."""
+    x = np.random.default_rng(3).standard_normal((48, *IMAGE)).astype(np.float32)
+    reports = []
+    for reduce in ("sum", "pool"):
+        monitor, feed = _monitor(onnx_path, reduce=reduce)
+        for i in range(0, len(x), 16):
+            feed(x[i : i + 16])
+        reports.append(monitor.report())
+    summed, pooled = reports
+    assert pooled["samples"] == summed["samples"] == 48
+    assert pooled["score"] == pytest.approx(summed["score"], rel=1e-4)
+    assert [row["name"] for row in pooled["layers"]] == [row["name"] for row in summed["layers"]]
+    for got, want in zip(pooled["layers"], summed["layers"], strict=True):
+        assert got["count"] == want["count"]
+        for key in ("symmetric_kl", "mean_abs_shift", "mean_abs_log_var_ratio"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-9), key
 
 
 async def _traffic(runtime: ServingRuntime, x: np.ndarray, batch: int = 16) -> None:
@@ -290,8 +312,12 @@ def test_submitted_runs_are_coalesced_off_thread(onnx_path: Path) -> None:
 def test_queue_bound_drops_and_counts_rows(onnx_path: Path) -> None:
     with ThreadPoolExecutor(1) as pool:
         monitor, _ = _monitor(onnx_path, executor=pool, max_pending_rows=16)
-        assert monitor.tap_names == [POOLED_OUTPUT]  # bn1 (6 channels) and bn2 (8), pooled
-        values = [np.ones((8, 2 * (6 + 8), 1, 1), np.float32)]
+        values = [
+            np.int64(64)
+            if name.endswith("::count")
+            else np.ones((8, 8 if "bn2" in name else 6), np.float32)
+            for name in monitor.tap_names
+        ]
         gate = threading.Event()
         pool.submit(gate.wait, 10.0)
         for _ in range(3):

@@ -5,6 +5,7 @@ leaves to the app, root_path, a client gone mid-body, and unexpected errors."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,7 +21,7 @@ from runtime_helpers import FakeRegistry, build_app, export_versions, runtime_se
 
 from service.api.v2_codec import HEADER_LENGTH, decode_response, encode_request
 from service.api.v2_infer import InferenceEndpoint, declared_too_large
-from service.app import BodyLimit
+from service.app import AuthGate, BodyLimit, RecalibApp
 from service.dataplane import _outcome
 from service.errors import ClientGone
 from service.metrics import error_reason
@@ -38,10 +39,9 @@ def _app(models: dict[int, Any], tmp_path: Path, *, endpoint: bool, **settings: 
         runtime_settings(tmp_path, **settings),
         FakeRegistry({v: p for v, (_, p) in models.items()}),
     )
+    assert isinstance(app, RecalibApp) and isinstance(app.inference_front, AuthGate)
     if not endpoint:  # the documented FastAPI operations answer alone
-        app.user_middleware = [
-            m for m in app.user_middleware if getattr(m, "cls", None) is not InferenceEndpoint
-        ]
+        app.inference_front = None
     return app
 
 
@@ -126,7 +126,12 @@ def test_the_endpoint_answers(models: dict[int, Any], tmp_path: Path) -> None:
     app = _app(models, tmp_path, endpoint=True)
     body, headers = _request(np.zeros((1, 3, 8, 8), np.float32), binary=False)
     with TestClient(app) as c:
+        stack = app.middleware_stack  # built by the lifespan's call
+        app.middleware_stack = _app_not_called  # FastAPI's own stack must not be reached
         assert c.post("/v2/models/m/infer", content=body, headers=headers).status_code == 200
+        with pytest.raises(AssertionError, match="the app was called"):
+            c.get("/v2/health/ready")  # every other request still goes through it
+        app.middleware_stack = stack
         assert (
             c.post("/v2/models/m/versions/2/infer", content=body, headers=headers).json()[
                 "model_version"
@@ -146,7 +151,9 @@ def test_root_path(models: dict[int, Any], tmp_path: Path) -> None:
     assert decode_response(mounted.content, mounted.headers.get(HEADER_LENGTH))
 
 
-def test_unexpected_error_is_the_apps_500(models: dict[int, Any], tmp_path: Path) -> None:
+def test_unexpected_error_is_the_apps_500(
+    models: dict[int, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     app = _app(models, tmp_path, endpoint=True)
 
     def broken(name: str, ref: str | None) -> Any:
@@ -155,9 +162,17 @@ def test_unexpected_error_is_the_apps_500(models: dict[int, Any], tmp_path: Path
     body, headers = _request(np.zeros((1, 3, 8, 8), np.float32), binary=True)
     with TestClient(app, raise_server_exceptions=False) as c:
         app.state.dataplane.registry.resolve = broken
-        response = c.post("/v2/models/other/infer", content=body, headers=headers)
+        with caplog.at_level(logging.ERROR, logger="service.errors"):
+            response = c.post("/v2/models/other/infer", content=body, headers=headers)
+        # raised on to the server too, as Starlette's error middleware does (a client that
+        # re-raises server errors, on the same started app)
+        with pytest.raises(RuntimeError, match="registry bug"):
+            TestClient(app).post("/v2/models/other/infer", content=body, headers=headers)
     assert response.status_code == 500
     assert response.json() == {"error": "internal server error (logged by the server)"}
+    logged = [r for r in caplog.records if "POST /v2/models/other/infer failed" in r.message]
+    assert len(logged) == 2 and all(r.exc_info for r in logged)  # once per request, traced
+    assert "secret" not in response.text
 
 
 async def _app_not_called(scope: Any, receive: Any, send: Any) -> None:
