@@ -52,6 +52,7 @@ from .api.v2_infer import (
     body_too_large,
     declared_too_large,
     is_inference_request,
+    route_path,
 )
 from .auth import bearer_token, check_bearer
 from .banks import BankRuntime, BankStore
@@ -159,7 +160,8 @@ class AuthGate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         token = self.settings.api_token
-        if scope["type"] == "http" and token is not None and self.protected(scope["path"]):
+        # the path the app routes: under a root_path (a proxy's prefix) too
+        if scope["type"] == "http" and token is not None and self.protected(route_path(scope)):
             try:
                 check_bearer(token, _bearer(scope))
             except Unauthorized as exc:

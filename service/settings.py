@@ -94,8 +94,9 @@ class Settings(BaseSettings):
     no other run in flight, a batch of one (a lone client's sequential requests). Its
     model's next request waits for the run anyway, so a worker thread adds only the
     hand-off; the loop, blocked meanwhile, delays only other models' and endpoints'
-    requests, by up to this long. Never below ``inline_run_ms``, and only where that
-    is > 0."""
+    requests. The runs made on the loop in one turn of it, over every model, add up to
+    this at most under this bound (a burst then goes to the worker threads). Never below
+    ``inline_run_ms``, and only where that is > 0."""
 
     warmup_batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32])
     """Batch sizes run once before a version reports ready (clipped to max_batch_size)."""

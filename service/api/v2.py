@@ -31,9 +31,10 @@ bearer token when one is configured (the
 document); health and server metadata only with ``protect_health``, so the document gives
 them no security requirement.
 
-Inference is answered by :class:`service.api.v2_infer.InferenceEndpoint`, the app's
-middleware for the hot path, with the same :func:`~service.api.v2_infer.answer` as the
-documented operations here (which serve in an app without that middleware).
+Inference is answered by :class:`service.api.v2_infer.InferenceEndpoint`, which the app
+(``service.app.RecalibApp``) puts in front of FastAPI for the hot path, with the same
+:func:`~service.api.v2_infer.answer` as the documented operations here (which serve in
+an app without that front).
 """
 
 from __future__ import annotations

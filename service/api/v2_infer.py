@@ -58,6 +58,7 @@ __all__ = [
     "declared_too_large",
     "is_inference_request",
     "read_body",
+    "route_path",
 ]
 
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -177,7 +178,7 @@ async def answer(
         return encode_response(result)
 
 
-def _route_path(scope: Scope) -> str:
+def route_path(scope: Scope) -> str:
     """The path the app routes (``path`` without ``root_path``), as Starlette's router."""
     path: str = scope["path"]
     root: str = scope.get("root_path", "")
@@ -192,7 +193,7 @@ def is_inference_request(scope: Scope) -> bool:
     return (
         scope["type"] == "http"
         and scope["method"] == "POST"
-        and _INFER_PATH.fullmatch(_route_path(scope)) is not None
+        and _INFER_PATH.fullmatch(route_path(scope)) is not None
     )
 
 
@@ -238,7 +239,7 @@ class InferenceEndpoint:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        match = _INFER_PATH.fullmatch(_route_path(scope))
+        match = _INFER_PATH.fullmatch(route_path(scope))
         if match is None:
             await self.app(scope, receive, send)
             return

@@ -18,12 +18,20 @@ that long; every other batch, every batch of a key not timed yet (a new shape al
 in a worker first), and every batch of a batcher with several runs in flight at once
 (``max_concurrent`` > 1, where the loop would serialise them) goes to the worker threads.
 At most ``_ROW_KEYS`` keys are timed; batches of further keys always go to the workers.
-A request that has the batcher to itself (nothing queued, no other run in flight, a
-batch of one, and requests per run about one: a lone client) is held to the larger
-``alone_inline_seconds``: the model's next request would wait for this run anyway, so a
-worker thread would add only the hand-off (0.37 ms of server CPU per request on the
-benchmark's CNN at concurrency 1, whose 0.5-1 ms runs straddle ``inline_seconds``),
-while the loop, blocked meanwhile, delays only other models' and endpoints' requests.
+A request that has the batcher to itself (nothing queued or held, no other run in
+flight, a batch of one, and requests per run about one: a lone client) is held to the
+larger ``alone_inline_seconds``: the model's next request would wait for this run
+anyway, so a worker thread would add only the hand-off (0.37 ms of server CPU per request
+on the benchmark's CNN at concurrency 1, whose 0.5-1 ms runs straddle
+``inline_seconds``). That allowance is also bounded per turn of the event loop
+(:class:`LoopBudget`, shared by every batcher of a runtime): the runs made on the loop
+in one turn (every inline run counts) may add up to ``alone_inline_seconds`` at most, so
+a burst of requests that each find the batcher idle (without batching, each runs inside
+its own ``submit`` before the next is submitted), or lone clients of several models, do
+not stall probes, scrapes and gRPC for the sum of their runs: the first runs on the loop,
+the others go to the workers and queue, and the batcher sees the concurrency again.
+A drift-tapped run (1.3-1.5x a plain one) shares its key's estimate, so a run can
+overshoot its bound by that much.
 Without batching (``enabled=False``, or a model whose axis 0 is fixed), a request that
 finds nothing queued and no run in flight, and whose run is short by that estimate, runs
 inside :meth:`Batcher.submit` itself (the caller's task), skipping the hand-off to the
@@ -74,7 +82,7 @@ import numpy.typing as npt
 from ..errors import NotReady, ServiceError
 from .stats import ModelStats, RunTiming
 
-__all__ = ["BatchObserver", "Batcher", "RunFn"]
+__all__ = ["BatchObserver", "Batcher", "LoopBudget", "RunFn"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +115,40 @@ def _key(feed: Feed) -> tuple[Any, ...]:
     return tuple((name, arr.dtype.str, arr.shape[1:]) for name, arr in feed.items())
 
 
+class LoopBudget:
+    """Seconds of session runs made on the event loop in its current turn (see the module).
+
+    One per runtime, shared by its batchers: runs on the loop add what they took
+    (:meth:`spend`), and a lone request's larger bound applies only while the turn's total
+    plus its estimate stays within :attr:`seconds` (:meth:`allows`). The total starts over
+    with the loop's next turn (a ``call_soon`` callback runs after every callback that was
+    ready when the first run was spent).
+
+    Args:
+        seconds: the most the runs of one turn may add up to under the larger bound.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        if seconds < 0.0:
+            raise ValueError(f"expected seconds >= 0 (got {seconds})")
+        self.seconds = seconds
+        self.spent = 0.0
+        self._reset_pending = False
+
+    def allows(self, estimate: float) -> bool:
+        return self.spent + estimate <= self.seconds
+
+    def spend(self, seconds: float) -> None:
+        self.spent += seconds
+        if not self._reset_pending:
+            self._reset_pending = True
+            asyncio.get_running_loop().call_soon(self._reset)
+
+    def _reset(self) -> None:
+        self.spent = 0.0
+        self._reset_pending = False
+
+
 class Batcher:
     """Gathers concurrent requests of one model version into session runs.
 
@@ -124,7 +166,10 @@ class Batcher:
         inline_seconds: a batch expected to run at most this long runs on the event loop
             (0: every run in ``executor``; see the module).
         alone_inline_seconds: the same bound for a request that has the batcher to itself
-            (at least ``inline_seconds``; only where ``inline_seconds`` > 0).
+            (at least ``inline_seconds``; only where ``inline_seconds`` > 0), within
+            ``loop_budget``.
+        loop_budget: the runs on the loop per turn of it, shared with other batchers
+            (default: this batcher's own, of ``alone_inline_seconds``).
         name: for log lines.
     """
 
@@ -142,6 +187,7 @@ class Batcher:
         max_concurrent: int = 1,
         inline_seconds: float = 0.0,
         alone_inline_seconds: float = 0.0,
+        loop_budget: LoopBudget | None = None,
         name: str = "model",
     ) -> None:
         if max_batch_size < 1:
@@ -170,7 +216,10 @@ class Batcher:
         self.max_concurrent = max_concurrent
         self._slots = asyncio.Semaphore(max_concurrent)
         self.inline_seconds = inline_seconds
-        self.alone_inline_seconds = max(alone_inline_seconds, inline_seconds)
+        # off with inline runs off (a GPU session): no estimate could allow it anyway
+        alone = max(alone_inline_seconds, inline_seconds) if inline_seconds > 0.0 else 0.0
+        self.alone_inline_seconds = alone
+        self._budget = loop_budget if loop_budget is not None else LoopBudget(alone)
         self._running = 0  # run tasks that have not finished their session run
         self.row_seconds: dict[tuple[Any, ...], float] = {}
         """Moving average of the session's seconds per row, by batch key (see the module)."""
@@ -206,7 +255,7 @@ class Batcher:
         item = _Item(feed, rows, _key(feed), loop.create_future(), time.perf_counter())
         if not self.gathers and not self._queue and not self._running:
             if self._inline(item.key, rows, alone=True):  # nothing to wait for: run it now
-                results, timings = self._run_batch([(feed, rows)])
+                results, timings = self._on_loop([(feed, rows)])
                 self._settle([item], item.enqueued, results, timings)
                 return item.future.result()
         self._queue.append(item)
@@ -277,7 +326,8 @@ class Batcher:
                     batch = await self._grow(batch, held)
                 self._load = _LOAD_DECAY * self._load + (1.0 - _LOAD_DECAY) * len(batch)
                 entered = [False]  # whether _execute began (and so counts its run down)
-                run = asyncio.get_running_loop().create_task(self._execute(batch, entered))
+                alone = len(batch) == 1 and not held and self._load <= _WAIT_ABOVE
+                run = asyncio.get_running_loop().create_task(self._execute(batch, entered, alone))
                 self._running += 1
                 runs.add(run)
                 run.add_done_callback(self._finished(runs, entered))
@@ -325,7 +375,7 @@ class Batcher:
                 break
         return batch
 
-    async def _execute(self, batch: list[_Item], entered: list[bool]) -> None:
+    async def _execute(self, batch: list[_Item], entered: list[bool], alone: bool) -> None:
         entered[0] = True
         live = [item for item in batch if not item.future.done()]
         start = time.perf_counter()
@@ -334,14 +384,9 @@ class Batcher:
         try:
             if not live:
                 return
-            alone = (
-                len(live) == 1
-                and self._running == 1  # this run
-                and not self._queue
-                and self._load <= _WAIT_ABOVE
-            )
+            alone = alone and len(live) == 1 and not self._queue  # nothing queued behind it
             if self._inline(live[0].key, sum(i.rows for i in live), alone=alone):
-                results, timings = self._run_batch(parts)
+                results, timings = self._on_loop(parts)
             else:
                 loop = asyncio.get_running_loop()
                 results, timings = await loop.run_in_executor(
@@ -402,8 +447,22 @@ class Batcher:
         serialise, nor for a key not timed yet; ``alone``: the batch has the batcher to
         itself (``alone_inline_seconds``)."""
         estimate = self.row_seconds.get(key)
-        bound = self.alone_inline_seconds if alone else self.inline_seconds
-        return self.max_concurrent == 1 and estimate is not None and estimate * rows <= bound
+        if self.max_concurrent != 1 or estimate is None:
+            return False
+        expected = estimate * rows
+        if expected <= self.inline_seconds:
+            return True
+        return alone and expected <= self.alone_inline_seconds and self._budget.allows(expected)
+
+    def _on_loop(
+        self, parts: list[tuple[Feed, int]]
+    ) -> tuple[list[list[Array] | Exception], list[RunTiming | None]]:
+        """:meth:`_run_batch` on the event loop, its time spent from the loop's budget."""
+        started = time.perf_counter()
+        try:
+            return self._run_batch(parts)
+        finally:
+            self._budget.spend(time.perf_counter() - started)
 
     def _timed(self, key: tuple[Any, ...], timing: RunTiming) -> None:
         if self.inline_seconds <= 0.0:

@@ -42,7 +42,7 @@ from ..errors import GenerationMoved, InvalidInput, NotFound, NotReady, ServiceE
 from ..metrics import ServiceMetrics
 from ..settings import Settings
 from .bank_serving import VersionBanks
-from .batching import Batcher
+from .batching import Batcher, LoopBudget
 from .drift_monitor import DriftMonitor
 from .sessions import CUDA, ModelSession, TensorSpec, create_session, warmup_sizes
 from .stats import ModelStats
@@ -203,6 +203,8 @@ class VersionTable:
         self._load_errors: dict[tuple[str, int], str] = {}  # see load_error()
         self._executor: ThreadPoolExecutor | None = None
         self._drift_executor: ThreadPoolExecutor | None = None
+        # every batcher's runs on the event loop, per turn of it (lone requests' bound)
+        self._loop_budget = LoopBudget(settings.inline_run_alone_ms / 1000.0)
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -340,6 +342,7 @@ class VersionTable:
             # the worker threads, which a run on the loop would stop
             inline_seconds=settings.inline_run_ms / 1000.0 if entry.provider() != CUDA else 0.0,
             alone_inline_seconds=settings.inline_run_alone_ms / 1000.0,
+            loop_budget=self._loop_budget,
             name=entry.label,
         )
         entry.batcher.start()

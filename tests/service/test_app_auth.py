@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from service.auth import check_bearer
@@ -95,6 +96,16 @@ def test_infer_with_a_bad_version_and_no_token_is_401(api: Any) -> None:
     assert r.status_code == 401, r.text
     assert r.headers["www-authenticate"] == "Bearer"
     assert "error" in r.json()
+
+
+def test_under_a_root_path_the_token_comes_before_the_body_limit(api: Any) -> None:
+    # a proxy's prefix: the gate must see the routed path, or inference answers 413 first
+    client = TestClient(api.client.app, root_path="/api")
+    huge = {"Authorization": "", "Content-Length": str(1 << 40)}
+    r = client.post("/api/v2/models/m/infer", headers=huge, content=b"")
+    assert r.status_code == 401, r.text
+    r = client.get("/api/v1/models", headers=NO_AUTH)
+    assert r.status_code == 401, r.text
 
 
 def test_every_protected_route_without_a_token_is_401(api: Any) -> None:

@@ -16,7 +16,7 @@ import pytest
 from runtime_helpers import export, make_model, source_images
 
 from service.errors import NotReady, ServiceError
-from service.runtime.batching import Batcher
+from service.runtime.batching import Batcher, LoopBudget
 from service.runtime.runtime import concurrent_runs
 from service.runtime.sessions import create_session
 from service.settings import Settings
@@ -450,6 +450,95 @@ def test_a_lone_request_has_the_larger_alone_bound() -> None:
             alone_inline_seconds=0.001,
         )
         assert b.alone_inline_seconds == 0.01
+
+
+def test_the_loop_budget_bounds_lone_runs_per_turn_across_batchers() -> None:
+    async def body(pool: ThreadPoolExecutor) -> list[bool]:
+        budget = LoopBudget(0.005)
+        a, b = (
+            Batcher(
+                lambda feed, rows: [feed["x"]],
+                executor=pool,
+                max_batch_size=8,
+                max_delay=0.0,
+                inline_seconds=0.001,
+                alone_inline_seconds=0.005,
+                loop_budget=budget,
+            )
+            for _ in range(2)
+        )
+        a.row_seconds[KEY] = b.row_seconds[KEY] = 0.004
+        answers = [a._inline(KEY, 1, alone=True), a._inline(KEY, 1)]  # alone only
+        budget.spend(0.004)  # a run on the loop this turn
+        answers += [a._inline(KEY, 1, alone=True), b._inline(KEY, 1, alone=True)]
+        a.row_seconds[KEY] = 0.0005
+        answers.append(a._inline(KEY, 1))  # the ordinary bound is not budgeted
+        await asyncio.sleep(0)  # the loop's next turn: the budget starts over
+        answers.append(b._inline(KEY, 1, alone=True))
+        for batcher in (a, b):
+            await batcher.close()
+        return answers
+
+    assert _run(body) == [True, False, False, False, True, True]
+    with ThreadPoolExecutor(1) as pool:  # inline runs off (a GPU session): no alone bound
+        gpu = Batcher(
+            lambda f, r: [],
+            executor=pool,
+            max_batch_size=1,
+            max_delay=0.0,
+            alone_inline_seconds=0.005,
+        )
+        assert gpu.alone_inline_seconds == 0.0
+    with pytest.raises(ValueError, match="seconds >= 0"):
+        LoopBudget(-1.0)
+
+
+def test_a_burst_without_batching_does_not_run_back_to_back_on_the_loop() -> None:
+    """Concurrent requests that each find the batcher idle (batching off): at most one
+    run over the ordinary bound per turn of the loop, so other tasks still get their
+    turn between them."""
+    loop_thread: list[int] = []
+    on_loop = [0]
+    between: list[int] = []  # runs on the loop between two turns of a probe task
+
+    def run(feed: dict[str, np.ndarray], rows: int) -> list[np.ndarray]:
+        if threading.get_ident() == loop_thread[0]:
+            on_loop[0] += 1
+        time.sleep(0.004)  # over inline_seconds (1 ms), under the alone bound
+        return [feed["x"]]
+
+    async def body(pool: ThreadPoolExecutor) -> None:
+        loop_thread.append(threading.get_ident())
+        batcher = Batcher(
+            run,
+            executor=pool,
+            max_batch_size=8,
+            max_delay=0.0,
+            enabled=False,
+            inline_seconds=0.001,
+            alone_inline_seconds=0.006,
+        )
+        await batcher.submit({"x": np.ones((1, 2), np.float32)}, 1)  # timed in a worker
+        done = asyncio.Event()
+
+        async def probe() -> None:
+            seen = on_loop[0]
+            while not done.is_set():
+                await asyncio.sleep(0)
+                between.append(on_loop[0] - seen)
+                seen = on_loop[0]
+
+        watcher = asyncio.create_task(probe())
+        for _ in range(3):
+            await asyncio.gather(
+                *(batcher.submit({"x": np.ones((1, 2), np.float32)}, 1) for _ in range(8))
+            )
+        done.set()
+        await watcher
+        await batcher.close()
+
+    _run(body)
+    assert max(between) <= 1  # 8 per turn without the budget
 
 
 def test_without_batching_a_short_run_runs_in_the_callers_task() -> None:
