@@ -383,8 +383,14 @@ def test_inline_estimate_scales_with_the_batch_rows() -> None:
 
     # 4 x 1 ms fits 4 ms, 5 rows do not; with two runs in flight the loop would serialise
     assert _run(body) == [True, False, False, False, False, False]
-    with ThreadPoolExecutor(1) as pool, pytest.raises(ValueError, match="inline_seconds"):
-        Batcher(lambda f, r: [], executor=pool, max_batch_size=1, max_delay=0.0, inline_seconds=-1)
+    with pytest.raises(ValueError, match="inline_seconds"):
+        _constructed(inline_seconds=-1)
+
+
+def _constructed(**options: Any) -> Batcher:
+    """A batcher built with ``options`` and never started (its constructor's checks)."""
+    with ThreadPoolExecutor(1) as pool:
+        return Batcher(lambda f, r: [], executor=pool, max_batch_size=1, max_delay=0.0, **options)
 
 
 def test_a_lone_request_has_the_larger_alone_bound() -> None:
@@ -432,24 +438,12 @@ def test_a_lone_request_has_the_larger_alone_bound() -> None:
     # with batching they all queue first: the consumer's runs have requests behind them,
     # except the last one
     assert batched[3:] == [False, False, False, True]
-    with ThreadPoolExecutor(1) as pool, pytest.raises(ValueError, match="alone_inline"):
-        Batcher(
-            lambda f, r: [],
-            executor=pool,
-            max_batch_size=1,
-            max_delay=0.0,
-            alone_inline_seconds=-1,
-        )
-    with ThreadPoolExecutor(1) as pool:  # never below the plain bound
-        b = Batcher(
-            lambda f, r: [],
-            executor=pool,
-            max_batch_size=1,
-            max_delay=0.0,
-            inline_seconds=0.01,
-            alone_inline_seconds=0.001,
-        )
-        assert b.alone_inline_seconds == 0.01
+    with pytest.raises(ValueError, match="alone_inline"):
+        _constructed(alone_inline_seconds=-1)
+    # never below the plain bound
+    assert (
+        _constructed(inline_seconds=0.01, alone_inline_seconds=0.001).alone_inline_seconds == 0.01
+    )
 
 
 def test_the_loop_budget_bounds_lone_runs_per_turn_across_batchers() -> None:
@@ -480,15 +474,8 @@ def test_the_loop_budget_bounds_lone_runs_per_turn_across_batchers() -> None:
         return answers
 
     assert _run(body) == [True, False, False, False, True, True]
-    with ThreadPoolExecutor(1) as pool:  # inline runs off (a GPU session): no alone bound
-        gpu = Batcher(
-            lambda f, r: [],
-            executor=pool,
-            max_batch_size=1,
-            max_delay=0.0,
-            alone_inline_seconds=0.005,
-        )
-        assert gpu.alone_inline_seconds == 0.0
+    # inline runs off (a GPU session): no alone bound
+    assert _constructed(alone_inline_seconds=0.005).alone_inline_seconds == 0.0
     with pytest.raises(ValueError, match="seconds >= 0"):
         LoopBudget(-1.0)
 
