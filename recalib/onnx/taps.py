@@ -89,7 +89,7 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -539,14 +539,14 @@ def _pooled_entry(layer: str, outputs: Mapping[str, Any], k: _Affine) -> tuple[i
     """``(offset, C, L)`` of a pooled tap's metadata, checked."""
     if outputs.get("pooled") != POOLED_OUTPUT:
         raise ValueError(f"expected the pooled output {POOLED_OUTPUT!r} for tap {layer!r}")
-    values = [outputs.get(key) for key in ("offset", "channels", "positions")]
+    values = tuple(outputs.get(key) for key in ("offset", "channels", "positions"))
     least = (0, 1, 1)
     if not all(type(v) is int and v >= low for v, low in zip(values, least, strict=True)):
         raise ValueError(
             f"expected integers offset >= 0, channels >= 1 and positions >= 1 for pooled "
-            f"tap {layer!r} (got {values})"
+            f"tap {layer!r} (got {list(values)})"
         )
-    offset, channels, positions = (int(outputs[key]) for key in ("offset", "channels", "positions"))
+    offset, channels, positions = cast(tuple[int, int, int], values)  # checked just above
     known = next((a.size for a in (k.mean, k.var, k.scale) if a is not None and a.ndim), None)
     if known is not None and known != channels:
         raise ValueError(f"expected {known} channels for pooled tap {layer!r} (got {channels})")
