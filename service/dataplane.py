@@ -270,6 +270,18 @@ class DataPlane:
         waiting = sorted(name for name, up in models.items() if not up)
         return False, waiting if show_names else None
 
+    def model_serving(self, name: str) -> bool | None:
+        """Whether model ``name`` answers inference now (its served version is loaded),
+        for health probes: nothing is loaded or resolved to answer it.
+
+        Returns:
+            ``None`` for a name that is neither registered nor in ``expect_models``;
+            False while it is not loaded yet, failed to load or was unloaded.
+        """
+        if name not in self.settings.expect_models and name not in self.registry.model_names():
+            return None
+        return self.runtime.started and self.runtime.served_version(name) is not None
+
     def _readiness(self) -> tuple[bool, dict[str, bool]]:
         """``(ready, {model: served})`` over the models :meth:`ready` waits for (the
         ``recalib_ready`` / ``recalib_model_ready`` gauges read it at scrape time)."""

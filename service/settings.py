@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     """TCP port ``recalib serve`` listens on."""
 
     grpc: bool = True
-    """Serve the v2 gRPC protocol (``inference.GRPCInferenceService``) beside REST."""
+    """Serve the v2 gRPC protocol (``inference.GRPCInferenceService``, and
+    ``grpc.health.v1.Health``) beside REST."""
 
     grpc_port: int = Field(default=8001, ge=0, le=65535)
     """TCP port of the gRPC service on ``host`` (0: any free port)."""

@@ -36,14 +36,17 @@ from ..dataplane import DataPlane
 from ..errors import InvalidInput, NotFound, ServiceError, grpc_error
 from .codec import decode_infer_request, encode_infer_response, from_parameters, typed_elements
 
-__all__ = ["InferenceServicer"]
+__all__ = ["INFERENCE_SERVICE", "InferenceServicer", "call_bearer"]
+
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
+"""The v2 service's full name (also a ``grpc.health.v1`` service name)."""
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
 
-def _bearer(context: grpc.aio.ServicerContext) -> str | None:
+def call_bearer(context: grpc.aio.ServicerContext) -> str | None:
     """The token of an ``authorization: Bearer <token>`` metadata entry."""
     for key, value in context.invocation_metadata() or ():
         if key.lower() == "authorization":
@@ -111,7 +114,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         """Authenticate, run ``work``, and turn service errors into gRPC statuses."""
         try:
             if self._token and (not health or self.dataplane.protect_health):
-                self.dataplane.check_token(_bearer(context))
+                self.dataplane.check_token(call_bearer(context))
             return await work()
         except ServiceError as exc:
             await context.abort(*grpc_error(exc))
@@ -238,7 +241,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         the stream goes on."""
         try:
             if self._token:
-                self.dataplane.check_token(_bearer(context))
+                self.dataplane.check_token(call_bearer(context))
         except ServiceError as exc:
             await context.abort(*grpc_error(exc))
         answers: asyncio.Queue[Any] = asyncio.Queue()
