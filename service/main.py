@@ -80,8 +80,12 @@ def serve(
 
     settings = settings_from(host=host, port=port, home=home, grpc_port=grpc_port)
     check_ports(settings)
+    # INFO (DEBUG with the CLI's -v) and a timestamped format. The CLI has already set the
+    # root logger to WARNING for the core commands, so it is replaced here (force): else
+    # the service's INFO lines (the gRPC port, loads, the store) would never show.
+    level = logging.DEBUG if logging.getLogger().isEnabledFor(logging.DEBUG) else logging.INFO
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
     uvicorn.run(
         create_app(settings),

@@ -45,7 +45,8 @@ class Settings(BaseSettings):
     """Bearer token required on every /v1 and /v2 inference call when set."""
 
     protect_health: bool = False
-    """Also require the token on /v2/health/* and server metadata."""
+    """Also require the token on /v2/health/* and server metadata (REST and gRPC, and
+    gRPC's grpc.health.v1)."""
 
     protect_metrics: bool = False
     """Also require the token on /metrics."""

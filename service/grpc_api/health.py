@@ -10,16 +10,17 @@ Services (the request's ``service``):
 * ``"live"``: the process answers (``ServerLive``, ``GET /v2/health/live``), for a
   liveness probe that must not fail while models load;
 * ``"models/<name>"``: that model's served version is loaded (``ModelReady`` without a
-  version, except that the check never loads anything).
+  version, except that the check never loads anything); a name in ``expect_models`` that
+  is not registered yet is known (``NOT_SERVING``), as for ``ModelReady``.
 
 ``SERVING`` or ``NOT_SERVING``; for any other name ``Check`` fails with ``NOT_FOUND`` and
 ``Watch`` sends ``SERVICE_UNKNOWN``, as the protocol specifies. ``Watch`` sends the status
 at once, then every change (looked at every ``poll_seconds``), until the caller cancels;
-when the server stops it sends ``NOT_SERVING`` and ends (the server waits for that, up to
-a second, before it shuts the port). Watches of one service share a status for a tenth
-of ``poll_seconds``: however many watch it, a service costs at most about ten looks per
-``poll_seconds``. At most :data:`MAX_WATCHES` watches run at once (``RESOURCE_EXHAUSTED``
-beyond).
+when the server stops it sends ``NOT_SERVING`` (for a known service) and ends; the server
+waits for that, up to a second, before it shuts the port. Watches of one service share a
+status for a tenth of ``poll_seconds``: however many watch it, a service costs at most
+about ten looks per ``poll_seconds``. At most :data:`MAX_WATCHES` watches run at once
+(``RESOURCE_EXHAUSTED`` beyond).
 
 Token: ``""``, the service name and ``live`` need it only with ``protect_health``, as the
 v2 health RPCs. ``models/<name>`` needs it whenever one is configured, because its
@@ -128,10 +129,15 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         await self._authorize(context, service)
         status = self.status(service)
         if status == _UNKNOWN:
+            model = service[len(MODEL_SERVICE_PREFIX) :]
+            if service.startswith(MODEL_SERVICE_PREFIX) and model:
+                what = f"unknown model {model[:80]!r}"
+            else:
+                what = f"unknown service {service[:80]!r}"
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"health: unknown service {service[:80]!r} (expected '', "
-                f"{INFERENCE_SERVICE!r}, {LIVE_SERVICE!r} or '{MODEL_SERVICE_PREFIX}<model>')",
+                f"health: {what} (expected '', {INFERENCE_SERVICE!r}, {LIVE_SERVICE!r} or "
+                f"'{MODEL_SERVICE_PREFIX}<model>' of a registered or expected model)",
             )
         return health_pb2.HealthCheckResponse(status=status)
 

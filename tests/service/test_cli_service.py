@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import socket
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,35 @@ def test_serve_on_a_taken_port_exits_2_naming_the_setting(
     line = _stderr_line(capsys)
     assert f"cannot listen on 127.0.0.1:{port}" in line
     assert ("RECALIB_GRPC_PORT" if which == "--grpc-port" else "RECALIB_PORT") in line
+
+
+@pytest.mark.parametrize(("verbose", "level"), [(False, logging.INFO), (True, logging.DEBUG)])
+def test_serve_logs_the_service_at_info_despite_the_cli_default(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, verbose: bool, level: int
+) -> None:
+    """The CLI sets WARNING for the core commands; ``serve`` must still show the
+    service's INFO lines (the gRPC port, model loads, the store), DEBUG with ``-v``."""
+    import uvicorn
+
+    for name in ("RECALIB_API_TOKEN", "RECALIB_HOST", "RECALIB_PORT", "RECALIB_GRPC"):
+        monkeypatch.delenv(name, raising=False)
+    root = logging.getLogger()
+    saved = (root.level, root.handlers[:])
+    root.handlers[:] = []  # as in a fresh process (pytest's own handlers are put back below)
+    root.setLevel(logging.WARNING)
+    seen: list[int] = []
+    monkeypatch.setattr(
+        uvicorn,
+        "run",
+        lambda app, **kw: seen.append(logging.getLogger("service.x").getEffectiveLevel()),
+    )
+    try:
+        argv = ["serve", "--home", str(tmp_path), "--port", "0", "--grpc-port", "0"]
+        assert main(["-v", *argv] if verbose else argv) == 0
+    finally:
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])
+    assert seen == [level]
 
 
 def test_demo_runs_the_story_with_the_service_options(

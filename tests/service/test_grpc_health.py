@@ -105,6 +105,10 @@ def test_unknown_services_are_not_found(health: tuple[Any, str], service: str) -
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     details = caught.value.details()
     assert "expected ''" in details and "models/<model>" in details and len(details) < 300
+    if service.startswith("models/") and service != "models/":
+        assert f"unknown model {service[len('models/') :][:80]!r}" in details
+    else:
+        assert f"unknown service {service[:80]!r}" in details
 
 
 def test_not_ready_until_expected_models_load(tmp_path: Path) -> None:
