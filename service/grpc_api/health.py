@@ -39,8 +39,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ..dataplane import DataPlane
-from ..errors import ServiceError, grpc_error
-from .servicer import INFERENCE_SERVICE, call_bearer
+from .servicer import INFERENCE_SERVICE, require_token
 
 __all__ = ["LIVE_SERVICE", "MAX_WATCHES", "MODEL_SERVICE_PREFIX", "HealthServicer"]
 
@@ -119,10 +118,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         if plane.settings.api_token is None:
             return
         if plane.protect_health or service.startswith(MODEL_SERVICE_PREFIX):
-            try:
-                plane.check_token(call_bearer(context))
-            except ServiceError as exc:
-                await context.abort(*grpc_error(exc))
+            await require_token(plane, context)
 
     async def Check(self, request: Any, context: Any) -> Any:
         service: str = request.service

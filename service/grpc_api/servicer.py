@@ -36,22 +36,32 @@ from ..dataplane import DataPlane
 from ..errors import InvalidInput, NotFound, ServiceError, grpc_error
 from .codec import decode_infer_request, encode_infer_response, from_parameters, typed_elements
 
-__all__ = ["INFERENCE_SERVICE", "InferenceServicer", "call_bearer"]
+__all__ = ["INFERENCE_SERVICE", "InferenceServicer", "require_token"]
 
-INFERENCE_SERVICE = "inference.GRPCInferenceService"
-"""The v2 service's full name (also a ``grpc.health.v1`` service name)."""
+INFERENCE_SERVICE: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+"""The v2 service's full name, ``inference.GRPCInferenceService`` (also a
+``grpc.health.v1`` service name)."""
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
 
-def call_bearer(context: grpc.aio.ServicerContext) -> str | None:
+def _bearer(context: grpc.aio.ServicerContext) -> str | None:
     """The token of an ``authorization: Bearer <token>`` metadata entry."""
     for key, value in context.invocation_metadata() or ():
         if key.lower() == "authorization":
             return bearer_token(value.decode("latin-1") if isinstance(value, bytes) else value)
     return None
+
+
+async def require_token(dataplane: DataPlane, context: grpc.aio.ServicerContext) -> None:
+    """Check the call's bearer token (its metadata) against the configured one; a missing
+    or wrong one aborts the call with the mapped status and the REST message."""
+    try:
+        dataplane.check_token(_bearer(context))
+    except ServiceError as exc:
+        await context.abort(*grpc_error(exc))
 
 
 _DECODE_INLINE_ELEMENTS = 1 << 16
@@ -114,7 +124,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         """Authenticate, run ``work``, and turn service errors into gRPC statuses."""
         try:
             if self._token and (not health or self.dataplane.protect_health):
-                self.dataplane.check_token(call_bearer(context))
+                self.dataplane.check_token(_bearer(context))
             return await work()
         except ServiceError as exc:
             await context.abort(*grpc_error(exc))
@@ -239,11 +249,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         completion order, matched by ``id``, as Triton does), so concurrent requests of
         one stream are batched together. A failed request answers ``error_message`` and
         the stream goes on."""
-        try:
-            if self._token:
-                self.dataplane.check_token(call_bearer(context))
-        except ServiceError as exc:
-            await context.abort(*grpc_error(exc))
+        if self._token:
+            await require_token(self.dataplane, context)
         answers: asyncio.Queue[Any] = asyncio.Queue()
         pending: set[asyncio.Task[None]] = set()
 
