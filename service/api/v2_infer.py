@@ -187,14 +187,17 @@ def route_path(scope: Scope) -> str:
     return path
 
 
+def _inference_path(scope: Scope) -> re.Match[str] | None:
+    """The path's ``name`` / ``version`` groups when ``scope`` is a REST inference request."""
+    if scope["type"] != "http" or scope["method"] != "POST":
+        return None
+    return _INFER_PATH.fullmatch(route_path(scope))
+
+
 def is_inference_request(scope: Scope) -> bool:
     """Whether ``scope`` is a REST inference request (what :class:`InferenceEndpoint`
     answers)."""
-    return (
-        scope["type"] == "http"
-        and scope["method"] == "POST"
-        and _INFER_PATH.fullmatch(route_path(scope)) is not None
-    )
+    return _inference_path(scope) is not None
 
 
 def _headers(scope: Scope) -> dict[str, str]:
@@ -236,10 +239,7 @@ class InferenceEndpoint:
         self.dataplane = dataplane
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        match = _INFER_PATH.fullmatch(route_path(scope))
+        match = _inference_path(scope)
         if match is None:
             await self.app(scope, receive, send)
             return
