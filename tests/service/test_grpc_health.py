@@ -5,6 +5,7 @@ token only with ``protect_health``, and the protocol's answers for unknown servi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import Iterator
@@ -33,28 +34,20 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_versions(tmp_path_factory.mktemp("health-models"))[1][1]
 
 
-def _serve(home: Path, model_file: Path | None, **overrides: Any) -> Any:
-    """A running app (model ``m`` registered when ``model_file`` is given) as a context
-    manager yielding ``(client, grpc target)``."""
-
-    class Served:
-        def __enter__(self) -> tuple[TestClient, str]:
-            settings = runtime_settings(home, grpc=True, grpc_port=0, **overrides)
-            app = create_app(settings, metrics_registry=CollectorRegistry())
-            token = overrides.get("api_token")
-            headers = {"Authorization": f"Bearer {token}"} if token else {}
-            self.client = TestClient(app, headers=headers)
-            self.client.__enter__()
-            if model_file is not None:
-                files = {"file": ("model.onnx", model_file.read_bytes())}
-                r = self.client.post("/v1/models", data={"name": "m"}, files=files)
-                assert r.status_code == 201, r.text
-            return self.client, f"127.0.0.1:{app.state.grpc_port}"
-
-        def __exit__(self, *exc: object) -> None:
-            self.client.__exit__(None, None, None)
-
-    return Served()
+@contextlib.contextmanager
+def _serve(home: Path, model_file: Path | None, **overrides: Any) -> Iterator[tuple[Any, str]]:
+    """A running app (model ``m`` registered when ``model_file`` is given): yields
+    ``(client, grpc target)``."""
+    settings = runtime_settings(home, grpc=True, grpc_port=0, **overrides)
+    app = create_app(settings, metrics_registry=CollectorRegistry())
+    token = overrides.get("api_token")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with TestClient(app, headers=headers) as client:
+        if model_file is not None:
+            files = {"file": ("model.onnx", model_file.read_bytes())}
+            r = client.post("/v1/models", data={"name": "m"}, files=files)
+            assert r.status_code == 201, r.text
+        yield client, f"127.0.0.1:{app.state.grpc_port}"
 
 
 @pytest.fixture
@@ -139,9 +132,7 @@ def _watch(stub: Any, service: str, into: queue.Queue[Any], **kwargs: Any) -> th
 def test_watch_follows_unload_and_load_then_ends_when_the_server_stops(
     tmp_path: Path, model_file: Path
 ) -> None:
-    served = _serve(tmp_path / "home", model_file)
-    client, target = served.__enter__()
-    try:
+    with _serve(tmp_path / "home", model_file) as (_, target):
         channel = grpc.insecure_channel(target)
         seen: queue.Queue[Any] = queue.Queue()
         _watch(health_pb2_grpc.HealthStub(channel), "models/m", seen)
@@ -153,8 +144,7 @@ def test_watch_follows_unload_and_load_then_ends_when_the_server_stops(
         assert seen.get(timeout=10) == SERVING
         triton.close()
         assert seen.empty()  # only changes are sent
-    finally:
-        served.__exit__(None, None, None)
+    # the server has stopped
     assert seen.get(timeout=10) == NOT_SERVING
     assert seen.get(timeout=10) == "end"
     channel.close()
